@@ -1,0 +1,5 @@
+import sys
+
+from deepres.cli import main
+
+sys.exit(main())
