@@ -1,0 +1,281 @@
+"""The residual family: every block computes  y = g(x)·x + t(x)·h(x).
+
+    gate        carry g(x)        transform t(x)      reference
+    plain       0                 1                   the baseline that stops training with depth
+    residual    1                 1                   He et al. 2015 ("an open-gated Highway net")
+    highway     1 − t(x)          σ(W_t x + b_t)      Srivastava et al. 2015 (coupled gates)
+    gated       σ(W_g x + b_g)    σ(W_t x + b_t)      uncoupled Highway / gated residual
+
+`h` is the block's *body* (dense, basic conv, bottleneck conv, or their pre-activation forms);
+the gate kind is orthogonal to the body, so `ResNet-50` becomes `Highway-ResNet-50` by changing
+one argument. Where a block changes the shape (stride or channels) the carry path goes through a
+`shortcut` projection, the only place where the carry weight is not exactly 1.0.
+
+Initialisation follows SCIENCE.md §2: every block starts close to the identity.
+  - residual/gated bodies end in a zero-initialised norm or layer;
+  - the Highway transform bias defaults to −ln(L) − 1 for L blocks, so the carry product
+    (1 − σ(b))^L ≈ exp(−1/e) ≈ 0.69 at any depth (a fixed −3 gives 0.953^L: 1e-21 at L = 1000);
+  - the carry bias of `gated` blocks defaults to +ln(L) + 1 (open by the same argument).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deepres.errors import ConfigError
+
+log = logging.getLogger("deepres")
+
+GateKind = Literal["plain", "residual", "highway", "gated"]
+GATES: tuple[str, ...] = ("plain", "residual", "highway", "gated")
+GateBias = float | Literal["auto"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Depth-aware gate initialisation
+# ----------------------------------------------------------------------------------------------
+def depth_aware_transform_bias(num_blocks: int) -> float:
+    """−ln(L) − 1: keeps L·σ(b) ≈ 1/e, so the error carried through L blocks stays ≈ 0.69."""
+    return -math.log(max(num_blocks, 1)) - 1.0
+
+
+def carry_product(transform_bias: float, num_blocks: int) -> float:
+    """(1 − σ(b))^L: the factor by which the carry path alone scales the error at init."""
+    return (1.0 - 1.0 / (1.0 + math.exp(-transform_bias))) ** num_blocks
+
+
+def resolve_gate_biases(
+    gate: str, num_blocks: int, transform_bias: GateBias, carry_bias: GateBias
+) -> tuple[float, float]:
+    """Turn "auto" into the depth-aware values and warn when the carry path starts closed."""
+    check_gate(gate)
+    tb = depth_aware_transform_bias(num_blocks) if transform_bias == "auto" else float(transform_bias)
+    cb = -depth_aware_transform_bias(num_blocks) if carry_bias == "auto" else float(carry_bias)
+    if gate == "highway":
+        product = carry_product(tb, num_blocks)
+        if product < 0.1:
+            log.warning(
+                "highway net with %d blocks and transform gate bias %.2f starts with carry product "
+                "(1 - sigmoid(b))^L = %.1e < 0.1: the error reaching the first block is scaled by about "
+                "that much and deep layers will barely train. Fix: use the depth-aware default "
+                "(gate_bias='auto' = -ln(L) - 1 = %.2f) or a bias below %.2f.",
+                num_blocks, tb, product, depth_aware_transform_bias(num_blocks),
+                _bias_for_product(0.1, num_blocks),
+            )
+    if gate == "gated":
+        product = (1.0 / (1.0 + math.exp(-cb))) ** num_blocks
+        if product < 0.1:
+            log.warning(
+                "gated net with %d blocks and carry gate bias %.2f starts with carry product "
+                "sigmoid(b)^L = %.1e < 0.1. Fix: use carry_bias='auto' (= ln(L) + 1 = %.2f).",
+                num_blocks, cb, product, -depth_aware_transform_bias(num_blocks),
+            )
+    return tb, cb
+
+
+def _bias_for_product(target: float, num_blocks: int) -> float:
+    t = 1.0 - target ** (1.0 / num_blocks)  # σ(b) that gives the target carry product
+    return math.log(t / (1.0 - t))
+
+
+def check_gate(gate: str) -> None:
+    if gate not in GATES:
+        raise ConfigError(f"unknown gate {gate!r}. Valid gates: {', '.join(GATES)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Gates
+# ----------------------------------------------------------------------------------------------
+class GateActivation(nn.Sigmoid):
+    """The σ of a gate, as its own module so that outside code (deepres.diagnostics) can hook
+    every gate's openness without the model doing anything for it."""
+
+
+class Gate(nn.Module):
+    """σ(W x + b), one value per output unit. `pin(v)` fixes it to the constant v (for analysis)."""
+
+    def __init__(self, proj: nn.Module, bias: float):
+        super().__init__()
+        self.proj = proj
+        self.act = GateActivation()
+        self.initial_bias = bias
+        self.pinned: float | None = None
+        self.reset_bias()
+
+    def reset_bias(self) -> None:
+        if self.proj.bias is not None:
+            nn.init.constant_(self.proj.bias, self.initial_bias)
+
+    def pin(self, value: float | None) -> None:
+        self.pinned = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pinned is not None:
+            return x.new_full((), self.pinned)
+        return self.act(self.proj(x))
+
+
+def dense_gate(in_features: int, out_features: int, bias: float) -> Gate:
+    return Gate(nn.Linear(in_features, out_features), bias)
+
+
+def conv_gate(
+    in_ch: int, out_ch: int, bias: float, stride: int = 1, kernel_size: int = 1, group_width: int | None = None
+) -> Gate:
+    """A convolutional gate. `group_width` channels per group keeps it cheap in wide nets:
+    a full 1×1 gate would double a bottleneck block's cost, one with 16 channels per group adds ~6 %."""
+    groups = 1
+    if group_width:
+        groups = math.gcd(math.gcd(in_ch, out_ch), max(1, min(in_ch, out_ch) // group_width))
+    conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=True)
+    return Gate(conv, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block
+# ----------------------------------------------------------------------------------------------
+class ResidualBlock(nn.Module):
+    """y = post( g(x)·s(x) + t(x)·h(x) ), s the shortcut (identity unless the shape changes).
+
+    `post` is the activation applied after the merge in the original ResNet (post-activation);
+    pre-activation bodies leave it out (He et al. 2016).
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        gate: GateKind = "residual",
+        *,
+        shortcut: nn.Module | None = None,
+        transform_gate: Gate | None = None,
+        carry_gate: Gate | None = None,
+        post: nn.Module | None = None,
+        shortcut_from_body_input: bool = False,
+    ):
+        super().__init__()
+        check_gate(gate)
+        if gate in ("highway", "gated") and transform_gate is None:
+            raise ValueError(f"a {gate} block needs a transform gate")
+        if gate == "gated" and carry_gate is None:
+            raise ValueError("a gated block needs a carry gate")
+        self.gate = gate
+        self.body = body
+        self.shortcut = shortcut
+        self.transform_gate = transform_gate if gate in ("highway", "gated") else None
+        self.carry_gate = carry_gate if gate == "gated" else None
+        self.post = post
+        # Pre-activation bodies feed the shortcut projection from their pre-activated input.
+        self.shortcut_from_body_input = shortcut_from_body_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        carry_in = x
+        if self.shortcut_from_body_input:
+            carry_in = self.body.preact(x)
+            h = self.body.branch(carry_in)
+        else:
+            h = self.body(x)
+        if self.gate == "plain":
+            y = h
+        else:
+            s = x if self.shortcut is None else self.shortcut(carry_in)
+            if self.gate == "residual":
+                y = s + h
+            elif self.gate == "highway":
+                t = self.transform_gate(x)
+                y = s + t * (h - s)  # = (1 − t)·s + t·h, one multiply fewer
+            else:
+                y = self.carry_gate(x) * s + self.transform_gate(x) * h
+        return y if self.post is None else self.post(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stack of blocks every model exposes as `.blocks`
+# ----------------------------------------------------------------------------------------------
+class BlockStack(nn.ModuleList):
+    """The repeated structure of a model: `x = block(x)` for every block in order.
+
+    Outside code walks it (diagnostics, compile, pipeline stages) and sets `checkpoint_every`
+    (see deepres.activation_checkpoint) without changing the model's code or parameter names.
+    A block may carry a tuple of tensors (e.g. the (h, c) state of a depth-LSTM).
+    """
+
+    def __init__(self, blocks=None):
+        super().__init__(blocks)
+        self.checkpoint_every = 0  # 0: off; k: recompute every k consecutive blocks in backward
+
+    def forward(self, x):
+        k = self.checkpoint_every
+        if k <= 0 or not torch.is_grad_enabled():
+            for block in self:
+                x = block(x)
+            return x
+        for start in range(0, len(self), k):
+            segment = _Segment(list(self)[start : start + k])
+            x = checkpoint(segment, x, use_reentrant=False)
+        return x
+
+
+class _Segment:
+    """Runs consecutive blocks; on its second call (the backward recomputation) batch-norm
+    running statistics are frozen, so checkpointing does not update them twice."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.blocks = blocks
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        with _frozen_running_stats(self.blocks) if self.calls > 1 else contextlib.nullcontext():
+            for block in self.blocks:
+                x = block(x)
+        return x
+
+
+class _frozen_running_stats:
+    def __init__(self, blocks: list[nn.Module]):
+        self.norms = [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                      for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0  # running = (1 − 0)·running + 0·batch: unchanged
+
+    def __exit__(self, *exc):
+        for m, momentum, nbt in self.saved:
+            m.momentum = momentum
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=False),
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {name!r}. Valid activations: {', '.join(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]()
+
+
+__all__ = [
+    "GATES", "BlockStack", "Gate", "GateActivation", "ResidualBlock", "carry_product", "check_gate", "conv_gate", "dense_gate",
+    "depth_aware_transform_bias", "make_activation", "resolve_gate_biases",
+]

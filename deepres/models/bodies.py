@@ -1,0 +1,128 @@
+"""Block bodies h(x): the transformation a residual-family block gates.
+
+Post-activation bodies (He et al. 2015) end in a norm; pre-activation bodies (He et al. 2016)
+start with norm → activation and end in a conv or linear layer. `zero_init` zeroes that last
+norm/layer so that a residual or gated block starts as the identity (Goyal et al. 2017; SCIENCE §2).
+Pre-activation bodies expose `preact` and `branch` (body = branch ∘ preact) because a shape-changing
+shortcut takes the pre-activated input.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from deepres.models.blocks import make_activation
+
+
+def conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    """A bias-free conv (a norm follows) with He fan-out init, as torchvision's ResNets."""
+    c = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(c.weight, mode="fan_out", nonlinearity="relu")
+    return c
+
+
+def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return conv(in_ch, out_ch, 3, stride)
+
+
+def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return conv(in_ch, out_ch, 1, stride)
+
+
+class DenseBody(nn.Sequential):
+    """act(W x + b): the fully connected layer of Srivastava et al. 2015."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "relu"):
+        super().__init__(nn.Linear(in_features, out_features), make_activation(activation))
+
+
+class PreActDenseBody(nn.Module):
+    """W·act(norm(x)) + b with W zero-initialised: a dense residual branch that starts at 0 and
+    still gets a gradient (a zero-initialised layer *followed* by ReLU would not: relu'(0) = 0)."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "relu", zero_init: bool = True):
+        super().__init__()
+        self.preact = nn.Sequential(nn.LayerNorm(in_features), make_activation(activation))
+        self.branch = nn.Linear(in_features, out_features)
+        if zero_init:
+            nn.init.zeros_(self.branch.weight)
+            nn.init.zeros_(self.branch.bias)
+
+    def forward(self, x):
+        return self.branch(self.preact(x))
+
+
+class ConvBody(nn.Sequential):
+    """act(BN(conv_k(x))): one conv layer, as in the conv Highway nets of Srivastava et al. 2015."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, kernel_size: int = 3, activation: str = "relu"):
+        super().__init__(
+            conv(in_ch, out_ch, kernel_size, stride),
+            nn.BatchNorm2d(out_ch),
+            make_activation(activation),
+        )
+
+
+class BasicBody(nn.Sequential):
+    """conv3x3-BN-ReLU-conv3x3-BN (ResNet-18/34 and the CIFAR ResNets)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, zero_init: bool = True):
+        super().__init__()
+        self.conv1 = conv3x3(in_ch, out_ch, stride)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        if zero_init:
+            nn.init.zeros_(self.bn2.weight)
+
+
+class BottleneckBody(nn.Sequential):
+    """1x1-BN-ReLU-3x3(stride)-BN-ReLU-1x1-BN, stride on the 3x3 ("ResNet v1.5", as torchvision)."""
+
+    def __init__(self, in_ch: int, width: int, out_ch: int, stride: int = 1, zero_init: bool = True):
+        super().__init__()
+        self.conv1 = conv1x1(in_ch, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv3 = conv1x1(width, out_ch)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        if zero_init:
+            nn.init.zeros_(self.bn3.weight)
+
+
+class PreActBasicBody(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 (He et al. 2016)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, zero_init: bool = True):
+        super().__init__()
+        self.preact = nn.Sequential(nn.BatchNorm2d(in_ch), nn.ReLU(inplace=False))
+        self.branch = nn.Sequential(
+            conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True), conv3x3(out_ch, out_ch)
+        )
+        if zero_init:
+            nn.init.zeros_(self.branch[-1].weight)
+
+    def forward(self, x):
+        return self.branch(self.preact(x))
+
+
+class PreActBottleneckBody(nn.Module):
+    """BN-ReLU-1x1-BN-ReLU-3x3(stride)-BN-ReLU-1x1 (He et al. 2016, the unit of PreAct-ResNet-1001)."""
+
+    def __init__(self, in_ch: int, width: int, out_ch: int, stride: int = 1, zero_init: bool = True):
+        super().__init__()
+        self.preact = nn.Sequential(nn.BatchNorm2d(in_ch), nn.ReLU(inplace=False))
+        self.branch = nn.Sequential(
+            conv1x1(in_ch, width),
+            nn.BatchNorm2d(width), nn.ReLU(inplace=True), conv3x3(width, width, stride),
+            nn.BatchNorm2d(width), nn.ReLU(inplace=True), conv1x1(width, out_ch),
+        )
+        if zero_init:
+            nn.init.zeros_(self.branch[-1].weight)
+
+    def forward(self, x):
+        return self.branch(self.preact(x))

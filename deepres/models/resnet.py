@@ -1,0 +1,244 @@
+"""ResNets of any depth, with any gate: ImageNet ResNets (He et al. 2015; torchvision layout),
+CIFAR ResNets of depth 6n+2 (He et al. 2015, Sec. 4.2) and pre-activation bottleneck ResNets of
+depth 9n+2 (He et al. 2016). `gate="highway"` or `"gated"` turns any of them into a Highway or
+gated ResNet with the same bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deepres.errors import ConfigError
+from deepres.models.blocks import (
+    BlockStack,
+    GateBias,
+    GateKind,
+    ResidualBlock,
+    check_gate,
+    conv_gate,
+    resolve_gate_biases,
+)
+from deepres.models.bodies import (
+    BasicBody,
+    BottleneckBody,
+    PreActBasicBody,
+    PreActBottleneckBody,
+    conv,
+    conv1x1,
+    conv3x3,
+)
+from deepres.models.registry import register_model, register_variant
+
+BodyKind = Literal["basic", "bottleneck", "preact_basic", "preact_bottleneck"]
+EXPANSION = {"basic": 1, "bottleneck": 4, "preact_basic": 1, "preact_bottleneck": 4}
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut of the CIFAR ResNets: subsample and zero-pad channels, no parameters."""
+
+    def __init__(self, out_ch: int, stride: int):
+        super().__init__()
+        self.out_ch, self.stride = out_ch, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        pad = self.out_ch - x.shape[1]
+        return nn.functional.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2))
+
+
+class ResNet(nn.Module):
+    """stem → blocks → head. `blocks` is flat across stages; a stage starts where stride/width change."""
+
+    def __init__(self, stem: nn.Module, blocks: BlockStack, head: nn.Module):
+        super().__init__()
+        self.stem = stem
+        self.blocks = blocks
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))  # (B, num_classes)
+
+
+def build_blocks(
+    body: BodyKind,
+    in_ch: int,
+    widths: list[int],
+    blocks_per_stage: list[int],
+    strides: list[int],
+    *,
+    gate: GateKind,
+    gate_bias: GateBias,
+    carry_bias: GateBias,
+    shortcut: Literal["projection", "pad"] = "projection",
+    zero_init_last: bool = True,
+    gate_group_width: int | None = 16,
+) -> tuple[BlockStack, int]:
+    """The builder loop: one place that knows every block's index, stride and shape."""
+    check_gate(gate)
+    num_blocks = sum(blocks_per_stage)
+    tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
+    zero_init = zero_init_last and gate in ("residual", "gated")
+    preact = body.startswith("preact")
+    blocks = []
+    for width, n, stage_stride in zip(widths, blocks_per_stage, strides, strict=True):
+        out_ch = width * EXPANSION[body]
+        for i in range(n):
+            stride = stage_stride if i == 0 else 1
+            if body == "basic":
+                h = BasicBody(in_ch, out_ch, stride, zero_init)
+            elif body == "bottleneck":
+                h = BottleneckBody(in_ch, width, out_ch, stride, zero_init)
+            elif body == "preact_basic":
+                h = PreActBasicBody(in_ch, out_ch, stride, zero_init)
+            else:
+                h = PreActBottleneckBody(in_ch, width, out_ch, stride, zero_init)
+            sc = None
+            if gate != "plain" and (stride != 1 or in_ch != out_ch):
+                if shortcut == "pad":
+                    sc = PadShortcut(out_ch, stride)
+                elif preact:  # He et al. 2016: a bare 1x1 conv on the pre-activated input
+                    sc = conv1x1(in_ch, out_ch, stride)
+                else:
+                    sc = nn.Sequential(conv1x1(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch))
+            t = conv_gate(in_ch, out_ch, tb, stride, group_width=gate_group_width) if gate in ("highway", "gated") else None
+            g = conv_gate(in_ch, out_ch, cb, stride, group_width=gate_group_width) if gate == "gated" else None
+            blocks.append(
+                ResidualBlock(
+                    h, gate, shortcut=sc, transform_gate=t, carry_gate=g,
+                    post=None if preact else nn.ReLU(inplace=True),
+                    shortcut_from_body_input=preact and sc is not None and shortcut != "pad",
+                )
+            )
+            in_ch = out_ch
+    return BlockStack(blocks), in_ch
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet ResNets
+# ----------------------------------------------------------------------------------------------
+def imagenet_resnet(
+    layers: list[int] = (3, 4, 6, 3),
+    body: BodyKind = "bottleneck",
+    gate: GateKind = "residual",
+    gate_bias: GateBias = "auto",
+    carry_bias: GateBias = "auto",
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    zero_init_last: bool = True,
+    gate_group_width: int | None = 16,
+) -> ResNet:
+    """ImageNet ResNet in torchvision's layout (same parameter count for gate="residual").
+
+    Args:
+        layers: blocks per stage; any depth, e.g. [3, 24, 36, 3] is ResNet-200.
+        body: "basic" (ResNet-18/34), "bottleneck" (50+), or their pre-activation forms.
+        gate: plain | residual | highway | gated.
+        gate_bias: transform gate bias, "auto" = −ln(L) − 1 for L blocks.
+        carry_bias: carry gate bias of "gated" blocks, "auto" = ln(L) + 1.
+        gate_group_width: channels per group of the 1x1 gate convs (None: a full 1x1 conv).
+    """
+    layers = list(layers)
+    if len(layers) != 4 or min(layers) < 1:
+        raise ConfigError(f"ImageNet ResNets have 4 stages of >= 1 block; got layers={layers}.")
+    stem = nn.Sequential(
+        conv(in_chans, 64, 7, stride=2),
+        nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
+    )
+    blocks, out_ch = build_blocks(
+        body, 64, [64, 128, 256, 512], layers, [1, 2, 2, 2], gate=gate, gate_bias=gate_bias,
+        carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+    )
+    pre_head = [nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)] if body.startswith("preact") else []
+    head = nn.Sequential(*pre_head, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
+    model = ResNet(stem, blocks, head)
+    return model
+
+
+for _name, _layers, _body in [
+    ("resnet18", [2, 2, 2, 2], "basic"), ("resnet34", [3, 4, 6, 3], "basic"),
+    ("resnet50", [3, 4, 6, 3], "bottleneck"), ("resnet101", [3, 4, 23, 3], "bottleneck"),
+    ("resnet152", [3, 8, 36, 3], "bottleneck"), ("resnet200", [3, 24, 36, 3], "bottleneck"),
+]:
+    register_variant(_name, imagenet_resnet, f"ImageNet {_name} (He et al. 2015).", layers=_layers, body=_body)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR ResNets
+# ----------------------------------------------------------------------------------------------
+def _blocks_per_stage(depth: int, per_block: int, name: str) -> int:
+    """Depth = per_block·n·3 + 2; refuse others, naming the valid neighbours."""
+    step = 3 * per_block
+    if depth < step + 2 or (depth - 2) % step:
+        below = (depth - 2) // step * step + 2
+        lo, hi = (below, below + step) if below >= step + 2 else (step + 2, step + 2)
+        raise ConfigError(
+            f"{name} depth must be {step}n+2 (n >= 1 blocks per stage); got depth={depth}. "
+            f"Valid neighbours: {', '.join(str(d) for d in sorted({lo, hi}))}."
+        )
+    return (depth - 2) // step
+
+
+def cifar_resnet(
+    depth: int = 20,
+    gate: GateKind = "residual",
+    gate_bias: GateBias = "auto",
+    carry_bias: GateBias = "auto",
+    num_classes: int = 10,
+    in_chans: int = 3,
+    zero_init_last: bool = True,
+    gate_group_width: int | None = None,
+) -> ResNet:
+    """CIFAR ResNet of depth 6n+2: 3 stages of n basic blocks (16, 32, 64 channels), option-A
+    (parameter-free) shortcuts, as in He et al. 2015, Sec. 4.2."""
+    n = _blocks_per_stage(depth, 2, "CIFAR ResNet")
+    stem = nn.Sequential(conv3x3(in_chans, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+    blocks, out_ch = build_blocks(
+        "basic", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias, carry_bias=carry_bias,
+        shortcut="pad", zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+    )
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
+    model = ResNet(stem, blocks, head)
+    return model
+
+
+def preact_resnet_cifar(
+    depth: int = 164,
+    gate: GateKind = "residual",
+    gate_bias: GateBias = "auto",
+    carry_bias: GateBias = "auto",
+    num_classes: int = 10,
+    in_chans: int = 3,
+    zero_init_last: bool = True,
+    gate_group_width: int | None = None,
+) -> ResNet:
+    """Pre-activation bottleneck ResNet of depth 9n+2 (He et al. 2016): 3 stages of n units with
+    16/32/64 bottleneck widths (64/128/256 outputs); BN-ReLU before the pooled head."""
+    n = _blocks_per_stage(depth, 3, "pre-activation CIFAR ResNet")
+    stem = conv3x3(in_chans, 16)
+    blocks, out_ch = build_blocks(
+        "preact_bottleneck", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias,
+        carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+    )
+    head = nn.Sequential(
+        nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(out_ch, num_classes),
+    )
+    model = ResNet(stem, blocks, head)
+    return model
+
+
+for _depth in (20, 32, 44, 56, 110, 1202):
+    register_variant(f"resnet{_depth}_cifar", cifar_resnet, f"CIFAR ResNet-{_depth} (He et al. 2015).", depth=_depth)
+for _depth in (164, 1001):
+    register_variant(
+        f"preact_resnet{_depth}_cifar", preact_resnet_cifar, f"CIFAR PreAct-ResNet-{_depth} (He et al. 2016).",
+        depth=_depth,
+    )
+register_model(cifar_resnet)
+register_model(preact_resnet_cifar)
+register_model(imagenet_resnet)
+
+del _name, _layers, _body, _depth
