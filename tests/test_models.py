@@ -35,11 +35,13 @@ def tiny(name: str) -> dict:
         return {"depth": 4, "width": 8, "in_features": 16, "num_classes": 5}
     if name == "lstm":
         return {"hidden_size": 8, "output_size": 5}
+    if name == "plain_mlp":
+        return {"widths": [8, 6, 4], "in_features": 16, "num_classes": 5}
     raise AssertionError(f"add tiny settings for new model {name!r}")
 
 
 def example_input(name: str) -> torch.Tensor:
-    if name in ("highway_mlp", "depth_lstm"):
+    if name in ("highway_mlp", "depth_lstm", "plain_mlp"):
         return torch.randn(3, 16)
     if name == "lstm":
         return torch.randn(3, 6, 2)
@@ -94,7 +96,8 @@ def test_imagenet_parameter_counts_equal_torchvision(name, expected):
 @pytest.mark.parametrize(
     "name, paper_millions",
     [("resnet20_cifar", 0.27), ("resnet56_cifar", 0.85), ("resnet110_cifar", 1.7), ("resnet1202_cifar", 19.4),
-     ("preact_resnet164_cifar", 1.7), ("preact_resnet1001_cifar", 10.2), ("highway_cnn_cifar", 2.3)],
+     ("preact_resnet164_cifar", 1.7), ("preact_resnet1001_cifar", 10.2), ("highway_cnn_cifar", 2.3),
+     ("plain_mlp", 12.11)],  # Ciresan et al. 2010 report 12.11 M weights; 784-2500-...-500-10 has 11.97 M
 )
 def test_parameter_counts_match_papers(name, paper_millions):
     with torch.device("meta"):

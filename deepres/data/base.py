@@ -1,0 +1,102 @@
+"""What every in-memory deepres data module shares: deterministic, resumable, rank-aware sampling.
+
+Lightning's own distributed sampler injection is turned off (`use_distributed_sampler: false` in
+the CLI defaults) because the data modules split data across ranks themselves: the sampler below
+gives rank r the samples perm[r::world] of a per-epoch permutation (padded so every rank gets the
+same count, as DistributedSampler does), and after a mid-epoch resume it skips the batches the
+checkpoint had already consumed. That makes a resumed run see exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ResumableSampler(Sampler[int]):
+    """Per-epoch permutation seeded by (seed, epoch), split across ranks, able to skip ahead."""
+
+    def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1, drop_last: bool = False):
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.rank, self.world = rank, world
+        self.epoch = 0
+        self.skip = 0  # samples of this rank to skip once, at the next __iter__ (mid-epoch resume)
+        per_rank = length // world if drop_last else math.ceil(length / world)
+        self.num_samples = per_rank
+        self.drop_last = drop_last
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        total = self.num_samples * self.world
+        if total > len(order):  # pad by wrapping around so every rank runs the same number of steps
+            order += order[: total - len(order)]
+        mine = order[:total][self.rank :: self.world]
+        skip, self.skip = self.skip, 0
+        return iter(mine[skip:])
+
+
+class DeepresDataModule(L.LightningDataModule):
+    """Base class: subclasses build `self.train_set` / `self.val_set` in `setup` and say
+    `num_classes` (0 = a regression target) and `input_shape` (one sample, without the batch)."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        rank, world = rank_and_world()
+        sampler = ResumableSampler(len(dataset), shuffle=train, seed=self.seed, rank=rank, world=world,
+                                   drop_last=False)
+        if train:
+            batches_per_epoch = len(sampler) // self.batch_size
+            done = self._batches_already_done()
+            sampler.skip = done * self.batch_size if done < batches_per_epoch else 0
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            drop_last=train, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def _batches_already_done(self) -> int:
+        """Batches of the current epoch a restored checkpoint has already trained on (`processed`:
+        a checkpoint written in on_train_batch_end has processed, not yet completed, its batch)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.fit_loop.restarting:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,105 @@
+"""CIFAR-10/100 from a local copy of the standard python-pickle archive (no download at run time).
+
+Augmentation of He et al. 2015: 4-pixel zero padding, random 32x32 crop, horizontal flip;
+per-channel normalisation with the usual CIFAR statistics.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from deepres.data.base import DeepresDataModule
+from deepres.errors import ConfigError
+
+ARCHIVES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10,
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100,
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)
+
+
+def find_archive(data_dir: str | Path, dataset: str) -> Path:
+    """DIR itself or DIR/<archive folder>, whichever holds the batch files."""
+    folder, train_files, _, _, _, url = ARCHIVES[dataset]
+    data_dir = Path(data_dir).expanduser()
+    for candidate in (data_dir, data_dir / folder):
+        if all((candidate / f).is_file() for f in train_files):
+            return candidate
+    raise ConfigError(
+        f"{dataset}: no python-pickle archive under {data_dir} (looked for {folder}/{train_files[0]}). "
+        f"Download {url} on a machine with internet, then `tar xzf {url.rsplit('/', 1)[1]} -C {data_dir}` "
+        f"so that {data_dir / folder / train_files[0]} exists, and pass --data.data_dir {data_dir}."
+    )
+
+
+def load_batches(folder: Path, files: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for name in files:
+        with open(folder / name, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+class CIFARImages(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
+        self.images = torch.from_numpy(images)  # (N, 3, 32, 32) uint8
+        self.labels = torch.from_numpy(labels)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = (self.images[i].float() / 255 - MEAN) / STD
+        if self.augment:
+            # worker RNGs are seeded by Lightning's seed_everything(workers=True)
+            dy, dx = (int(v) for v in torch.randint(0, 9, (2,)))
+            x = torch.nn.functional.pad(x, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
+            if torch.rand(()) < 0.5:
+                x = x.flip(2)
+        return x, self.labels[i]
+
+
+class CIFARDataModule(DeepresDataModule):
+    def __init__(
+        self,
+        data_dir: str = "data/cifar",
+        dataset: Literal["cifar10", "cifar100"] = "cifar10",
+        batch_size: int = 128,
+        augment: bool = True,
+        num_workers: int = 2,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            data_dir: folder holding the extracted archive (cifar-10-batches-py/ or cifar-100-python/).
+            dataset: "cifar10" or "cifar100".
+            batch_size: samples per step and device (He et al. 2015: 128 in total).
+            augment: 4-pixel pad + random crop + horizontal flip on the training set.
+        """
+        super().__init__(batch_size, num_workers, seed)
+        if dataset not in ARCHIVES:
+            raise ConfigError(f"unknown CIFAR dataset {dataset!r}; valid: {', '.join(ARCHIVES)}.")
+        self.data_dir, self.dataset, self.augment = data_dir, dataset, augment
+        self.num_classes = ARCHIVES[dataset][4]
+        self.input_shape = (3, 32, 32)
+        find_archive(data_dir, dataset)  # fail at configuration time, before any process starts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        _, train_files, test_files, label_key, _, _ = ARCHIVES[self.dataset]
+        folder = find_archive(self.data_dir, self.dataset)
+        self.train_set = CIFARImages(*load_batches(folder, train_files, label_key), self.augment)
+        self.val_set = CIFARImages(*load_batches(folder, test_files, label_key), False)

@@ -1,0 +1,94 @@
+"""The long-time-lag tasks of Hochreiter & Schmidhuber 1997, generated on the fly (no download).
+
+adding (Experiment 4): pairs (value ∈ [−1, 1], marker ∈ {−1, 0, 1}); exactly two pairs are marked
+with 1 — one of the first ten, one of the first T/2 − 1 — the first and last pair carry marker −1
+(if the first pair is marked, X1 = 0). Target at the sequence end: 0.5 + (X1 + X2)/4 ∈ [0, 1]. A
+sequence counts as solved when the absolute error is below 0.04.
+
+temporal_order (Experiment 6a): one-hot symbols from {a, b, c, d, X, Y, E, B}; the sequence starts
+with E, ends with B, and holds X or Y at t1 ∈ [0.1T, 0.2T] and t2 ∈ [0.5T, 0.6T]; the class is the
+order (XX, XY, YX, YY). (The paper uses T = 100…110 with t1 ∈ [10, 20], t2 ∈ [50, 60].)
+
+Deviation: every sequence of a task has exactly T steps (the paper draws lengths in [T, 1.1T]),
+so that sequences batch without padding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from deepres.data.base import DeepresDataModule
+from deepres.errors import ConfigError
+
+ADDING_TOLERANCE = 0.04  # Hochreiter & Schmidhuber 1997, Sec. 5.4
+
+
+def adding_sequence(T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.rand(T, generator=g) * 2 - 1
+    markers = torch.zeros(T)
+    markers[0] = markers[-1] = -1.0
+    first = int(torch.randint(0, min(10, T), (), generator=g))
+    candidates = [i for i in range(max(T // 2 - 1, 2)) if i != first]
+    second = candidates[int(torch.randint(0, len(candidates), (), generator=g))]
+    markers[first] = markers[second] = 1.0
+    x1 = 0.0 if first == 0 else float(values[first])
+    x2 = float(values[second])
+    return torch.stack([values, markers], dim=1), torch.tensor([0.5 + (x1 + x2) / 4.0])
+
+
+def temporal_order_sequence(T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    symbols = torch.randint(0, 4, (T,), generator=g)  # a b c d
+    symbols[0], symbols[-1] = 6, 7  # E ... B
+    t1 = int(torch.randint(int(0.1 * T), int(0.2 * T) + 1, (), generator=g))
+    t2 = int(torch.randint(int(0.5 * T), int(0.6 * T) + 1, (), generator=g))
+    a, b = (int(v) for v in torch.randint(0, 2, (2,), generator=g))  # 0 = X, 1 = Y
+    symbols[t1], symbols[t2] = 4 + a, 4 + b
+    return torch.nn.functional.one_hot(symbols, 8).float(), torch.tensor(2 * a + b)
+
+
+class SequenceTask(Dataset):
+    def __init__(self, task: str, seq_len: int, length: int, seed: int):
+        self.make = {"adding": adding_sequence, "temporal_order": temporal_order_sequence}[task]
+        self.seq_len, self.length, self.seed = seq_len, length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.make(self.seq_len, torch.Generator().manual_seed(self.seed * 1_000_003 + i))
+
+
+class SequenceDataModule(DeepresDataModule):
+    def __init__(
+        self,
+        task: Literal["adding", "temporal_order"] = "adding",
+        seq_len: int = 100,
+        train_size: int = 20_000,
+        val_size: int = 2560,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            task: "adding" (regression at the sequence end) or "temporal_order" (4 classes).
+            seq_len: T, the time lag to bridge (the paper: 100, 500, 1000).
+            train_size: freshly generated sequences per training epoch.
+            val_size: held-out sequences (the paper tests on 2,560).
+        """
+        super().__init__(batch_size, num_workers, seed)
+        if task not in ("adding", "temporal_order"):
+            raise ConfigError(f"unknown sequence task {task!r}; valid: 'adding', 'temporal_order'.")
+        if seq_len < 20:
+            raise ConfigError(f"seq_len must be >= 20 for the {task} task; got {seq_len}.")
+        self.task, self.seq_len = task, seq_len
+        self.train_size, self.val_size = train_size, val_size
+        self.num_classes = 0 if task == "adding" else 4  # 0: regression
+        self.input_shape = (seq_len, 2 if task == "adding" else 8)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = SequenceTask(self.task, self.seq_len, self.train_size, self.seed)
+        self.val_set = SequenceTask(self.task, self.seq_len, self.val_size, self.seed + 7919)

@@ -1,0 +1,255 @@
+"""Lightning modules: image/vector classification and sequence tasks over any registry model.
+
+The network itself is a plain single-device `nn.Module` from `deepres.models.create_model`, held
+as `self.net`; everything distributed or compiled is applied to it from outside
+(`configure_model` → deepres.parallelize, then the strategy).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+
+from deepres.data.sequence import ADDING_TOLERANCE
+from deepres.models import create_model, model_arguments
+from deepres.parallelize import parallelize
+from deepres.training.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda
+
+
+class DeepresModule(L.LightningModule):
+    """Shared by every task: building the net, optimiser and schedule, parallelisation."""
+
+    def __init__(
+        self,
+        arch: str,
+        arch_args: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        input_shape: tuple[int, ...] = (64,),
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        schedule: ScheduleName = "cosine",
+        warmup_steps: int = 0,
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        activation_checkpointing: int | str = 0,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        # Subclasses call save_hyperparameters() with their own (user-facing) arguments; the base
+        # keeps what it needs as plain attributes.
+        self.net = create_model(arch, **self._net_overrides(arch, arch_args or {}, num_classes, input_shape))
+        self.optim_settings = dict(name=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                   nesterov=nesterov, betas=tuple(betas))
+        self.schedule_settings = dict(schedule=schedule, warmup_steps=warmup_steps, milestones=list(milestones or []),
+                                      gamma=gamma, min_lr_ratio=min_lr_ratio)
+        self.parallel_settings = dict(activation_checkpointing=activation_checkpointing, compile=compile,
+                                      channels_last=channels_last)
+        self._parallelized = False
+
+    def _net_overrides(self, arch: str, args: dict, num_classes: int, input_shape: tuple[int, ...]) -> dict:
+        accepted = model_arguments(arch)
+        io = {}
+        for key, value in (
+            ("in_features", math.prod(input_shape)),
+            ("in_chans", input_shape[0]),
+            ("input_size", input_shape[-1]),
+            ("num_classes", num_classes),
+            ("output_size", max(num_classes, 1)),  # 0 classes = one regression output
+        ):
+            if key in accepted and key not in args:
+                io[key] = value
+        return {**io, **args}
+
+    def configure_model(self) -> None:
+        if self._parallelized:
+            return
+        parallelize(self.net, **self.parallel_settings)
+        self._parallelized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel_settings["channels_last"] and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.net, **self.optim_settings)
+        total = int(self.trainer.estimated_stepping_batches)
+        factor = lr_lambda(total_steps=total, **self.schedule_settings)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Classifier(DeepresModule):
+    """Image or vector classification with cross-entropy, top-1/top-5 accuracy."""
+
+    def __init__(
+        self,
+        arch: str = "highway_mlp",
+        depth: int | None = None,
+        width: int | None = None,
+        gate: str | None = None,
+        gate_bias: float | str | None = None,
+        activation: str | None = None,
+        arch_args: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        input_shape: tuple[int, ...] = (64,),
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        schedule: ScheduleName = "cosine",
+        warmup_steps: int = 0,
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+        activation_checkpointing: int | str = 0,
+        compile: bool = False,
+        channels_last: bool = False,
+    ):
+        """
+        Args:
+            arch: a name from deepres.models.list_models() (e.g. highway_mlp, resnet50, resnet110_cifar).
+            depth: depth override (highway_mlp: hidden layers; CIFAR ResNets: 6n+2; PreAct: 9n+2).
+            width: width override (highway_mlp units per layer).
+            gate: plain | residual | highway | gated.
+            gate_bias: transform gate bias, or "auto" (= −ln(L) − 1 for L blocks).
+            activation: activation of dense layers (relu, tanh, …).
+            arch_args: any other argument of the architecture (e.g. {layers: [3, 24, 36, 3]}).
+            num_classes: classes; linked from the data module.
+            input_shape: one sample's shape; linked from the data module.
+            optimizer: sgd (momentum, Nesterov) | adamw | adam.
+            lr: peak learning rate.
+            momentum: SGD momentum.
+            nesterov: Nesterov momentum for SGD.
+            betas: Adam(W) betas.
+            weight_decay: L2 on weights only (norms, biases and gate biases are never decayed).
+            schedule: constant | cosine | step (after `warmup_steps` of linear warm-up).
+            warmup_steps: optimizer steps of linear warm-up.
+            milestones: optimizer steps at which the step schedule multiplies the lr by `gamma`.
+            gamma: step-schedule factor.
+            min_lr_ratio: cosine floor, as a fraction of lr.
+            label_smoothing: cross-entropy label smoothing.
+            activation_checkpointing: recompute every k blocks in backward (k >= 1, "sqrt", "all"; 0 = off).
+            compile: torch.compile each block.
+            channels_last: NHWC memory layout for conv nets.
+        """
+        arch_args = {**(arch_args or {}), **{k: v for k, v in dict(
+            depth=depth, width=width, gate=gate, gate_bias=gate_bias, activation=activation).items() if v is not None}}
+        super().__init__(
+            arch, arch_args, num_classes, input_shape, optimizer, lr, momentum, nesterov, betas, weight_decay,
+            schedule, warmup_steps, milestones, gamma, min_lr_ratio, activation_checkpointing, compile, channels_last,
+        )
+        self.save_hyperparameters()
+        self.label_smoothing = label_smoothing
+        top5 = min(5, num_classes)
+        self.train_acc1 = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        self.train_acc1(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", self.train_acc1, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_acc1(logits, y)
+        self.val_acc5(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val/acc1", self.val_acc1, prog_bar=True)
+        self.log(f"val/acc{self.val_acc5.top_k}", self.val_acc5)
+
+    test_step = validation_step
+
+
+class SequenceModule(DeepresModule):
+    """Sequence regression (adding problem) or classification (temporal order) with the loss and
+    the success criterion at the sequence end, as in Hochreiter & Schmidhuber 1997."""
+
+    def __init__(
+        self,
+        arch: str = "lstm",
+        cell: str = "1999",
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        forget_bias: float = 1.0,
+        num_classes: int = 0,
+        input_shape: tuple[int, ...] = (100, 2),
+        optimizer: OptimizerName = "adam",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        schedule: ScheduleName = "constant",
+        warmup_steps: int = 0,
+        tolerance: float = ADDING_TOLERANCE,
+        activation_checkpointing: int | str = 0,
+    ):
+        """
+        Args:
+            arch: lstm (unfolded over time).
+            cell: "1997" (no forget gate), "1999" (forget gate, opened by `forget_bias`), "rnn" (plain tanh RNN).
+            hidden_size: units per layer.
+            num_layers: stacked recurrent layers.
+            forget_bias: initial forget-gate bias of the 1999 cell.
+            num_classes: 0 for regression, else classes; linked from the data module.
+            input_shape: (T, features); linked from the data module.
+            optimizer: adam | adamw | sgd.
+            lr: learning rate.
+            tolerance: regression success criterion, |prediction − target| < tolerance (1997 paper: 0.04).
+        """
+        super().__init__(
+            arch, {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias},
+            num_classes, input_shape, optimizer, lr, 0.9, False, betas, weight_decay, schedule, warmup_steps, None,
+            0.1, 0.0, activation_checkpointing, False, False,
+        )
+        self.save_hyperparameters()
+        self.regression = num_classes == 0
+        self.tolerance = tolerance
+        self.val_success = torchmetrics.MeanMetric()
+        self.train_success = torchmetrics.MeanMetric()
+
+    def _step(self, batch):
+        x, y = batch
+        out = self(x)
+        if self.regression:
+            loss = F.mse_loss(out, y)
+            success = ((out - y).abs() < self.tolerance).all(dim=1).float()
+        else:
+            loss = F.cross_entropy(out, y)
+            success = (out.argmax(dim=1) == y).float()
+        return loss, success
+
+    def training_step(self, batch, batch_idx):
+        loss, success = self._step(batch)
+        self.train_success(success)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/success_rate", self.train_success)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, success = self._step(batch)
+        self.val_success(success)
+        self.log("val/loss", loss, sync_dist=True)
+        self.log("val/success_rate", self.val_success, prog_bar=True)
+
+    test_step = validation_step

@@ -1,0 +1,64 @@
+"""Optimisers and learning-rate schedules from typed settings.
+
+Weight decay applies to weight matrices and conv kernels only: norms, biases and gate biases are
+excluded (a decayed gate bias would drift from its depth-aware initial value toward 0, i.e. toward
+closing the carry path, which is exactly what SCIENCE §2 warns about).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+OptimizerName = Literal["sgd", "adamw", "adam"]
+ScheduleName = Literal["constant", "cosine", "step"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # 1-D tensors are biases (including gate biases) and norm scales/shifts
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module, name: OptimizerName, lr: float, weight_decay: float, momentum: float, nesterov: bool,
+    betas: tuple[float, float],
+) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=betas)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_lambda(
+    *, schedule: ScheduleName, total_steps: int, warmup_steps: int, milestones: list[int], gamma: float,
+    min_lr_ratio: float,
+):
+    """Multiplier of the base lr at optimizer step s: linear warm-up, then the schedule."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            span = max(1, total_steps - warmup_steps)
+            progress = min(1.0, (step - warmup_steps) / span)
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "step":
+            return gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return factor

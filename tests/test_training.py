@@ -1,0 +1,184 @@
+"""`deepres fit`: data modules, the default job's pieces, run directories, exact resume, clear errors."""
+
+import csv
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepres.data import DigitsDataModule
+from deepres.data.base import ResumableSampler
+from deepres.data.sequence import adding_sequence, temporal_order_sequence
+from deepres.training.cli import main
+from deepres.training.run_dir import AtomicCheckpointIO, resolve_run_dir
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.log_every_n_steps", "1"]
+
+def fit(tmp_path: Path, *args: str, name: str = "t") -> Path:
+    rc = main(["fit", "--run.root", str(tmp_path / "runs"), "--run.name", name, *QUIET, *args])
+    assert rc == 0
+    return resolve_run_dir(tmp_path / "runs", name, resuming=True)
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+# ---------------------------------------------------------------- the default job's pieces
+def test_digits_split_is_fixed_and_stratified():
+    dm = DigitsDataModule()
+    dm.setup()
+    assert len(dm.train_set) == 1437 and len(dm.val_set) == 360
+    x, y = dm.train_set[0]
+    assert x.shape == (64,) and dm.input_shape == (64,) and dm.num_classes == 10
+    counts = torch.bincount(dm.val_set.tensors[1], minlength=10)
+    assert counts.min() >= 35  # stratified: 36 +- 1 per class
+    dm2 = DigitsDataModule(layout="image", seed=5)
+    dm2.setup()
+    assert dm2.train_set[0][0].shape == (1, 8, 8)
+    assert torch.equal(dm2.val_set.tensors[1], dm.val_set.tensors[1])  # same split whatever the seed
+
+def test_default_job_is_a_100_layer_highway_mlp(tmp_path):
+    from deepres.training import Classifier
+
+    model = Classifier(num_classes=10, input_shape=(64,))
+    assert type(model.net).__name__ == "HighwayMLP"
+    assert len(model.net.blocks) == 99 and model.net.blocks[0].gate == "highway"
+
+def test_sampler_splits_ranks_evenly_and_resumes():
+    full = [list(ResumableSampler(10, True, seed=3, rank=r, world=3)) for r in range(3)]
+    assert all(len(p) == 4 for p in full)  # ceil(10 / 3), padded
+    assert set(sum(full, [])) == set(range(10))
+    s = ResumableSampler(10, True, seed=3)
+    s.set_epoch(1)
+    order = list(s)
+    s.skip = 4
+    assert list(s) == order[4:] and list(s) == order  # the skip applies once
+
+def test_sequence_tasks_follow_the_paper():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x, y = adding_sequence(100, g)
+        assert x.shape == (100, 2) and 0 <= float(y) <= 1
+        marked = (x[:, 1] == 1).nonzero().flatten().tolist()
+        assert len(marked) == 2 and marked[0] < 10 and marked[1] < 49
+        x1 = 0.0 if marked[0] == 0 else float(x[marked[0], 0])
+        assert abs(float(y) - (0.5 + (x1 + float(x[marked[1], 0])) / 4)) < 1e-6
+        s, c = temporal_order_sequence(100, g)
+        sym = s.argmax(1)
+        assert sym[0] == 6 and sym[-1] == 7
+        xy = [int(v) - 4 for v in sym if v in (4, 5)]
+        assert len(xy) == 2 and int(c) == 2 * xy[0] + xy[1]
+
+# ---------------------------------------------------------------- a short fit per data module
+def write_fake_cifar(root: Path, n: int = 64) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--model.depth", "5"],
+        ["--data.layout", "image", "--model.arch", "resnet20_cifar", "--model.depth", "8"],
+        ["--model.class_path", "deepres.training.SequenceModule", "--data", "deepres.data.SequenceDataModule",
+         "--data.seq_len", "20", "--model.hidden_size", "8"],
+        ["--model.class_path", "deepres.training.SequenceModule", "--data", "deepres.data.SequenceDataModule",
+         "--data.task", "temporal_order", "--data.seq_len", "30", "--model.cell", "1997", "--model.hidden_size", "8"],
+        ["--data", "deepres.data.SyntheticDataModule", "--data.image_size", "16", "--model.arch", "highway_cnn_cifar",
+         "--model.arch_args", "{widths: [4, 8], blocks_per_stage: [1, 1]}"],
+        ["--data", "deepres.data.CIFARDataModule", "--data.data_dir", "CIFAR", "--data.num_workers", "0",
+         "--data.batch_size", "16", "--model.arch", "preact_resnet_cifar", "--model.depth", "11"],
+    ],
+    ids=["digits-mlp", "digits-cnn", "adding", "temporal-order", "synthetic", "cifar"],
+)
+def test_two_step_fit(tmp_path, args):
+    args = [str(write_fake_cifar(tmp_path / "cifar")) if a == "CIFAR" else a for a in args]
+    run = fit(tmp_path, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", *args)
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "config.yaml").exists() and (run / "run_info.json").exists()
+    rows = read_metrics(run)
+    assert rows and any(r.get("train/loss") for r in rows)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+
+# ---------------------------------------------------------------- exact resume
+def test_resume_is_exact(tmp_path):
+    """2N steps in one go == N steps, then resumed for N more (N = 30 is mid-epoch: 22 steps/epoch)."""
+    common = ["--model.depth", "6", "--model.schedule", "step", "--model.milestones", "[40]",
+              "--trainer.max_epochs", "-1", "--data.batch_size", "64"]
+    whole = fit(tmp_path, *common, "--trainer.max_steps", "60", name="whole")
+    fit(tmp_path, *common, "--trainer.max_steps", "30", name="split")
+    split = fit(tmp_path, *common, "--trainer.max_steps", "60", "--ckpt_path", "last", name="split")
+    assert split.name == "split"  # the same run directory, not a new one
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    rows_a, rows_b = read_metrics(whole), read_metrics(split)
+    assert len(rows_a) == len(rows_b) > 5
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if ra[k] or rb[k]:
+                assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-5, abs=1e-6), (k, ra, rb)
+
+def test_new_run_with_a_taken_name_gets_a_new_directory(tmp_path):
+    first = fit(tmp_path, "--model.depth", "3", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
+    second = fit(tmp_path, "--model.depth", "3", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
+    assert first.name == "t" and second.name == "t-2"
+    assert (tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt").exists()
+
+# ---------------------------------------------------------------- atomic checkpoints
+def test_interrupted_checkpoint_write_leaves_last_ckpt_loadable(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+
+    class Crash(Exception):
+        pass
+
+    import deepres.training.run_dir as run_dir
+
+    def crashing_fsync(fd):
+        raise Crash("power cut while writing")
+
+    monkeypatch.setattr(run_dir.os, "fsync", crashing_fsync)
+    with pytest.raises(Crash):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(10_000_000)}, path)
+    monkeypatch.undo()
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["global_step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
+
+# ---------------------------------------------------------------- clear errors, no traceback
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--model.dpeth", "5"], "dpeth"),
+        (["--trainer.max_stepz", "5"], "max_stepz"),
+        (["--model.arch", "resnet51"], "Did you mean 'resnet50'"),
+        (["--model.arch", "resnet20_cifar", "--model.depth", "21", "--data.layout", "image"], "Valid neighbours: 20, 26"),
+        (["--data", "deepres.data.CIFARDataModule", "--data.data_dir", "/nonexistent/cifar"],
+         "cifar-10-python.tar.gz"),
+    ],
+    ids=["unknown-model-key", "unknown-trainer-key", "unknown-model", "invalid-depth", "missing-cifar"],
+)
+def test_bad_input_gives_one_clear_message(tmp_path, args, fragment):
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepres", "fit", "--run.root", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert fragment in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "t").exists()
