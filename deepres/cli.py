@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    if cmd == "fit":
+        # Before the slow torch/Lightning imports: a SLURM requeue signal that arrives now must
+        # requeue the job, not end it as COMPLETED with no work done (deepres.slurm.requeue).
+        from deepres.slurm import requeue
+
+        requeue.install_early_signal_handler()
     module, func = COMMANDS[cmd]
     entry = getattr(importlib.import_module(module), func)
     # fit/validate/test keep the sub-command (LightningCLI parses it); the others drop it.

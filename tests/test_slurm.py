@@ -1,0 +1,483 @@
+"""deepres on SLURM: the submit checks and the rendered script, requeue and resume, and end-to-end jobs on a
+real (local) SLURM cluster started by scripts/slurm_local.sh.
+
+The end-to-end tests install and start the cluster themselves (Debian packages, root); they are skipped,
+with the reason, only where that cannot be done.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from deepres.errors import ConfigError
+from deepres.slurm import requeue
+from deepres.slurm.callback import RequeueOnSignal
+from deepres.slurm.submit import ClusterRequest, Plan, TrainerSettings, job_block, plan, render
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+# ============================================================================ checking the request (pure)
+def test_plan_fills_devices_nodes_and_accelerator_the_config_leaves_open():
+    checked = plan(ClusterRequest(nodes=2, tasks_per_node=3), TrainerSettings())
+    assert (checked.nodes, checked.tasks_per_node, checked.gpus_per_node) == (2, 3, 0)
+    assert checked.trainer_overrides == [
+        "--trainer.devices", "3", "--trainer.num_nodes", "2", "--trainer.accelerator", "cpu",
+    ]
+    on_gpus = plan(ClusterRequest(gpus_per_node=4), TrainerSettings(devices=4))
+    assert (on_gpus.nodes, on_gpus.tasks_per_node, on_gpus.gpus_per_node) == (1, 4, 4)
+    assert on_gpus.trainer_overrides == ["--trainer.accelerator", "gpu"]
+
+
+def test_plan_takes_the_counts_from_the_trainer_when_the_request_leaves_them_open():
+    checked = plan(ClusterRequest(), TrainerSettings(num_nodes=2, devices=[0, 1], accelerator="cpu"))
+    assert (checked.nodes, checked.tasks_per_node, checked.trainer_overrides) == (2, 2, [])
+
+
+def test_plan_refuses_tasks_per_node_that_disagree_with_devices():
+    with pytest.raises(ConfigError) as err:
+        plan(ClusterRequest(tasks_per_node=2), TrainerSettings(devices=1, accelerator="cpu"))
+    message = str(err.value)
+    assert "--tasks-per-node 2" in message and "trainer.devices=1" in message
+    assert "--trainer.devices 2" in message  # the fix
+
+
+def test_plan_refuses_nodes_that_disagree_with_num_nodes():
+    with pytest.raises(ConfigError, match=r"--nodes 2 disagrees with trainer.num_nodes=4.*--trainer.num_nodes 2"):
+        plan(ClusterRequest(nodes=2), TrainerSettings(num_nodes=4))
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook", {"class_path": "x.DDPSpawnStrategy"}])
+def test_plan_refuses_strategies_that_spawn_their_own_processes(strategy):
+    with pytest.raises(ConfigError, match="starts its own processes.*--trainer.strategy ddp"):
+        plan(ClusterRequest(nodes=2), TrainerSettings(strategy=strategy))
+    plan(ClusterRequest(), TrainerSettings(strategy="ddp_spawn"))  # one process: nothing to launch
+
+
+def test_plan_refuses_a_time_limit_not_longer_than_the_signal_lead():
+    with pytest.raises(ConfigError, match=r"--time 2:00 \(120 s\) is not longer than --signal-lead 120"):
+        plan(ClusterRequest(time="2:00", signal_lead=120), TrainerSettings())
+    assert plan(ClusterRequest(time="2:01", signal_lead=120), TrainerSettings()).nodes == 1
+    with pytest.raises(ConfigError, match="not a SLURM time"):
+        plan(ClusterRequest(time="two hours"), TrainerSettings())
+
+
+def test_plan_refuses_gpus_without_a_gpu_accelerator_and_the_reverse():
+    with pytest.raises(ConfigError, match="accelerator=cpu would leave the GPUs idle"):
+        plan(ClusterRequest(gpus_per_node=2), TrainerSettings(accelerator="cpu"))
+    with pytest.raises(ConfigError, match="no GPUs are requested.*--gpus-per-node 1"):
+        plan(ClusterRequest(), TrainerSettings(accelerator="gpu"))
+
+
+@pytest.mark.parametrize("request_", [ClusterRequest(nodes=0), ClusterRequest(tasks_per_node=0),
+                                      ClusterRequest(gpus_per_node=-1), ClusterRequest(signal_lead=0)])
+def test_plan_refuses_counts_that_are_not_positive(request_):
+    with pytest.raises(ConfigError, match="give"):
+        plan(request_, TrainerSettings())
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 1800), ("1:30", 90), ("2:00:00", 7200), ("1-2", 93600), ("1-0:30", 88200), ("1-00:00:05", 86405),
+     ("UNLIMITED", None)],
+)
+def test_parse_slurm_time(text, seconds):
+    assert requeue.parse_slurm_time(text) == seconds
+
+
+# ====================================================================================== rendering (pure)
+def _render(tmp_path: Path, args: list[str], name: str = "run1", config: Path | None = None) -> str:
+    request = ClusterRequest(nodes=2, tasks_per_node=1, time="10:00", partition="local", signal_lead=30)
+    checked = Plan(nodes=2, tasks_per_node=1, gpus_per_node=0)
+    return render(request, checked, name=name, run_dir=tmp_path / "runs" / name, workdir=tmp_path,
+                  deepres=[PYTHON, "-m", "deepres"], config=config, args=args)
+
+
+def test_rendered_script_has_the_request_and_is_valid_bash(tmp_path):
+    script = _render(tmp_path, ["--trainer.max_steps", "5"])
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=10:00",
+                 "#SBATCH --signal=USR1@30", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 f"#SBATCH --output={tmp_path}/runs/run1/slurm-%j.out", "SIGNAL_LEAD=30"):
+        assert line in script.splitlines()
+    sbatch_lines = [line for line in script.splitlines() if line.startswith(("#SBATCH", "##SBATCH"))]
+    assert not [line for line in sbatch_lines if "gpus" in line or "account" in line or "##" in line]
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_rendered_values_cannot_inject_shell_commands(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = [f"--model.name=$(touch {marker})", f"x; touch {marker}", f"`touch {marker}`", "it's", "a\nb", "*"]
+    config = tmp_path / f"cfg $(touch {marker}).yaml"
+    script = _render(tmp_path, evil, config=config)
+    job = script.split("# ---- job:", 1)[1].split("# ---- end job ----", 1)[0]
+    # Run the job block for real and read the values back.
+    out = subprocess.run(
+        ["bash", "-c", job.split("\n", 1)[1] + '\nprintf "%s\\0" "$CONFIG" "${ARGS[@]}"'],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    ).stdout
+    assert out.split("\0")[:-1] == [str(config), *evil]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["a b", "x\n#SBATCH --uid=0", "$(reboot)", "../up", "-dash"])
+def test_run_names_that_are_not_plain_are_refused(name):
+    from deepres.slurm.submit import _run_name
+
+    with pytest.raises(ConfigError, match="--name"):
+        _run_name(name, None)
+
+
+def test_an_existing_run_directory_is_refused_unless_resuming(tmp_path):
+    from deepres.slurm.submit import _check_run_dir_is_new
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already exists.*another --name.*--ckpt_path last"):
+        _check_run_dir_is_new(tmp_path / "run", ["--trainer.max_steps", "5"])
+    _check_run_dir_is_new(tmp_path / "run", ["--ckpt_path", "last"])
+    _check_run_dir_is_new(tmp_path / "new", [])
+
+
+def test_sbatch_values_with_spaces_or_newlines_are_refused(tmp_path):
+    request = ClusterRequest(partition="gpu\nrm -rf /")
+    with pytest.raises(ConfigError, match="--partition"):
+        render(request, Plan(1, 1, 0), name="r", run_dir=tmp_path, workdir=tmp_path, deepres=["deepres"],
+               config=None, args=[])
+
+
+def test_job_block_quotes_every_value():
+    assert job_block(["/a b/python", "-m", "deepres"], None, ["--x", "$HOME"], 7) == [
+        "DEEPRES=('/a b/python' -m deepres)", "CONFIG=", "ARGS=(--x '$HOME')", "SIGNAL_LEAD=7",
+    ]
+
+
+def test_the_template_by_hand_is_the_packaged_template_and_valid_bash():
+    by_hand = REPO / "slurm" / "deepres.sbatch"
+    assert by_hand.resolve() == (REPO / "deepres" / "slurm" / "deepres.sbatch").resolve()
+    subprocess.run(["bash", "-n", str(by_hand)], check=True)
+    text = by_hand.read_text()
+    for option in ("--signal=USR1@", "--requeue", "--open-mode=append", "--ntasks-per-node="):
+        assert f"#SBATCH {option}" in text
+    assert re.search(r"^srun .*\"\$\{cmd\[@\]\}\"$", text, re.M)
+
+
+# ============================================================================ resuming (pure, on files)
+def _save(path: Path, step: int, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_newest_complete_checkpoint_skips_a_truncated_file(tmp_path):
+    now = time.time()
+    _save(tmp_path / "checkpoints" / "last.ckpt", 10, now - 30)
+    requeue_ckpt = _save(tmp_path / "checkpoints" / "requeue.ckpt", 20, now - 20)
+    truncated = _save(tmp_path / "hpc_ckpt_3.ckpt", 30, now - 10)
+    truncated.write_bytes(truncated.read_bytes()[:-200])  # killed while writing
+    os.utime(truncated, (now, now))
+    (tmp_path / "checkpoints" / "requeue.ckpt.tmp").write_bytes(b"partial")
+    assert requeue.newest_complete_checkpoint(tmp_path) == requeue_ckpt
+    assert not requeue.is_complete_checkpoint(truncated)
+    # A newer last.ckpt (the run went on after a requeue) wins over the older requeue.ckpt.
+    newer_last = _save(tmp_path / "checkpoints" / "last.ckpt", 40, now + 10)
+    assert requeue.newest_complete_checkpoint(tmp_path) == newer_last
+    assert requeue.newest_complete_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_resume_checkpoint_only_in_a_restarted_slurm_job(tmp_path, monkeypatch):
+    last = _save(tmp_path / "checkpoints" / "last.ckpt", 10, time.time())
+    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    assert requeue.resume_checkpoint(tmp_path) is None  # not under SLURM
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert requeue.resume_checkpoint(tmp_path) is None  # first run: a fresh start even if files exist
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeue.resume_checkpoint(tmp_path) == last
+
+
+# ===================================================== the requeue callback in a real (one-process) Trainer
+class _TinyRegression(LightningModule):
+    """Sends itself the requeue signal once, during step `signal_at`, like SLURM would."""
+
+    def __init__(self, signal_at: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.signal_at = signal_at
+        self.signalled = False
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.signal_at and not self.signalled:
+            self.signalled = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        x, y = batch
+        return nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.fixture
+def fake_slurm_job(monkeypatch, tmp_path):
+    """The environment of rank 0 of a SLURM job that cannot requeue itself (no scontrol), so training goes on;
+    restores the signal handler and the module state afterwards."""
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.delenv("SLURM_JOB_NAME", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)  # keep Lightning's own SLURM detection out
+    # No scontrol on PATH, as in a container without the SLURM client: the requeue fails at once.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    previous = signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setattr(requeue, "_state", requeue._RequeueState())
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_signal_during_training_saves_a_complete_checkpoint_at_the_next_step(tmp_path, fake_slurm_job, capfd,
+                                                                            accumulate):
+    assert requeue.install_early_signal_handler()
+    data = DataLoader(TensorDataset(torch.randn(128, 4), torch.randn(128, 1)), batch_size=4)
+    trainer = Trainer(max_steps=8, default_root_dir=tmp_path, callbacks=[RequeueOnSignal(lead=0)],
+                      accumulate_grad_batches=accumulate,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(_TinyRegression(signal_at=3), data)
+
+    saved = tmp_path / "checkpoints" / "requeue.ckpt"
+    assert requeue.is_complete_checkpoint(saved)
+    # Saved right after the optimizer step during which the signal came (never inside an accumulation).
+    assert torch.load(saved, weights_only=False)["global_step"] == 4
+    assert not saved.with_name("requeue.ckpt.tmp").exists()
+    assert trainer.global_step == 8  # the requeue failed, so training went on to the end
+    assert "scontrol requeue 999999" in capfd.readouterr().err
+
+
+def test_early_signal_is_recorded_and_requeue_is_attempted_before_training(fake_slurm_job, capfd):
+    assert requeue.install_early_signal_handler()
+    os.kill(os.getpid(), signal.SIGUSR1)  # before any Trainer exists: the process must survive it
+    assert requeue.requeue_requested()
+    err = capfd.readouterr().err
+    assert "before training started" in err and "scontrol requeue 999999" in err
+
+
+# =========================================================================== the local SLURM cluster
+SCRIPT = REPO / "scripts" / "slurm_local.sh"
+
+
+def _free_port_range(count: int) -> int:
+    """A base port with `count` free consecutive ports (other test sessions may run a cluster too)."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 30000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range for the test cluster")
+
+
+def _cluster_env(directory: Path, nodes: int) -> dict[str, str]:
+    # Two CPUs per node whatever the machine has, so 1 node x 2 tasks always fits.
+    return {**os.environ, "DEEPRES_SLURM_DIR": str(directory), "NODES": str(nodes), "CPUS_PER_NODE": "2",
+            "SLURM_LOCAL_PORT": str(_free_port_range(nodes + 1)), "SLURM_CONF": str(directory / "slurm.conf")}
+
+
+def _start_cluster(env: dict[str, str]) -> None:
+    started = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+        raise RuntimeError(f"scripts/slurm_local.sh start failed:\n{started.stderr[-3000:]}")
+    assert f"export SLURM_CONF={env['SLURM_CONF']}" in started.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> dict[str, str]:
+    """A two-node SLURM cluster on this machine for the whole session; the environment its clients need."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs slurmd as root; run the tests as root (CI does)")
+    installed = subprocess.run([str(SCRIPT), "install"], capture_output=True, text=True, timeout=900)
+    if installed.returncode != 0:
+        pytest.skip(f"SLURM's Debian packages cannot be installed here:\n{installed.stderr[-2000:]}")
+    env = _cluster_env(tmp_path_factory.mktemp("slurm"), nodes=2)
+    _start_cluster(env)
+    try:
+        yield env
+    finally:
+        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def _daemon_pids(directory: Path) -> dict[str, int]:
+    files = [directory / "munge" / "munged.pid", *sorted((directory / "run").glob("*.pid"))]
+    return {f.stem: int(f.read_text()) for f in files if f.exists()}
+
+
+def _runs(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slurm
+def test_local_cluster_stop_ends_exactly_the_daemons_it_started(slurm_cluster, tmp_path):
+    env = _cluster_env(tmp_path / "second", nodes=1)
+    _start_cluster(env)
+    mine = _daemon_pids(tmp_path / "second")
+    assert set(mine) == {"munged", "slurmctld", "slurmd-node1"} and all(map(_runs, mine.values()))
+    assert "node1" in subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=env, capture_output=True,
+                                     text=True, check=True).stdout
+    subprocess.run([str(SCRIPT), "stop"], env=env, check=True, capture_output=True, timeout=120)
+    assert not any(map(_runs, mine.values()))
+    others = _daemon_pids(Path(slurm_cluster["DEEPRES_SLURM_DIR"]))  # the session's cluster is untouched
+    assert len(others) == 4 and all(map(_runs, others.values()))
+
+
+# ================================================= end to end: `deepres submit` on the local cluster
+# The built-in default job (100-layer Highway MLP on digits), cut to a few steps.
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _deepres(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "deepres", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _submit(env: dict[str, str], cwd: Path, *args: str) -> str:
+    result = _deepres(env, cwd, "submit", "--time", "10", "--signal-lead", "30", *args, *QUIET)
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"^submitted job (\d+)", result.stdout, re.M)[1]
+    assert "tail -f runs/" in result.stdout and f"squeue -j {job_id}" in result.stdout
+    return job_id
+
+
+def _job(env: dict[str, str], job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def _wait_for_job(env: dict[str, str], job_id: str, timeout: float = 400) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while (info := _job(env, job_id))["JobState"] not in FINAL_STATES:
+        assert time.monotonic() < deadline, f"job {job_id} still {info['JobState']} after {timeout} s"
+        time.sleep(1)
+    return info
+
+
+def _wait_for_log(log: Path, pattern: str, count: int = 1, timeout: float = 300) -> str:
+    """Wait until `pattern` occurs `count` times in the job log; return the log."""
+    deadline = time.monotonic() + timeout
+    while len(re.findall(pattern, text := log.read_text() if log.exists() else "", re.M)) < count:
+        assert time.monotonic() < deadline, f"no {pattern!r} (x{count}) in {log} after {timeout} s:\n{text[-3000:]}"
+        time.sleep(0.2)
+    return text
+
+
+def _job_ids(env: dict[str, str]) -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return set(out.split())
+
+
+def _global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize(("nodes", "tasks"), [(1, 2), (2, 1)], ids=["1node-2tasks", "2nodes-1task"])
+def test_default_job_trains_with_ddp_over_gloo_to_completion(slurm_cluster, tmp_path, nodes, tasks):
+    job_id = _submit(slurm_cluster, tmp_path, "--nodes", str(nodes), "--tasks-per-node", str(tasks),
+                     "--name", "ddp", "--trainer.max_steps", "4")
+    info = _wait_for_job(slurm_cluster, job_id)
+    run = tmp_path / "runs" / "ddp"
+    log = (run / f"slurm-{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert (info["NumNodes"], info["NodeList"]) == ((str(nodes), "node1") if nodes == 1 else ("2", "node[1-2]"))
+    assert "distributed_backend=gloo" in log and "All distributed processes registered. Starting with 2 processes" in log
+    assert _global_step(run / "checkpoints" / "last.ckpt") == 4
+    trainer = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    assert (int(trainer["num_nodes"]), int(trainer["devices"])) == (nodes, tasks)
+    assert (run / "submit.sbatch").is_file() and f"#SBATCH --nodes={nodes}" in (run / "submit.sbatch").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_right_step(slurm_cluster, tmp_path):
+    max_steps = 30
+    job_id = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--tasks-per-node", "1", "--name", "preempt",
+                     "--trainer.max_steps", str(max_steps))
+    log = tmp_path / "runs" / "preempt" / f"slurm-{job_id}.out"
+    preempt = ["scancel", "--signal=USR1", job_id]
+
+    # 1. Before training: both ranks have their handler, nothing is trained yet.
+    _wait_for_log(log, r"restart 0: SIGUSR1 -> checkpoint and requeue", count=2)
+    subprocess.run(preempt, env=slurm_cluster, check=True)
+    text = _wait_for_log(log, r"^\[deepres.sbatch\] job \d+ restart 1:")
+    assert "before training started: nothing to save, requeueing now" in text
+    # 2. During training of the restarted job.
+    text = _wait_for_log(log, r"^\[deepres.slurm\] training from step 0", count=1)
+    assert "no complete checkpoint yet, starting from scratch" in text
+    subprocess.run(preempt, env=slurm_cluster, check=True)
+
+    info = _wait_for_job(slurm_cluster, job_id)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-3000:]
+    saved_at = int(re.search(r"step (\d+): saved .*/checkpoints/requeue.ckpt", text)[1])
+    assert 1 <= saved_at < max_steps
+    restart_2 = text.split("restart 2:", 1)[1]
+    assert "resuming from" in restart_2 and "checkpoints/requeue.ckpt" in restart_2
+    assert f"[deepres.slurm] training from step {saved_at}\n" in restart_2  # nothing lost, nothing repeated
+    assert _global_step(tmp_path / "runs" / "preempt" / "checkpoints" / "last.ckpt") == max_steps
+
+
+@pytest.mark.slurm
+def test_submit_refuses_tasks_per_node_that_contradict_devices_and_submits_nothing(slurm_cluster, tmp_path):
+    before = _job_ids(slurm_cluster)
+    result = _deepres(slurm_cluster, tmp_path, "submit", "--tasks-per-node", "2", "--name", "bad",
+                      "--trainer.devices", "1")
+    assert result.returncode == 2
+    assert "--tasks-per-node 2 disagrees with trainer.devices=1" in result.stderr
+    assert "Fix: pass --trainer.devices 2, or --tasks-per-node 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _job_ids(slurm_cluster) == before
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.slurm
+def test_dry_run_prints_a_valid_script_and_submits_nothing(slurm_cluster, tmp_path):
+    before = _job_ids(slurm_cluster)
+    result = _deepres(slurm_cluster, tmp_path, "submit", "--nodes", "2", "--tasks-per-node", "1", "--time", "5",
+                      "--name", "dry", "--dry-run", "--trainer.max_steps", "3")
+    assert result.returncode == 0, result.stderr
+    script = tmp_path / "dry.sbatch"
+    script.write_text(result.stdout)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=slurm_cluster, capture_output=True,
+                               text=True)
+    assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+    assert "--trainer.num_nodes 2" in result.stdout and "--run.name dry" in result.stdout
+    assert _job_ids(slurm_cluster) == before
+    assert not (tmp_path / "runs").exists()
