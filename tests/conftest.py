@@ -1,9 +1,12 @@
 import os
 
-import pytest
-import torch
+# Two cores, often several processes (DDP ranks, CLI subprocesses): one intra-op thread each.
+# Oversubscribed OpenMP threads spin against each other and make tiny-matmul steps ~20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Two cores: keep each test process to one intra-op thread so spawned DDP ranks do not oversubscribe.
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
