@@ -172,6 +172,8 @@ class Classifier(DeepresModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
+        if len(y) == 0:  # a shard batch whose samples were all corrupt: nothing to score
+            return
         logits = self(x)
         self.val_acc1(logits, y)
         self.val_acc5(logits, y)

@@ -1,0 +1,188 @@
+"""Images/s of deepres's shard pipeline against a decode-only ceiling and torchvision's ImageFolder.
+
+    python scripts/bench_shards.py                      # 1600 generated 500x375 JPEGs, 2 workers, 3 trials
+    python scripts/bench_shards.py --workers 8 --images 8000 --dir /tmp/bench
+
+On the same generated JPEGs and with the same number of worker processes:
+  (a) ceiling: each process decodes and augments its share of the images, held in memory, in a tight
+      loop (no data loader, no batching, no inter-process transfer);
+  (b) deepres: ShardDataModule.train_dataloader() over shards written by `deepres shard`;
+  (c) ImageFolder: torchvision's ImageFolder + DataLoader over the JPEG files.
+All three run the same per-image work (deepres.data.shards.ImageTransform: JPEG decode, random-resized
+crop to 224, flip, uint8 tensor); normalisation happens on the device in training and is not timed.
+For reference, (c*) is ImageFolder as usually written (PIL loader, ToTensor + Normalize in the workers).
+Timing starts at the first batch (worker start-up and warm-up excluded); each trial runs a, b, c in turn.
+On a shared machine wall-clock rates move with the load, so the CPU seconds that all processes of a run
+spent per image (start-up included) are reported as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+import torchvision
+import webdataset
+from PIL import Image, features
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from deepres.data import shard_writer
+from deepres.data.shards import ImageTransform, ShardDataModule
+
+
+def make_images(root: Path, n: int, classes: int, size: tuple[int, int], seed: int = 0) -> None:
+    """Photo-like JPEGs (smooth colour fields from upsampled noise, quality 90), about ImageNet's size."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(n):
+        folder = root / f"class{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        low = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8))
+        low.resize((w, h), Image.Resampling.BICUBIC).save(folder / f"img{i:06d}.JPEG", quality=90)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _ceiling_worker(args: tuple[list[str], int]) -> tuple[int, float]:
+    paths, warmup = args
+    torch.set_num_threads(1)  # as in DataLoader workers
+    transform = ImageTransform(True, 224, 256, "imagenet")
+    images = [_read_bytes(p) for p in paths]
+    for data in images[:warmup]:
+        transform(data)
+    start = time.perf_counter()
+    for data in images[warmup:]:
+        transform(data)
+    return len(images) - warmup, time.perf_counter() - start
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (data-loader workers are joined at the end)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def ceiling(files: list[str], workers: int, batch_size: int) -> tuple[float, int]:
+    chunks = [(files[i::workers], batch_size) for i in range(workers)]
+    with mp.get_context("fork").Pool(workers) as pool:
+        results = pool.map(_ceiling_worker, chunks)
+    return sum(n for n, _ in results) / max(t for _, t in results), len(files)
+
+
+def loader_rate(loader) -> tuple[float, int]:
+    """Images/s from the first batch to the last (start-up and the first batch excluded), images read."""
+    batches = iter(loader)
+    first = len(next(batches)[1])
+    start, n = time.perf_counter(), 0
+    for _, labels in batches:
+        n += len(labels)
+    return n / (time.perf_counter() - start), first + n
+
+
+def shard_rate(shards: Path, workers: int, batch_size: int) -> tuple[float, int]:
+    dm = ShardDataModule(root=str(shards), batch_size=batch_size, num_workers=workers, image_size=224)
+    dm.setup("fit")
+    return loader_rate(dm.train_dataloader())
+
+
+def imagefolder_rate(folder: Path, workers: int, batch_size: int, stock: bool) -> tuple[float, int]:
+    if stock:
+        normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                 transforms.ToTensor(), normalize])
+        dataset = datasets.ImageFolder(str(folder), transform=tf)
+    else:
+        dataset = datasets.ImageFolder(str(folder), loader=_read_bytes,
+                                       transform=ImageTransform(True, 224, 256, "imagenet"))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    return loader_rate(loader)
+
+
+def describe_machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    turbo = "libjpeg-turbo " + str(features.version("jpg")) if features.check_feature("libjpeg_turbo") else \
+        "libjpeg " + str(features.version("jpg"))
+    return (f"hardware: {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start\n"
+            f"versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
+            f"{torchvision.__version__}, pillow {PIL.__version__} ({turbo}), webdataset {webdataset.__version__}")
+
+
+def _mean_std(xs: list[float], digits: int = 1) -> str:
+    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):7.{digits}f} ± {std:5.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=1600)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--size", default="500x375", help="WxH of the generated JPEGs (ImageNet's mean is ~400x350)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--dir", type=Path, help="where to put the images and shards (default: a temporary folder)")
+    args = p.parse_args(argv)
+    w, h = (int(v) for v in args.size.split("x"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.dir or Path(tmp)
+        folder, shards = root / "images", root / "shards"
+        if not folder.exists():
+            make_images(folder, args.images, args.classes, (w, h))
+        if not (shards / "train" / "index.json").exists():
+            shard_writer.main([str(folder), str(shards), "--split", "train", "--workers", str(args.workers)])
+        files = sorted(str(f) for f in folder.glob("*/*.JPEG"))
+        mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
+        print(describe_machine())
+        print(f"data: {len(files)} JPEGs of {w}x{h} ({mean_kb:.0f} KiB on average), {args.classes} classes; "
+              f"workers {args.workers}, batch {args.batch_size}, {args.trials} trials after one warm-up round")
+
+        runs = {
+            "a": lambda: ceiling(files, args.workers, args.batch_size),
+            "b": lambda: shard_rate(shards, args.workers, args.batch_size),
+            "c": lambda: imagefolder_rate(folder, args.workers, args.batch_size, stock=False),
+            "c*": lambda: imagefolder_rate(folder, args.workers, args.batch_size, stock=True),
+        }
+        for run in runs.values():  # warm-up: page cache, imports, first fork
+            run()
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        cpu_ms: dict[str, list[float]] = {k: [] for k in runs}
+        for trial in range(args.trials):
+            for key, run in runs.items():
+                before = cpu_seconds()
+                rate, images = run()
+                rates[key].append(rate)
+                cpu_ms[key].append(1000 * (cpu_seconds() - before) / images)
+            print(f"trial {trial + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()))
+
+    names = {"a": "ceiling: decode + augment loop", "b": "deepres shards (ShardDataModule)",
+             "c": "torchvision ImageFolder + DataLoader", "c*": "ImageFolder, usual PIL/ToTensor/Normalize"}
+    print("\n     (mean ± std over trials)                         images/s     CPU ms/image")
+    for key, name in names.items():
+        print(f"  ({key:2s}) {name:44s} {_mean_std(rates[key])}   {_mean_std(cpu_ms[key], 2)}")
+    for label, table in (("images/s", rates), ("CPU efficiency", {k: [1 / x for x in v] for k, v in cpu_ms.items()})):
+        r = {k: statistics.mean(v) for k, v in table.items()}
+        print(f"{label:15s} b/a = {r['b'] / r['a']:.3f} (target >= 0.9)   b/c = {r['b'] / r['c']:.3f} "
+              f"(target >= 1.0)   b/c* = {r['b'] / r['c*']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""deepres shard (writer, resume, verify) and ShardDataModule (exact steps per rank, exact validation)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+
+from deepres.data import shard_writer as sw
+from deepres.data.shards import (
+    ImageTransform,
+    ShardDataModule,
+    ShardLoader,
+    TrainShardStream,
+    ValShardStream,
+    resolve_shards,
+)
+
+# Some tests use 3 data-loader workers on this 2-core machine on purpose (an odd worker count).
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [f"n{i:08d}" for i in range(5)]
+
+
+def _jpeg(path: Path, rng: np.random.Generator, w: int, h: int) -> None:
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=85)
+
+
+def _image_tree(root: Path, per_class: dict[str, int], classes: list[str], seed: int = 0) -> Path:
+    """root/<split>/<class>/<class>_<i>.JPEG with noise images of varied size."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _jpeg(root / split / c / f"{c}_{i:04d}.JPEG", rng, 40 + (i * 7) % 30, 36 + (i * 5) % 20)
+    return root
+
+
+def _shard(*args: str | Path) -> int:
+    return sw.main([str(a) for a in args])
+
+
+def _read_split(out: Path) -> dict[str, int]:
+    """key -> label over all shards of a split, asserting keys are unique."""
+    labels: dict[str, int] = {}
+    index = json.loads((out / "index.json").read_text())
+    for entry in index["shards"]:
+        for sample in sw.read_shard(str(out / entry["name"])):
+            assert sample["__key__"] not in labels
+            labels[sample["__key__"]] = sw.sample_label(sample, index["num_classes"])
+    return labels
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    # 5 classes x 40 train images, 5 x 8 val images
+    return _image_tree(tmp_path_factory.mktemp("src"), {"train": 40, "val": 8}, CLASSES)
+
+
+@pytest.fixture(scope="module")
+def shards(source: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    assert _shard(source, out, "--shard-size", "30", "--workers", "2") == 0
+    return out
+
+
+# ---------------------------------------------------------------- writer
+
+
+def test_converter_round_trips_labels_and_counts(source: Path, shards: Path) -> None:
+    train = json.loads((shards / "train" / "index.json").read_text())
+    assert train["classes"] == CLASSES
+    assert train["num_samples"] == 200
+    assert [s["samples"] for s in train["shards"]] == [30] * 6 + [20]
+    labels = _read_split(shards / "train")
+    expected = {p.stem: CLASSES.index(p.parent.name) for p in (source / "train").glob("*/*.JPEG")}
+    assert labels == expected
+    assert _read_split(shards / "val") == {
+        p.stem: CLASSES.index(p.parent.name) for p in (source / "val").glob("*/*.JPEG")
+    }
+    # shuffled across classes: the first shard is not one class
+    first = [labels[s["__key__"]] for s in sw.read_shard(str(shards / "train" / "train-000000.tar"))]
+    assert len(set(first)) == len(CLASSES)
+
+
+def test_output_is_deterministic_and_independent_of_workers(source: Path, shards: Path, tmp_path: Path) -> None:
+    assert _shard(source, tmp_path, "--shard-size", "30", "--workers", "1", "--split", "train") == 0
+    assert _digests(tmp_path / "train") == _digests(shards / "train")
+
+
+def test_resize_and_byte_shard_size(source: Path, tmp_path: Path) -> None:
+    assert _shard(source, tmp_path, "--split", "val", "--resize", "24", "--quality", "80",
+                  "--shard-size", "20KB", "--workers", "1") == 0
+    index = json.loads((tmp_path / "val" / "index.json").read_text())
+    assert index["num_samples"] == 40 and len(index["shards"]) > 1
+    sizes = [e["bytes"] for e in index["shards"][:-1]]
+    assert max(sizes) < 40_000  # about the 20 KB asked for (tar pads to 10 KiB records)
+    for sample in sw.read_shard(str(tmp_path / "val" / index["shards"][0]["name"])):
+        assert min(Image.open(io.BytesIO(sample["jpg"])).size) == 24
+
+
+def test_corrupt_source_images_are_reported_and_skipped(source: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(source / "val", src / "val")
+    (src / "val" / CLASSES[0] / "garbage.JPEG").write_bytes(b"this is not a jpeg")
+    good = (src / "val" / CLASSES[1] / f"{CLASSES[1]}_0000.JPEG").read_bytes()
+    (src / "val" / CLASSES[1] / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    assert _shard(src, tmp_path / "out", "--workers", "2") == 0
+    index = json.loads((tmp_path / "out" / "val" / "index.json").read_text())
+    assert index["num_samples"] == 40
+    assert sorted(Path(s["source"]).name for s in index["skipped"]) == ["garbage.JPEG", "truncated.JPEG"]
+    err = capsys.readouterr().err
+    assert "skipped val/n00000000/garbage.JPEG" in err and "truncated.JPEG" in err
+
+
+def test_resume_after_an_interrupted_conversion(source: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(source / "train", src / "train")
+    opts = ["--split", "train", "--shard-size", "30", "--workers", "1"]
+    # Replace one image of the last shard by a named pipe: the converter blocks reading it, so we know
+    # it is inside the last shard when we kill it (workers=1 writes the shards in order).
+    split = sw.find_splits(src, "imagenet", "train", None)[0]
+    plan = sw.plan_split(split, "30", sw.EncodeOptions(None, None), seed=0)
+    blocker = src / plan[-1][3].path
+    original = blocker.read_bytes()
+    blocker.unlink()
+    os.mkfifo(blocker)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "deepres", "shard", str(src), str(out), *opts],
+                            cwd=REPO, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # opening the write end succeeds only once the converter has opened the read end
+            try:
+                fd = os.open(blocker, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "converter never reached the pipe"
+                time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        os.close(fd)
+    finally:
+        proc.kill()
+    train = out / "train"
+    kept = {p.name: p.stat() for p in train.glob("*.tar")}
+    assert len(kept) == len(plan) - 1 and list(train.glob("*.tmp"))
+    assert not (train / "index.json").exists()
+
+    blocker.unlink()
+    blocker.write_bytes(original)
+    assert _shard(src, out, *opts) == 0
+    for name, before in kept.items():  # complete shards were kept, not rewritten
+        after = (train / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not list(train.glob("*.tmp")) and not list(train.glob(".deepres-shard-*"))
+    assert _shard(src, tmp_path / "fresh", *opts) == 0
+    assert _digests(train) == _digests(tmp_path / "fresh" / "train")
+    assert json.loads((train / "index.json").read_text())["num_samples"] == 200
+
+
+def test_verify_names_a_truncated_shard(shards: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    assert _shard("--verify", out) == 0
+    bad = out / "train" / "train-000002.tar"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    capsys.readouterr()
+    assert _shard("--verify", out, "--workers", "2") == 1
+    err = capsys.readouterr().err
+    assert "train-000002.tar" in err and "train-000001.tar" not in err
+
+
+def test_flat_imagenet_val_with_devkit_ground_truth(tmp_path: Path) -> None:
+    from scipy.io import savemat
+
+    src = _image_tree(tmp_path / "src", {"train": 2}, CLASSES)
+    rng = np.random.default_rng(1)
+    (src / "val").mkdir()
+    truth = [3, 1, 5, 2, 4, 1]  # ILSVRC2012 ids; meta.mat maps id k to CLASSES[5 - k]
+    for i in range(1, len(truth) + 1):
+        _jpeg(src / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", rng, 40, 40)
+    data = src / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(map(str, truth)) + "\n")
+    synsets = np.array([(k, CLASSES[5 - k], "words", 0) for k in range(1, 6)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    savemat(str(data / "meta.mat"), {"synsets": synsets})
+    assert _shard(src, tmp_path / "out", "--workers", "1") == 0
+    labels = _read_split(tmp_path / "out" / "val")
+    assert labels == {f"ILSVRC2012_val_{i:08d}": 5 - k for i, k in enumerate(truth, start=1)}
+
+
+def test_cifar_archive(tmp_path: Path) -> None:
+    import pickle
+
+    rng = np.random.default_rng(2)
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    names = [f"class{i}".encode() for i in range(10)]
+    (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, 6).tolist()
+        batch = {b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), b"labels": labels}
+        (src / name).write_bytes(pickle.dumps(batch))
+    assert _shard(src, tmp_path / "out", "--workers", "1") == 0
+    train = tmp_path / "out" / "train"
+    index = json.loads((train / "index.json").read_text())
+    assert index["num_samples"] == 30 and index["classes"] == [n.decode() for n in names]
+    first = pickle.loads((src / "data_batch_1").read_bytes())
+    samples = {s["__key__"]: s for e in index["shards"] for s in sw.read_shard(str(train / e["name"]))}
+    png = Image.open(io.BytesIO(samples["data_batch_1_00002"]["png"]))
+    assert np.array_equal(np.asarray(png), first[b"data"][2].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert int(samples["data_batch_1_00002"]["cls"]) == first[b"labels"][2]
+
+
+def test_bad_input_gets_one_clear_message(shards: Path, source: Path, tmp_path: Path, capsys) -> None:
+    assert _shard(tmp_path / "nope", tmp_path / "out") == 2
+    assert "is not a directory" in capsys.readouterr().err
+    out = tmp_path / "out2"
+    shutil.copytree(shards, out)
+    assert _shard(source, out, "--shard-size", "50", "--workers", "1") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _shard(source, tmp_path / "o", "--shard-size", "lots") == 2
+    assert "--shard-size" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- loader
+
+
+def _loader(stream, rank: int, workers: int) -> ShardLoader:
+    n = stream.steps if isinstance(stream, TrainShardStream) else stream.num_batches
+    return ShardLoader(stream, n, workers, rank)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 3), (3, 2)])
+def test_training_steps_are_equal_on_every_rank_with_uneven_shards(shards: Path, world: int, workers: int) -> None:
+    # 7 shards of 30,...,30,20 samples: 7 shards over 2 or 3 ranks (and 6 or 9 reader slots) is uneven
+    train = resolve_shards("train", None, None, str(shards))
+    steps = train.num_samples // (8 * world)
+    transform = ImageTransform(True, 16, 18, "imagenet")
+    for rank in range(world):
+        stream = TrainShardStream(train, 8, steps, rank, world, transform, 50, 0, 16)
+        loader = _loader(stream, rank, workers)
+        for _ in range(2):  # two epochs: the same count each time
+            shapes = [tuple(x.shape) for x, _ in loader]
+            assert shapes == [(8, 3, 16, 16)] * steps
+        # resumed 2 batches into epoch 3: only the rest of that epoch
+        resumed = ShardLoader(stream, steps, workers, rank, position_fn=lambda: (3, 2))
+        assert sum(1 for _ in resumed) == steps - 2
+
+
+@pytest.mark.timeout(120)
+def test_fewer_shards_than_readers_still_gives_every_rank_its_steps(tmp_path: Path, source: Path) -> None:
+    assert _shard(source, tmp_path, "--split", "val", "--shard-size", "1000", "--workers", "1") == 0
+    val = resolve_shards("val", None, None, str(tmp_path))
+    assert len(val.urls) == 1
+    transform = ImageTransform(True, 16, 18, "imagenet")
+    for rank in range(4):  # 1 shard, 4 ranks x 2 workers = 8 readers
+        stream = TrainShardStream(val, 4, 3, rank, 4, transform, 10, 0, 16)
+        assert sum(1 for _ in _loader(stream, rank, 2)) == 3
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_validation_across_two_ranks_counts_every_sample_once(tmp_path: Path, workers: int) -> None:
+    # one image per class, so a label identifies a sample; 47 samples in shards of 10,10,10,10,7
+    classes = [f"c{i:02d}" for i in range(47)]
+    src = _image_tree(tmp_path / "src", {"val": 1}, classes)
+    assert _shard(src, tmp_path / "out", "--shard-size", "10", "--workers", "1") == 0
+    val = resolve_shards("val", None, None, str(tmp_path / "out"))
+    transform = ImageTransform(False, 16, 18, "imagenet")
+    seen, batches = [], []
+    for rank in range(2):
+        loader = _loader(ValShardStream(val, 4, rank, 2, transform, 16), rank, workers)
+        labels = [y for _, y in loader]
+        batches.append(len(labels))
+        seen += torch.cat(labels).tolist()
+    assert batches[0] == batches[1] == 6  # ceil(ceil(47 / 2) / 4)
+    assert sorted(seen) == list(range(47))
+
+
+@pytest.mark.timeout(120)
+def test_corrupt_sample_inside_a_shard_is_skipped_counted_and_logged(shards: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    bad = out / "val" / "val-000000.tar"
+    with tarfile.open(bad) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    jpgs = [m.name for m, _ in members if m.name.endswith(".jpg")]
+    broken = {jpgs[3]: b"\xff\xd8 not really a jpeg", jpgs[7]: members[0][1][:100]}
+    with tarfile.open(bad, "w") as tar:
+        for m, data in members:
+            data = broken.get(m.name, data)
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    dm = ShardDataModule(root=str(out), batch_size=8, num_workers=2, image_size=16, eval_resize=18)
+    dm.setup("fit")
+    with caplog.at_level(logging.WARNING, logger="deepres.data.shards"):
+        labels = torch.cat([y for _, y in dm.val_dataloader()])
+    assert len(labels) == 40 - 2
+    assert dm.corrupt_samples == 2
+    assert sum("skipped corrupt sample" in r.message for r in caplog.records) == 2
+    # training keeps its exact step count with corrupt samples in the stream
+    assert [len(y) for _, y in dm.train_dataloader()] == [8] * (200 // 8)
+
+
+def test_truncated_shard_in_validation_keeps_batch_counts(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    bad = out / "val" / "val-000000.tar"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])
+    val = resolve_shards("val", None, None, str(out))
+    loader = _loader(ValShardStream(val, 8, 0, 1, ImageTransform(False, 16, 18, "imagenet"), 16), 0, 2)
+    labels = [y for _, y in loader]
+    assert len(labels) == 5
+    assert loader.corrupt_samples > 0 and sum(map(len, labels)) + loader.corrupt_samples == 40
+
+
+def test_data_module_pipe_urls_and_normalisation(shards: Path) -> None:
+    pattern = f"pipe:cat {shards}/train/train-{{000000..000006}}.tar"
+    dm = ShardDataModule(train_urls=pattern, train_index=str(shards / "train" / "index.json"),
+                         batch_size=10, num_workers=0, image_size=16)
+    dm.setup("fit")
+    assert dm.num_classes == 5 and dm.input_shape == (3, 16, 16)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 20
+    x, y = dm.on_after_batch_transfer(batches[0], 0)
+    assert x.dtype == torch.float32 and x.shape == (10, 3, 16, 16)
+    raw = batches[0][0].float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (raw - mean) / std)
+
+
+@pytest.mark.timeout(60)
+def test_unreadable_shards_fail_fast_instead_of_streaming_forever(shards: Path, tmp_path: Path) -> None:
+    from deepres.errors import ConfigError
+
+    dm = ShardDataModule(train_urls=f"pipe:cat {tmp_path}/gone/train-{{000000..000006}}.tar 2>/dev/null",
+                         train_index=str(shards / "train" / "index.json"), batch_size=8, num_workers=0)
+    with pytest.raises(ConfigError, match="could not be read"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_data_module_messages(shards: Path, tmp_path: Path) -> None:
+    from deepres.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.root"):
+        ShardDataModule()
+    with pytest.raises(ConfigError, match="train_index"):
+        ShardDataModule(train_urls="pipe:cat x-{0..3}.tar").setup("fit")
+    with pytest.raises(ConfigError, match="names no shard"):
+        ShardDataModule(train_urls=str(tmp_path / "other-000000.tar"),
+                        train_index=str(shards / "train" / "index.json")).setup("fit")
+    with pytest.raises(ConfigError, match="do not fill one batch"):
+        ShardDataModule(root=str(shards), batch_size=1000).train_dataloader()
+
+
+class TinyImageClassifier(L.LightningModule):
+    """Flatten + linear; records the epoch of every training step."""
+
+    def __init__(self, num_classes: int, side: int = 16) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * side * side, num_classes))
+        self.step_epochs: list[int] = []
+
+    def training_step(self, batch, _):
+        x, y = batch
+        assert x.dtype == torch.float32  # normalised by the data module after the transfer
+        self.step_epochs.append(self.current_epoch)
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _trainer(tmp_path: Path, **kw) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing="callbacks" in kw,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+
+@pytest.mark.timeout(180)
+def test_resume_mid_epoch_runs_only_the_remaining_steps_of_that_epoch(shards: Path, tmp_path: Path) -> None:
+    dm = ShardDataModule(root=str(shards), batch_size=8, num_workers=1, image_size=16, eval_resize=16)
+    first = TinyImageClassifier(dm.num_classes)
+    # a checkpoint taken during training after 7 of the epoch's 25 steps, as every_n_train_steps does
+    save = ModelCheckpoint(dirpath=tmp_path, filename="mid", every_n_train_steps=7, save_top_k=1)
+    trainer = _trainer(tmp_path, max_steps=9, limit_val_batches=0, callbacks=[save])
+    trainer.fit(first, dm)
+    assert first.step_epochs == [0] * 9
+
+    dm = ShardDataModule(root=str(shards), batch_size=8, num_workers=1, image_size=16, eval_resize=16)
+    resumed = TinyImageClassifier(dm.num_classes)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    trainer.fit(resumed, dm, ckpt_path=tmp_path / "mid.ckpt")
+    steps = 200 // 8
+    assert resumed.step_epochs == [0] * (steps - 7) + [1] * steps
+    assert trainer.global_step == 2 * steps
+
+
+# ---------------------------------------------------------------- real DDP
+
+
+DDP_SCRIPT = """
+import json, sys
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from deepres.data.shards import ShardDataModule
+
+torch.set_num_threads(1)
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, num_classes))
+        self.steps, self.val_labels = 0, []
+
+    def training_step(self, batch, _):
+        x, y = batch
+        self.steps += 1
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, _):
+        self.val_labels += batch[1].tolist()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+root, out = sys.argv[1], sys.argv[2]
+dm = ShardDataModule(root=root, batch_size=8, num_workers=1, image_size=16, eval_resize=16)
+model = Tiny(dm.num_classes)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0)
+trainer.fit(model, dm)
+with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"steps": model.steps, "global_step": trainer.global_step, "val_labels": model.val_labels}, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_shards(tmp_path_factory) -> Path:
+    """30 classes: 90 train images in shards of 40, 40, 10 (uneven per rank), 30 val images (one per class)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    src = _image_tree(tmp / "src", {"train": 3, "val": 1}, [f"c{i:02d}" for i in range(30)])
+    assert _shard(src, tmp / "shards", "--shard-size", "40", "--workers", "1") == 0
+    return tmp / "shards"
+
+
+DDP_STEPS_PER_EPOCH = 90 // (8 * 2)  # samples // (batch_size * ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_two_process_ddp_fit_with_uneven_shards_runs_equal_steps(ddp_shards: Path, tmp_path: Path) -> None:
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(ddp_shards), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["steps"] for r in ranks] == [2 * DDP_STEPS_PER_EPOCH] * 2
+    assert [r["global_step"] for r in ranks] == [2 * DDP_STEPS_PER_EPOCH] * 2
+    # two validation epochs, each sees every val sample exactly once across the two ranks
+    seen = sorted(ranks[0]["val_labels"] + ranks[1]["val_labels"])
+    assert seen == sorted(list(range(30)) * 2)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_deepres_fit_from_shards_on_two_processes(ddp_shards: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "deepres", "fit",
+           "--data", "deepres.data.shards.ShardDataModule", "--data.root", str(ddp_shards),
+           "--data.batch_size", "8", "--data.num_workers", "1", "--data.image_size", "16",
+           "--data.eval_resize", "16",
+           "--model.arch", "highway_mlp", "--model.depth", "2", "--model.width", "16",
+           "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
+           "--run.root", str(tmp_path / "runs"), "--run.name", "shards"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "shards"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 * DDP_STEPS_PER_EPOCH
+    lines = (run / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("val/acc1")
+    accs = [float(v.split(",")[col]) for v in lines[1:] if v.split(",")[col]]
+    assert len(accs) == 2
+    for acc in accs:  # exact accuracy over the 30 samples: a whole number of them, none padded
+        assert abs(acc * 30 - round(acc * 30)) < 1e-4
