@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -24,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from deepres.errors import ConfigError
 from deepres.slurm import requeue
 from deepres.slurm.callback import slurm_callbacks_and_plugins
+from deepres.strategies import checkpoint_global_step, resolve_strategy
 from deepres.training.run_dir import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -115,6 +115,9 @@ class DeepresCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run: RunConfig = cfg.run
+        # Strategy names (deepspeed_stage_2, ddp, ...) resolved and the trainer settings checked before
+        # anything is written or any rank starts; DeepSpeed also runs on CPU processes this way.
+        kwargs["strategy"] = resolve_strategy(cfg.trainer, batch_size=getattr(self.datamodule, "batch_size", None))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         user_logger = kwargs.get("logger")
         loggers = [RunCSVLogger(self.run_dir)]
@@ -147,7 +150,7 @@ class DeepresCLI(LightningCLI):
             path = self.trainer.checkpoint_callback.dirpath and Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
             path = path if ckpt == "last" else Path(ckpt)
             if path and path.exists():
-                step = torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0)
+                step = checkpoint_global_step(path)  # a file, or a ZeRO checkpoint directory
                 truncate_metrics(self.run_dir, after_step=step - 1)
 
     def after_fit(self) -> None:
