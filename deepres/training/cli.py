@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from deepres.diagnostics import DiagnosticsConfig, diagnostics_callbacks
 from deepres.errors import ConfigError
 from deepres.slurm import requeue
 from deepres.slurm.callback import slurm_callbacks_and_plugins
@@ -32,6 +34,7 @@ from deepres.training.run_dir import (
     truncate_metrics,
     write_run_info,
 )
+from deepres.wandb_logging import WandbConfig, make_wandb_logger
 
 DEFAULT_MODEL = "deepres.training.Classifier"
 DEFAULT_DATA = "deepres.data.DigitsDataModule"
@@ -81,6 +84,8 @@ class DeepresCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(RunConfig, "run")
+        parser.add_class_arguments(WandbConfig, "wandb")
+        parser.add_class_arguments(DiagnosticsConfig, "diagnostics")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         for section, default in (("model", DEFAULT_MODEL), ("data", DEFAULT_DATA)):
@@ -94,6 +99,8 @@ class DeepresCLI(LightningCLI):
             # deepres data modules split data across ranks themselves (resumable, see deepres.data.base)
             "trainer.use_distributed_sampler": False,
             "seed_everything": 0,
+            # the default job is ~330 steps: measure depth diagnostics often enough for a readable heatmap
+            "diagnostics.every_n_steps": 10,
         })
 
     def before_instantiate_classes(self) -> None:
@@ -119,19 +126,28 @@ class DeepresCLI(LightningCLI):
         # anything is written or any rank starts; DeepSpeed also runs on CPU processes this way.
         kwargs["strategy"] = resolve_strategy(cfg.trainer, batch_size=getattr(self.datamodule, "batch_size", None))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        user_logger = kwargs.get("logger")
-        loggers = [RunCSVLogger(self.run_dir)]
+        trainer_cfg = cfg.trainer
+        # LightningCLI builds the Trainer from {**config.trainer, **kwargs}: start from what the user
+        # configured (trainer.logger / trainer.callbacks), or setting kwargs would drop it.
+        user_logger = trainer_cfg.get("logger")
+        loggers = [RunCSVLogger(self.run_dir)]  # always: metrics.csv is what `deepres report` reads
         if user_logger not in (None, True, False):
-            loggers += list(user_logger) if isinstance(user_logger, list) else [user_logger]
+            loggers += _as_list(user_logger)
+        if user_logger is not False:  # `trainer.logger: false` turns wandb off, CSV stays
+            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            resolved = resolved.get(self.subcommand, resolved) if self.subcommand else resolved
+            wandb_logger = make_wandb_logger(cfg.wandb, self.run_dir, resolved)
+            loggers += [wandb_logger] if wandb_logger else []
         kwargs["logger"] = loggers
-        callbacks = list(kwargs.get("callbacks") or [])
+        callbacks = _as_list(trainer_cfg.get("callbacks"))
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks.append(RunCheckpoint(
                 dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0,
                 every_n_train_steps=run.checkpoint_every_n_steps,
             ))
+        callbacks += diagnostics_callbacks(cfg.diagnostics, self.run_dir)
         kwargs["callbacks"] = callbacks
-        plugins = list(kwargs.get("plugins") or [])
+        plugins = _as_list(trainer_cfg.get("plugins"))
         plugins.append(AtomicCheckpointIO())
         # --- deepres.slurm (issue 6): checkpoint + requeue on SIGUSR1; Lightning's own requeue off
         slurm_callbacks, slurm_plugins = slurm_callbacks_and_plugins()
@@ -186,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
               "or `--print_config` for the full configuration.", file=sys.stderr)
         return 2
     return 0
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _config_error_in(exc: BaseException) -> ConfigError | None:
