@@ -12,6 +12,7 @@ Outputs go to `<run.root>/<run.name>/`: config.yaml, run_info.json, metrics.csv,
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,12 @@ class DeepresCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        from deepres.data.base import DeepresDataModule
+
+        if isinstance(self.datamodule, DeepresDataModule):
+            # deepres data modules skip the batches a mid-epoch checkpoint already trained on
+            # (deepres.data.base), so Lightning's warning that the loader cannot resume does not apply.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
         ckpt = self.config[self.subcommand].get("ckpt_path")
         if ckpt and self.trainer.is_global_zero:
             path = self.trainer.checkpoint_callback.dirpath and Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
@@ -181,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     # deepres.slurm (issue 6): first thing, so a requeue signal before training requeues the job
     if argv[:1] == ["fit"]:
         requeue.install_early_signal_handler()
+    # Called from Python (tests, scripts) with its own argv: that is intended here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     DeepresCLI.user_class_paths = sections_with_class_path(argv)
     try:
         DeepresCLI(
