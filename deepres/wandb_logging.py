@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from lightning.fabric.loggers.logger import _DummyExperiment as DummyExperiment
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from deepres.errors import ConfigError
 from deepres.training.run_dir import atomic_write_bytes, run_info
@@ -129,11 +130,28 @@ class DeepresWandbLogger(WandbLogger):
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
 
+    @property
+    def experiment(self):
+        """The wandb run; if wandb cannot start it, training goes on without wandb (dashboards must
+        never end a training job: metrics.csv and depth.jsonl in the run directory have everything)."""
+        try:
+            return WandbLogger.experiment.fget(self)
+        except Exception as err:  # wandb raises several unrelated types (service, network, usage)
+            rank_zero_warn(f"wandb: could not start run {self._id}: {type(err).__name__}: {err}. Training goes on "
+                           "without wandb; metrics.csv and depth.jsonl in the run directory have every metric.")
+            self._experiment = DummyExperiment()
+            return self._experiment
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        if not isinstance(self.experiment, DummyExperiment):  # the dummy has no config to update
+            super().log_hyperparams(params)
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
         run = self._experiment
-        if run is None or self._sync_hint_printed:
+        if run is None or isinstance(run, DummyExperiment) or self._sync_hint_printed:
             return
         self._sync_hint_printed = True
         offline = getattr(run, "offline", run.settings.mode == "offline")

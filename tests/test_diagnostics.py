@@ -440,3 +440,22 @@ def test_two_process_ddp_fit_writes_one_offline_run(tmp_path):
     assert rows and all(r["perf/samples_per_s"] == pytest.approx(2 * r["perf/samples_per_s_per_device"])
                         for r in rows)
     assert [r["step"] for r in depth_records(run_dir)] == [0, 2]  # rank 0 alone wrote the depth file
+
+
+def test_wandb_failing_to_start_does_not_stop_training(tmp_path, monkeypatch):
+    """A dashboard must never end a training job: if wandb.init raises, logging goes on without it."""
+    import wandb
+
+    from deepres.wandb_logging import DeepresWandbLogger
+
+    def refuse(**_kwargs):
+        raise RuntimeError("run ID abc is in use")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    logger = DeepresWandbLogger(project="p", id="abc", mode="offline", save_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="Training goes on without wandb"):
+        experiment = logger.experiment
+    assert type(experiment).__name__ == "_DummyExperiment"
+    logger.log_hyperparams({"lr": 0.1})
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    logger.finalize("success")
