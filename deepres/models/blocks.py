@@ -217,9 +217,14 @@ class BlockStack(nn.ModuleList):
             for block in self:
                 x = block(x)
             return x
-        for start in range(0, len(self), k):
-            segment = _Segment(list(self)[start : start + k])
-            x = checkpoint(segment, x, use_reentrant=False)
+        blocks = list(self)
+        last = (len(blocks) - 1) // k * k
+        for start in range(0, last, k):
+            x = checkpoint(_Segment(blocks[start : start + k]), x, use_reentrant=False)
+        # The last segment is not checkpointed: backward needs its activations first, so storing
+        # them costs one segment of memory and saves recomputing it.
+        for block in blocks[last:]:
+            x = block(x)
         return x
 
 
