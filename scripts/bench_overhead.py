@@ -1,0 +1,272 @@
+"""Framework overhead: seconds per training step of `deepres fit` vs a hand-written PyTorch loop.
+
+    .venv/bin/python scripts/bench_overhead.py             # ResNet-20 and the default job, 7 trials: ~5 min on one quiet core
+    .venv/bin/python scripts/bench_overhead.py --quick     # smoke test
+
+Both sides train the same network (deepres's `resnet20_cifar` on 3x32x32 images, batch 64, and the
+default job's 100-layer highway_mlp on 64-feature vectors, batch 64) from the same seed, on the same
+in-memory tensors (a TensorDataset of random images / the digits), with the same optimiser
+(SGD, Nesterov momentum 0.9, weight decay 5e-4 on weights only, cosine lr stepped every step) and the
+same precision (fp32). `deepres fit` is `deepres.training.cli.main(["fit", ...])` in this process,
+with everything it does by default (progress bar, per-step logging of loss/accuracy/lr, CSV logger);
+the hand loop is forward, cross-entropy, zero_grad, backward, step, scheduler step over a plain
+`DataLoader(shuffle=True)`.
+
+Timing: the clock is read at the start of every step (deepres: the data module's
+`on_before_batch_transfer`, called once per step right before `on_train_batch_start`; hand loop:
+the top of the loop body), both after the batch is fetched, so the interval from step
+`warmup` to step `warmup + steps` covers `steps` whole iterations (data loading, forward, backward,
+optimiser, hooks, logging) and excludes setup, warm-up, validation and checkpointing (the training
+set is larger than warm-up + timed steps, so no epoch ends inside the window). Trials alternate
+deepres/hand and hand/deepres so that drift in a shared machine's load hits both sides alike; the
+ratio is taken per adjacent pair and summarised by its median. Writes overhead.{csv,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from deepres.data.base import DeepresDataModule
+
+TARGET = 1.03  # issue 8: deepres fit within 3 % of a hand-written loop
+WEIGHT_DECAY = 5e-4
+LR = 0.05
+JOBS = {
+    # name: (deepres fit arguments, input shape of one sample, data set size in steps)
+    "resnet20_cifar": (["--model.arch", "resnet20_cifar"], (3, 32, 32)),
+    "default job (highway_mlp depth 100)": ([], (64,)),
+}
+
+
+def environment(threads: int) -> str:
+    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
+    from deepres.training.run_dir import git_sha, package_versions
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    v = package_versions()
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
+            f"python {platform.python_version()}, torch {v.get('torch')}, lightning {v.get('lightning')}, "
+            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
+
+
+class InMemoryData(DeepresDataModule):
+    """deepres's data path (rank-aware resumable sampler + DataLoader) over tensors already in memory.
+
+    It also holds the clock: Lightning calls `on_before_batch_transfer` once per training step,
+    after the batch is fetched and right before `on_train_batch_start`. (A `--trainer.callbacks`
+    timer would be the obvious place, but `deepres fit` currently drops user callbacks; see the
+    report of issue 8.) The result goes to the class attribute `seconds`, because jsonargparse
+    builds the instance inside `deepres fit`."""
+
+    tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # set by the benchmark before each fit
+    seconds: list[float] = []
+
+    def __init__(self, batch_size: int = 64, first: int = 0, last: int = 1):
+        super().__init__(batch_size, 0, 0)
+        x, _ = self.tensors
+        self.num_classes = 10
+        self.input_shape = tuple(x.shape[1:])
+        self.first, self.last, self.start = first, last, 0.0
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = TensorDataset(*self.tensors)
+        self.val_set = TensorDataset(*(t[: self.batch_size] for t in self.tensors))
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if self.trainer.training:
+            if self.trainer.global_step == self.first:
+                self.start = time.perf_counter()
+            elif self.trainer.global_step == self.last:
+                InMemoryData.seconds.append(time.perf_counter() - self.start)
+        return batch
+
+
+def make_tensors(shape: tuple[int, ...], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if shape == (64,):  # the default job's digits, repeated to fill the window
+        from deepres.data import DigitsDataModule
+
+        digits = DigitsDataModule()
+        digits.setup("fit")
+        x, y = digits.train_set.tensors
+        reps = -(-n // len(x))
+        return x.repeat(reps, 1)[:n], y.repeat(reps)[:n]
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def time_deepres(job_args: list[str], args: argparse.Namespace, root: str) -> float:
+    """Seconds for `args.steps` steps of `deepres fit`."""
+    from deepres.training.cli import main as deepres_main
+
+    data = {"class_path": f"{InMemoryData.__module__}.InMemoryData",
+            "init_args": {"batch_size": args.batch_size, "first": args.warmup, "last": args.warmup + args.steps}}
+    argv = ["fit", *job_args, "--data", json.dumps(data),
+            "--model.weight_decay", str(WEIGHT_DECAY), "--model.lr", str(LR),
+            "--trainer.max_steps", str(args.warmup + args.steps + 1), "--trainer.max_epochs", "1",
+            "--trainer.limit_val_batches", "0", "--run.root", root, "--run.name", "deepres"]
+    InMemoryData.seconds.clear()
+    with open(Path(root) / "fit.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = deepres_main(argv)
+    if code != 0 or len(InMemoryData.seconds) != 1:
+        raise RuntimeError(f"deepres fit {' '.join(argv)} failed (exit {code}); see {root}/fit.log")
+    return InMemoryData.seconds[0]
+
+
+def time_hand_loop(job_args: list[str], args: argparse.Namespace) -> float:
+    """Seconds for `args.steps` steps of the hand-written loop on the same network and tensors."""
+    from deepres.models import create_model
+
+    arch = job_args[1] if job_args else "highway_mlp"
+    x, y = InMemoryData.tensors
+    overrides = {"num_classes": 10, **({"in_chans": 3} if x.ndim == 4 else {"in_features": x.shape[1]})}
+    torch.manual_seed(0)
+    net = create_model(arch, **overrides).train()
+    decay = [p for p in net.parameters() if p.ndim > 1]  # weights only, as deepres
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=LR, momentum=0.9, nesterov=True)
+    total = args.warmup + args.steps + 1
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, drop_last=True)
+    start = 0.0
+    for step, (xb, yb) in enumerate(loader):
+        if step == args.warmup:
+            start = time.perf_counter()
+        elif step == args.warmup + args.steps:
+            return time.perf_counter() - start
+        loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    raise RuntimeError("the data set is shorter than warm-up + timed steps")
+
+
+def write_table(path: Path, rows: list[dict], summary: dict[str, dict], header: str) -> None:
+    lines = [
+        "### Framework overhead: `deepres fit` vs a hand-written PyTorch loop",
+        "",
+        header,
+        "",
+        "Seconds per training step (mean ± std over trials) and the ratio deepres ÷ hand loop (median of",
+        f"adjacent-pair ratios, range in brackets). Target ≤ {TARGET}.",
+        "",
+        "| job | deepres fit, ms/step | hand loop, ms/step | ratio | target | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for job, s in summary.items():
+        verdict = "**met**" if s["ratio"] <= TARGET else "**not met**"
+        lines.append(f"| {job} | {s['deepres'][0] * 1e3:.1f} ± {s['deepres'][1] * 1e3:.1f} | "
+                     f"{s['hand'][0] * 1e3:.1f} ± {s['hand'][1] * 1e3:.1f} | {s['ratio']:.3f} "
+                     f"({min(s['ratios']):.3f}–{max(s['ratios']):.3f}) | ≤ {TARGET} | {verdict} |")
+    lines += ["", "Per-trial times: `docs/results/overhead.csv`.", "", "![framework overhead](results/overhead.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_summary(path: Path, summary: dict[str, dict]) -> None:
+    """This result's rows of the summary table in docs/RESULTS.md (result | measured | target | paper | verdict)."""
+    path.write_text("".join(
+        f"| Framework overhead, {job}: `deepres fit` ÷ hand-written loop, s per step | {s['ratio']:.3f} | "
+        f"≤ {TARGET} | — | {'met' if s['ratio'] <= TARGET else '**not met**'} |\n" for job, s in summary.items()))
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = list(dict.fromkeys(r["job"] for r in rows))
+    fig, axes = plt.subplots(1, len(jobs), figsize=(5 * len(jobs), 3.6), squeeze=False)
+    for ax, job in zip(axes[0], jobs, strict=True):
+        for side, colour in (("deepres", "tab:blue"), ("hand", "tab:grey")):
+            sel = [r for r in rows if r["job"] == job and r["side"] == side]
+            ax.plot([r["trial"] for r in sel], [r["ms_per_step"] for r in sel], "o-", color=colour,
+                    label="deepres fit" if side == "deepres" else "hand-written loop")
+        ax.set_xticks(sorted({r["trial"] for r in rows}))
+        ax.set_xlabel("trial (sides alternate within a trial)")
+        ax.set_ylabel("ms per training step")
+        ax.set_title(job, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each trial")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per trial")
+    parser.add_argument("--trials", type=int, default=7, help="trials per side, alternating")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 trials of 3 steps, batch 8")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.steps, args.trials, args.batch_size = 1, 3, 2, 8
+    torch.set_num_threads(args.threads)
+    env = environment(args.threads)
+    print(env, flush=True)
+    start = time.perf_counter()
+    rows, summary = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_") as root:
+        for job, (job_args, shape) in JOBS.items():
+            InMemoryData.tensors = make_tensors(shape, (args.warmup + args.steps + 2) * args.batch_size)
+            times: dict[str, list[float]] = {"deepres": [], "hand": []}
+            for trial in range(args.trials):
+                for side in ("deepres", "hand") if trial % 2 == 0 else ("hand", "deepres"):
+                    t = time_deepres(job_args, args, root) if side == "deepres" else time_hand_loop(job_args, args)
+                    times[side].append(t / args.steps)
+                    rows.append({"job": job, "trial": trial + 1, "side": side, "ms_per_step": t / args.steps * 1e3})
+                    print(f"{job}: trial {trial + 1} {side:7s} {t / args.steps * 1e3:8.2f} ms/step", flush=True)
+            ratios = [d / h for d, h in zip(times["deepres"], times["hand"], strict=True)]
+            summary[job] = {side: (statistics.mean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0)
+                            for side, ts in times.items()}
+            summary[job] |= {"ratio": statistics.median(ratios), "ratios": ratios}
+            print(f"{job}: deepres/hand = {summary[job]['ratio']:.3f} (median of {len(ratios)} adjacent pairs; "
+                  f"target <= {TARGET})", flush=True)
+    seconds = time.perf_counter() - start
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.out_dir / "overhead.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    command = " ".join(["python", "scripts/bench_overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    header = (f"`{command}` — {args.trials} trials per side, alternating, each {args.steps} timed steps after "
+              f"{args.warmup} warm-up steps, batch {args.batch_size}, fp32; {seconds / 60:.1f} min. {env}.")
+    write_table(args.out_dir / "overhead.md", rows, summary, header)
+    write_summary(args.out_dir / "overhead_summary.md", summary)
+    plot(args.out_dir / "overhead.png", rows)
+    print(f"wrote {args.out_dir}/overhead.csv, overhead.md, overhead.png")
+    return 0
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    sys.exit(main())
