@@ -87,13 +87,15 @@ class RecurrentLayer(nn.Module):
         self.cell = cell
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
+        B = x.shape[0]
         xw = self.cell.input_proj(x)  # (B, T, n·H): all input projections in one matmul
         h = x.new_zeros(B, self.cell.hidden_size)
         c = torch.zeros_like(h)
         out = []
-        for t in range(T):
-            h, c = self.cell.step(xw[:, t], h, c)
+        # unbind, not xw[:, t]: indexing inside the loop makes autograd zero-fill a whole (B, T, n·H)
+        # gradient at every step, O(T²) backward (12.5 s vs 1.05 s per step at T = 1000)
+        for xw_t in xw.unbind(1):
+            h, c = self.cell.step(xw_t, h, c)
             out.append(h)
         return torch.stack(out, dim=1)
 
