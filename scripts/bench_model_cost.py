@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,22 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from deepres.models import create_model
 
 TARGETS = {"deepres ResNet-50 ÷ torchvision ResNet-50": 1.00, "Highway-ResNet-50 ÷ deepres ResNet-50": 1.15}
-
-
-def environment(threads: int) -> str:
-    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
-    from deepres.training.run_dir import git_sha, package_versions
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    v = package_versions()
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
-            f"python {platform.python_version()}, torch {v.get('torch')}, torchvision {v.get('torchvision')}, "
-            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
+from deepres.training.run_dir import environment  # noqa: E402
 
 
 def copy_weights(src: nn.Module, dst: nn.Module) -> None:

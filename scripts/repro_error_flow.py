@@ -21,8 +21,6 @@ import argparse
 import csv
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -40,22 +38,7 @@ NETS: dict[str, dict] = {
     "Highway, bias −ln(L−1)−1 (default)": {"gate": "highway", "gate_bias": "auto"},
 }
 WIDTH = 50
-
-
-def environment(threads: int) -> str:
-    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
-    from deepres.training.run_dir import git_sha, package_versions
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    v = package_versions()
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
-            f"python {platform.python_version()}, torch {v.get('torch')}, lightning {v.get('lightning')}, "
-            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
+from deepres.training.run_dir import environment  # noqa: E402
 
 
 def digits_batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:

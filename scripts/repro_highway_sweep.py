@@ -27,7 +27,6 @@ import csv
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,25 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
-
-
-def environment(threads: int) -> str:
-    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
-    import torch
-
-    from deepres.training.run_dir import git_sha, package_versions
-
-    torch.set_num_threads(threads)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    v = package_versions()
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
-            f"python {platform.python_version()}, torch {v.get('torch')}, lightning {v.get('lightning')}, "
-            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
+from deepres.training.run_dir import environment  # noqa: E402
 
 
 def init_worker(threads: int) -> None:
@@ -219,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the workers
     # dozens of short runs: no wandb run for each unless asked for (WANDB_MODE=offline/online)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    import torch
+
+    torch.set_num_threads(args.threads)
     env = environment(args.threads)
     print(env, flush=True)
     start = time.perf_counter()

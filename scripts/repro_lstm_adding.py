@@ -24,7 +24,6 @@ import contextlib
 import csv
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,22 +41,7 @@ CELLS = {  # label: (config cell, extra deepres fit arguments)
 }
 TOLERANCE = 0.04  # Hochreiter & Schmidhuber 1997, Sec. 5.4
 PAPER_SOLVED = 2559 / 2560  # "all but at most 1 of 2,560 test sequences"
-
-
-def environment(threads: int) -> str:
-    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
-    from deepres.training.run_dir import git_sha, package_versions
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    v = package_versions()
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
-            f"python {platform.python_version()}, torch {v.get('torch')}, lightning {v.get('lightning')}, "
-            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
+from deepres.training.run_dir import environment  # noqa: E402
 
 
 def init_worker(threads: int) -> None:

@@ -76,6 +76,20 @@ def run_info() -> dict[str, Any]:
     }
 
 
+def environment(threads: int) -> str:
+    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    v = package_versions()
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
+            f"python {platform.python_version()}, torch {v.get('torch')}, lightning {v.get('lightning')}, "
+            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
+
+
 def write_run_info(run_dir: Path) -> None:
     """Append this start (first run or resume) to run_info.json; call on rank 0 only."""
     path = run_dir / "run_info.json"
