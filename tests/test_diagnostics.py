@@ -11,7 +11,6 @@ import json
 import math
 import os
 import struct
-import subprocess
 import sys
 import time
 import zlib
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import procs
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -412,7 +412,7 @@ def deepres_fit(tmp_path: Path, *args: str, env: dict | None = None, timeout: fl
         driver.write_text(DRIVER)
         command = [sys.executable, str(driver), "fit", *args]
     env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return procs.run(command, timeout, env=env, cwd=tmp_path)
 
 
 @pytest.mark.slow

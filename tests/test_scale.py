@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def fit(tmp_path: Path, name: str, *args: str, launcher: list[str] | None = None
     cmd = (launcher or [sys.executable, "-m", "deepres"]) + [
         "fit", "--run.root", str(tmp_path), "--run.name", name, *COMMON, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    proc = procs.run(cmd, 600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = tmp_path / name / "checkpoints" / "last.ckpt"
     if last.is_dir():  # a ZeRO checkpoint: convert it to a plain state dict first

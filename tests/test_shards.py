@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import procs
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -454,15 +455,16 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-root, out = sys.argv[1], sys.argv[2]
-dm = ShardDataModule(root=root, batch_size=8, num_workers=1, image_size=16, eval_resize=16)
-model = Tiny(dm.num_classes)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0)
-trainer.fit(model, dm)
-with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-    json.dump({"steps": model.steps, "global_step": trainer.global_step, "val_labels": model.val_labels}, f)
+if __name__ == "__main__":  # data-loader workers start from a fork server, which imports this file
+    root, out = sys.argv[1], sys.argv[2]
+    dm = ShardDataModule(root=root, batch_size=8, num_workers=1, image_size=16, eval_resize=16)
+    model = Tiny(dm.num_classes)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
+        json.dump({"steps": model.steps, "global_step": trainer.global_step, "val_labels": model.val_labels}, f)
 """
 
 
@@ -485,8 +487,7 @@ def test_two_process_ddp_fit_with_uneven_shards_runs_equal_steps(ddp_shards: Pat
     script = tmp_path / "ddp_fit.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(ddp_shards), str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = procs.run([sys.executable, str(script), str(ddp_shards), str(tmp_path)], 300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["steps"] for r in ranks] == [2 * DDP_STEPS_PER_EPOCH] * 2
@@ -509,7 +510,7 @@ def test_deepres_fit_from_shards_on_two_processes(ddp_shards: Path, tmp_path: Pa
            "--trainer.strategy", "ddp", "--trainer.enable_progress_bar", "false",
            "--run.root", str(tmp_path / "runs"), "--run.name", "shards"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = procs.run(cmd, 300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "shards"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -520,3 +521,25 @@ def test_deepres_fit_from_shards_on_two_processes(ddp_shards: Path, tmp_path: Pa
     assert len(accs) == 2
     for acc in accs:  # exact accuracy over the 30 samples: a whole number of them, none padded
         assert abs(acc * 30 - round(acc * 30)) < 1e-4
+
+
+class _ParentPid(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        return os.getppid()
+
+
+def test_workers_start_from_a_fork_server_not_from_the_training_process() -> None:
+    # fork() of a multi-threaded DDP rank can leave a worker waiting on a lock forever (see data.base)
+    from deepres.data.base import worker_context
+
+    loader = torch.utils.data.DataLoader(_ParentPid(), batch_size=None, num_workers=1,
+                                         multiprocessing_context=worker_context("forkserver"))
+    parents = set(loader)
+    assert parents and os.getpid() not in parents
+    from deepres.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="worker_start_method='threads'.*forkserver, spawn, fork"):
+        ShardDataModule(root="/nonexistent", worker_start_method="threads")

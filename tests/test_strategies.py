@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import procs
 import pytest
 import torch
 from _tiny import TinyClassifier  # tests/ is on sys.path under pytest's default import mode
@@ -358,7 +359,7 @@ def run_tiny(out: Path, *args: str, processes: int = 1) -> subprocess.CompletedP
     """
     command = [sys.executable, str(TINY), "--out", str(out), *args]
     if processes == 1:
-        return subprocess.run(command, cwd=out.parent, env=clean_env(), capture_output=True, text=True, timeout=600)
+        return procs.run(command, 600, env=clean_env(), cwd=out.parent)
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0"}
     logs = [out / f"rank{rank}.log" for rank in range(processes)]
     ranks = [
@@ -480,8 +481,8 @@ def test_deepres_fit_with_zero_2_on_two_cpu_processes_resumes_and_converts(tmp_p
         args = ["--model.depth", "4", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
                 "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "deepspeed_stage_2",
                 "--run.root", str(tmp_path), "--run.name", "zero2", "--trainer.enable_progress_bar", "false"]
-        return subprocess.run([sys.executable, "-m", "deepres", "fit", *args, *extra], cwd=tmp_path,
-                              env=clean_env(), capture_output=True, text=True, timeout=600)
+        return procs.run([sys.executable, "-m", "deepres", "fit", *args, *extra], 600, env=clean_env(),
+                         cwd=tmp_path)
 
     first = fit("--trainer.max_epochs", "1")
     assert first.returncode == 0, first.stderr[-4000:]

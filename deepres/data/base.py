@@ -11,11 +11,39 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import sys
 from collections.abc import Iterator
+from multiprocessing.context import BaseContext
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from deepres.errors import ConfigError
+
+WORKER_START_METHODS = ("forkserver", "spawn", "fork")
+# imported once by the fork server, so that every worker forked from it starts without importing them
+FORKSERVER_PRELOAD = ["torch", "numpy", "PIL.Image", "deepres.data.shards"]
+
+
+def worker_context(method: str) -> BaseContext:
+    """How data-loader worker processes start (torch's DataLoader `multiprocessing_context`).
+
+    `forkserver` (the default, and Python 3.14's default on Linux) forks workers from a small server
+    process that has no threads. Plain `fork` copies a DDP rank mid-flight: gloo/NCCL and pin-memory
+    threads may hold locks at that instant, and a worker that inherits a held lock waits forever, so the
+    rank stalls and DDP hangs at random (pytorch#130610; Python 3.12 warns about fork in threaded
+    processes). `spawn` is as safe but imports everything again in every worker.
+    """
+    if method not in WORKER_START_METHODS:
+        raise ConfigError(f"data.worker_start_method={method!r}: choose one of {', '.join(WORKER_START_METHODS)}.")
+    if method == "forkserver" and sys.platform != "linux":
+        method = "spawn"  # macOS/Windows: no forkserver (macOS has it, but spawn is its default too)
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -63,10 +91,13 @@ class DeepresDataModule(L.LightningDataModule):
     num_classes: int
     input_shape: tuple[int, ...]
 
-    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0):
+    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0,
+                 worker_start_method: str = "forkserver"):
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = num_workers
+        worker_context(worker_start_method)  # fail on a bad name now, not at the first batch
+        self.worker_start_method = worker_start_method
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -82,6 +113,7 @@ class DeepresDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             drop_last=train, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            multiprocessing_context=worker_context(self.worker_start_method) if self.num_workers > 0 else None,
         )
 
     def _batches_already_done(self) -> int:

@@ -80,6 +80,7 @@ class CIFARDataModule(DeepresDataModule):
         augment: bool = True,
         num_workers: int = 2,
         seed: int = 0,
+        worker_start_method: Literal["forkserver", "spawn", "fork"] = "forkserver",
     ):
         """
         Args:
@@ -87,8 +88,10 @@ class CIFARDataModule(DeepresDataModule):
             dataset: "cifar10" or "cifar100".
             batch_size: samples per step and device (He et al. 2015: 128 in total).
             augment: 4-pixel pad + random crop + horizontal flip on the training set.
+            num_workers: data-loader worker processes.
+            worker_start_method: how they start (`forkserver` is safe in DDP ranks; see data.base).
         """
-        super().__init__(batch_size, num_workers, seed)
+        super().__init__(batch_size, num_workers, seed, worker_start_method)
         if dataset not in ARCHIVES:
             raise ConfigError(f"unknown CIFAR dataset {dataset!r}; valid: {', '.join(ARCHIVES)}.")
         self.data_dir, self.dataset, self.augment = data_dir, dataset, augment

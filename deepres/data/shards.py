@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 from torchvision.transforms.v2 import functional as F
 
-from deepres.data.base import DeepresDataModule, rank_and_world
+from deepres.data.base import DeepresDataModule, rank_and_world, worker_context
 from deepres.data.shard_writer import (
     INDEX_NAME,
     decode_rgb,
@@ -400,8 +400,10 @@ class ShardLoader:
     """
 
     def __init__(self, stream: TrainShardStream | ValShardStream, num_batches: int, num_workers: int,
-                 rank: int, position_fn: Callable[[], tuple[int, int] | None] | None = None) -> None:
+                 rank: int, position_fn: Callable[[], tuple[int, int] | None] | None = None,
+                 worker_start_method: str = "forkserver") -> None:
         self.stream, self.num_batches, self.num_workers, self.rank = stream, num_batches, num_workers, rank
+        self.worker_start_method = worker_start_method
         self.position_fn = position_fn
         self.passes = 0
         self.corrupt_samples = 0
@@ -423,8 +425,10 @@ class ShardLoader:
         self.stream.epoch, self.stream.skip = (self.passes, 0) if position is None else position
         self.passes += 1
         expected = self.num_batches - self.stream.skip
+        context = worker_context(self.worker_start_method) if self.num_workers > 0 else None
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                            multiprocessing_context=context)
         seen = 0
         for images, labels, (count, messages) in loader:
             if count:
@@ -457,6 +461,8 @@ class ShardDataModule(DeepresDataModule):
         recipe: augmentation and normalisation: `imagenet` (random-resized crop) or `cifar` (pad and crop).
         steps_per_epoch: training steps per rank per epoch; default samples // (batch_size * world size).
         seed: seed of the shard order and shuffle buffer (the same on every rank).
+        worker_start_method: how worker processes start: `forkserver` (default; safe in DDP ranks),
+            `spawn`, or `fork` (fastest start, but can deadlock in a multi-threaded DDP rank).
     """
 
     def __init__(
@@ -474,8 +480,9 @@ class ShardDataModule(DeepresDataModule):
         recipe: Literal["imagenet", "cifar"] = "imagenet",
         steps_per_epoch: int | None = None,
         seed: int = 0,
+        worker_start_method: Literal["forkserver", "spawn", "fork"] = "forkserver",
     ) -> None:
-        super().__init__(batch_size, num_workers, seed)
+        super().__init__(batch_size, num_workers, seed, worker_start_method)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                  ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 0)):
             if value < low:
@@ -563,7 +570,8 @@ class ShardDataModule(DeepresDataModule):
         transform = ImageTransform(True, self.image_size, self.eval_resize, self.recipe)
         stream = TrainShardStream(shards, self.batch_size, self._steps, rank, world, transform,
                                   self.shuffle_buffer, self.seed, self.image_size)
-        return self._track(ShardLoader(stream, self._steps, self.num_workers, rank, self._train_position))
+        return self._track(ShardLoader(stream, self._steps, self.num_workers, rank, self._train_position,
+                                       self.worker_start_method))
 
     def val_dataloader(self) -> ShardLoader | list:
         shards = self._shards("val")
@@ -572,7 +580,8 @@ class ShardDataModule(DeepresDataModule):
         rank, world = rank_and_world()
         transform = ImageTransform(False, self.image_size, self.eval_resize, self.recipe)
         stream = ValShardStream(shards, self.batch_size, rank, world, transform, self.image_size)
-        return self._track(ShardLoader(stream, stream.num_batches, self.num_workers, rank))
+        return self._track(ShardLoader(stream, stream.num_batches, self.num_workers, rank,
+                                       worker_start_method=self.worker_start_method))
 
     def test_dataloader(self) -> ShardLoader | list:
         # ImageNet's test labels are not public; results are reported on val.
