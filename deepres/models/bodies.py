@@ -29,11 +29,23 @@ def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
     return conv(in_ch, out_ch, 1, stride)
 
 
+# torch.nn.init gain names; GELU and SiLU pass about as much signal as ReLU
+INIT_NONLINEARITY = {"relu": "relu", "gelu": "relu", "silu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
 class DenseBody(nn.Sequential):
-    """act(W x + b): the fully connected layer of Srivastava et al. 2015."""
+    """act(W x + b): the fully connected layer of Srivastava et al. 2015.
+
+    W is He-initialised for the activation (normal, std = gain/sqrt(fan_in), gain sqrt(2) for ReLU,
+    5/3 for tanh) and b = 0, as the paper's plain nets were. PyTorch's default Linear init (variance
+    1/(3 fan_in)) shrinks the backpropagated error by about 0.41 per ReLU layer: a plain net of ten
+    such layers already sits at chance on the digits.
+    """
 
     def __init__(self, in_features: int, out_features: int, activation: str = "relu"):
         super().__init__(nn.Linear(in_features, out_features), make_activation(activation))
+        nn.init.kaiming_normal_(self[0].weight, nonlinearity=INIT_NONLINEARITY[activation])
+        nn.init.zeros_(self[0].bias)
 
 
 class PreActDenseBody(nn.Module):

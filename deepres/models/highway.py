@@ -22,7 +22,6 @@ from deepres.models.blocks import (
     check_gate,
     conv_gate,
     dense_gate,
-    make_activation,
     resolve_gate_biases,
 )
 from deepres.models.bodies import ConvBody, DenseBody, PreActDenseBody
@@ -84,7 +83,7 @@ def highway_mlp(
                 carry_gate=dense_gate(width, width, cb) if gate == "gated" else None,
             )
         )
-    stem = nn.Sequential(nn.Linear(in_features, width), make_activation(activation))
+    stem = DenseBody(in_features, width, activation)  # the paper's one plain layer first
     return HighwayMLP(stem, BlockStack(blocks), nn.Linear(width, num_classes))
 
 
@@ -162,6 +161,6 @@ def plain_mlp(
     widths = list(widths)
     if not widths or min(widths) < 1:
         raise ConfigError(f"plain_mlp needs one or more positive widths; got widths={widths}.")
-    stem = nn.Sequential(nn.Linear(in_features, widths[0]), make_activation(activation))
+    stem = DenseBody(in_features, widths[0], activation)
     blocks = [ResidualBlock(DenseBody(a, b, activation), "plain") for a, b in zip(widths, widths[1:], strict=False)]
     return HighwayMLP(stem, BlockStack(blocks), nn.Linear(widths[-1], num_classes))
