@@ -79,6 +79,20 @@ def test_sequence_tasks_follow_the_paper():
         xy = [int(v) - 4 for v in sym if v in (4, 5)]
         assert len(xy) == 2 and int(c) == 2 * xy[0] + xy[1]
 
+
+
+def test_auto_forget_bias_keeps_the_cell_state_over_the_sequence():
+    from deepres.training import SequenceModule
+
+    for seq_len in (100, 1000):
+        module = SequenceModule(cell="1999", forget_bias="auto", input_shape=(seq_len, 2))
+        cell = next(m for m in module.net.modules() if hasattr(m, "has_forget_gate"))
+        bias = cell.input_proj.bias[3 * cell.hidden_size:]
+        assert torch.allclose(bias, torch.full_like(bias, np.log(seq_len) + 1))
+        assert abs(torch.sigmoid(bias[0]).item() ** seq_len - np.exp(-1 / np.e)) < 0.01  # the state kept over T steps
+    with pytest.raises(Exception, match="forget_bias='open'.*'auto'"):
+        SequenceModule(forget_bias="open")
+
 # ---------------------------------------------------------------- a short fit per data module
 def write_fake_cifar(root: Path, n: int = 64) -> Path:
     folder = root / "cifar-10-batches-py"

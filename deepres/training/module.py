@@ -8,7 +8,7 @@ as `self.net`; everything distributed or compiled is applied to it from outside
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from deepres.data.sequence import ADDING_TOLERANCE
+from deepres.errors import ConfigError
 from deepres.models import create_model, model_arguments
 from deepres.parallelize import parallelize
 from deepres.training.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda
@@ -204,7 +205,7 @@ class SequenceModule(DeepresModule):
         cell: str = "1999",
         hidden_size: int = 64,
         num_layers: int = 1,
-        forget_bias: float = 1.0,
+        forget_bias: float | Literal["auto"] = 1.0,
         num_classes: int = 0,
         input_shape: tuple[int, ...] = (100, 2),
         optimizer: OptimizerName = "adam",
@@ -222,13 +223,21 @@ class SequenceModule(DeepresModule):
             cell: "1997" (no forget gate), "1999" (forget gate, opened by `forget_bias`), "rnn" (plain tanh RNN).
             hidden_size: units per layer.
             num_layers: stacked recurrent layers.
-            forget_bias: initial forget-gate bias of the 1999 cell.
+            forget_bias: initial forget-gate bias of the 1999 cell: a number (Gers et al. 1999 and
+                Jozefowicz et al. 2015: +1), or "auto" = ln(T) + 1 for sequences of T steps. Unfolded over
+                T steps the cell state is a T-block residual stream with the forget gate as its carry
+                gate; +1 keeps σ(1)^T of it (2e-14 at T = 100), "auto" keeps about e^(-1/e) ≈ 0.69,
+                the same rule as the carry bias of `gated` blocks (SCIENCE §2).
             num_classes: 0 for regression, else classes; linked from the data module.
             input_shape: (T, features); linked from the data module.
             optimizer: adam | adamw | sgd.
             lr: learning rate.
             tolerance: regression success criterion, |prediction − target| < tolerance (1997 paper: 0.04).
         """
+        if forget_bias == "auto":
+            forget_bias = math.log(input_shape[0]) + 1
+        elif isinstance(forget_bias, str):
+            raise ConfigError(f"model.forget_bias={forget_bias!r}: give a number or 'auto' (= ln(T) + 1).")
         super().__init__(
             arch, {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias},
             num_classes, input_shape, optimizer, lr, 0.9, False, betas, weight_decay, schedule, warmup_steps, None,
