@@ -11,7 +11,7 @@
 # Timing on a shared machine: before each script this waits (up to WAIT_MINUTES in total, default
 # 30) until the 1-minute load average is below MAX_LOAD (default 1.5); every script records the
 # load it started under next to its numbers. Environment: PYTHON (default .venv/bin/python),
-# OUT_DIR (default docs/results), RESULTS (default docs/RESULTS.md), LSTM_STEPS (default 3000).
+# OUT_DIR (default docs/results), RESULTS (default docs/RESULTS.md), LSTM_STEPS (default 10000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +20,7 @@ OUT_DIR=${OUT_DIR:-docs/results}
 RESULTS=${RESULTS:-docs/RESULTS.md}
 MAX_LOAD=${MAX_LOAD:-1.5}
 WAIT_MINUTES=${WAIT_MINUTES:-30}
-LSTM_STEPS=${LSTM_STEPS:-3000}
+LSTM_STEPS=${LSTM_STEPS:-10000}
 waited=0
 
 wait_for_quiet() {
