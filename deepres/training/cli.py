@@ -100,8 +100,6 @@ class DeepresCLI(LightningCLI):
             # deepres data modules split data across ranks themselves (resumable, see deepres.data.base)
             "trainer.use_distributed_sampler": False,
             "seed_everything": 0,
-            # the default job is ~330 steps: measure depth diagnostics often enough for a readable heatmap
-            "diagnostics.every_n_steps": 10,
         })
 
     def before_instantiate_classes(self) -> None:
