@@ -1,6 +1,6 @@
 """Highway depth sweep (Srivastava, Greff & Schmidhuber 2015, Fig. 1) on scikit-learn's digits, through `deepres fit`.
 
-    .venv/bin/python scripts/repro_highway_sweep.py            # 4 depths x 2 nets x 3 lrs x 3 seeds, ~12 min on 2 quiet cores
+    .venv/bin/python scripts/repro_highway_sweep.py            # 4 depths x 2 nets x 5 lrs x 3 seeds, ~5 min on 2 quiet cores
     .venv/bin/python scripts/repro_highway_sweep.py --quick    # smoke test: 2 shallow nets, 1 epoch
 
 Paper: fully connected nets of 1 plain layer + 9/19/49/99 layers, either plain (71 units) or highway
@@ -187,7 +187,7 @@ def plot(path: Path, rows: list[dict], depths: list[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[10, 20, 50, 100])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1], help="the lr grid, for both nets")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03, 0.1, 0.3], help="the lr grid, for both nets")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20, help="epochs of 22 steps (the config's 20 = 440 steps)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
