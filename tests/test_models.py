@@ -234,3 +234,25 @@ def test_models_package_is_single_device():
         f"new = [m for m in set(sys.modules) - before if m.startswith({forbidden!r})]; print(new); assert not new"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grouped_pointwise_gate_conv_computes_what_conv2d_computes(stride, channels_last):
+    from deepres.models.blocks import GroupedPointwiseConv
+
+    torch.manual_seed(0)
+    fast = GroupedPointwiseConv(64, 128, 1, stride=stride, groups=4)
+    ref = torch.nn.Conv2d(64, 128, 1, stride=stride, groups=4)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 64, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [fast(xs[0]), ref(xs[1])]
+    torch.testing.assert_close(ys[0], ys[1])
+    for y in ys:
+        y.square().sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)

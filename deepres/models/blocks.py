@@ -127,15 +127,37 @@ def dense_gate(in_features: int, out_features: int, bias: float) -> Gate:
     return Gate(nn.Linear(in_features, out_features), bias)
 
 
+class GroupedPointwiseConv(nn.Conv2d):
+    """A grouped 1×1 conv, computed on CPU as one matmul batched over the groups.
+
+    PyTorch's CPU convolution runs a grouped conv group by group (a slice copy and a small conv per
+    group: 741 calls and 2,800 copies per Highway-ResNet-50 training step); as a batched matmul the
+    same conv takes 0.46× the time at 256 channels and 56², about the same at 1024 channels (forward +
+    backward, measured). Same parameters as nn.Conv2d; GPUs and channels-last inputs use conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or self.groups == 1 or not x.is_contiguous():
+            return super().forward(x)
+        if self.stride != (1, 1):
+            x = x[:, :, :: self.stride[0], :: self.stride[1]]
+        b, c, h, w = x.shape
+        g = self.groups
+        weight = self.weight.view(g, self.out_channels // g, c // g)
+        y = torch.matmul(weight, x.reshape(b, g, c // g, h * w)).view(b, self.out_channels, h, w)
+        return y if self.bias is None else y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+
+
 def conv_gate(
     in_ch: int, out_ch: int, bias: float, stride: int = 1, kernel_size: int = 1, group_width: int | None = None
 ) -> Gate:
     """A convolutional gate. `group_width` channels per group keeps it cheap in wide nets:
-    a full 1×1 gate would double a bottleneck block's cost, one with 16 channels per group adds ~6 %."""
+    a full 1×1 gate would double a bottleneck block's cost, one with 16 channels per group adds ~6 %
+    of its FLOPs."""
     groups = 1
     if group_width:
         groups = math.gcd(math.gcd(in_ch, out_ch), max(1, min(in_ch, out_ch) // group_width))
-    conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=True)
+    cls = GroupedPointwiseConv if kernel_size == 1 and groups > 1 else nn.Conv2d
+    conv = cls(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=True)
     return Gate(conv, bias)
 
 
