@@ -196,6 +196,8 @@ class ResidualBlock(nn.Module):
         self.post = post
         # Pre-activation bodies feed the shortcut projection from their pre-activated input.
         self.shortcut_from_body_input = shortcut_from_body_input
+        # bodies whose output autograd does not keep take the shortcut in place (deepres.models.bodies)
+        self.add_in_place = getattr(body, "output_not_saved", False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         carry_in = x
@@ -209,7 +211,7 @@ class ResidualBlock(nn.Module):
         else:
             s = x if self.shortcut is None else self.shortcut(carry_in)
             if self.gate == "residual":
-                y = s + h
+                y = h.add_(s) if self.add_in_place else s + h
             elif self.gate == "highway":
                 t = self.transform_gate(x)
                 y = s + t * (h - s)  # = (1 − t)·s + t·h, one multiply fewer

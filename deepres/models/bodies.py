@@ -52,6 +52,10 @@ class PreActDenseBody(nn.Module):
     """W·act(norm(x)) + b with W zero-initialised: a dense residual branch that starts at 0 and
     still gets a gradient (a zero-initialised layer *followed* by ReLU would not: relu'(0) = 0)."""
 
+    # its last op (norm, conv or linear) does not keep its output for backward, so a residual block
+    # may add the shortcut into that output in place (as torchvision's ResNets do: one tensor fewer)
+    output_not_saved = True
+
     def __init__(self, in_features: int, out_features: int, activation: str = "relu", zero_init: bool = True):
         super().__init__()
         self.preact = nn.Sequential(nn.LayerNorm(in_features), make_activation(activation))
@@ -78,6 +82,10 @@ class ConvBody(nn.Sequential):
 class BasicBody(nn.Sequential):
     """conv3x3-BN-ReLU-conv3x3-BN (ResNet-18/34 and the CIFAR ResNets)."""
 
+    # its last op (norm, conv or linear) does not keep its output for backward, so a residual block
+    # may add the shortcut into that output in place (as torchvision's ResNets do: one tensor fewer)
+    output_not_saved = True
+
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, zero_init: bool = True):
         super().__init__()
         self.conv1 = conv3x3(in_ch, out_ch, stride)
@@ -91,6 +99,10 @@ class BasicBody(nn.Sequential):
 
 class BottleneckBody(nn.Sequential):
     """1x1-BN-ReLU-3x3(stride)-BN-ReLU-1x1-BN, stride on the 3x3 ("ResNet v1.5", as torchvision)."""
+
+    # its last op (norm, conv or linear) does not keep its output for backward, so a residual block
+    # may add the shortcut into that output in place (as torchvision's ResNets do: one tensor fewer)
+    output_not_saved = True
 
     def __init__(self, in_ch: int, width: int, out_ch: int, stride: int = 1, zero_init: bool = True):
         super().__init__()
@@ -109,6 +121,10 @@ class BottleneckBody(nn.Sequential):
 class PreActBasicBody(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 (He et al. 2016)."""
 
+    # its last op (norm, conv or linear) does not keep its output for backward, so a residual block
+    # may add the shortcut into that output in place (as torchvision's ResNets do: one tensor fewer)
+    output_not_saved = True
+
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, zero_init: bool = True):
         super().__init__()
         self.preact = nn.Sequential(nn.BatchNorm2d(in_ch), nn.ReLU(inplace=False))
@@ -124,6 +140,10 @@ class PreActBasicBody(nn.Module):
 
 class PreActBottleneckBody(nn.Module):
     """BN-ReLU-1x1-BN-ReLU-3x3(stride)-BN-ReLU-1x1 (He et al. 2016, the unit of PreAct-ResNet-1001)."""
+
+    # its last op (norm, conv or linear) does not keep its output for backward, so a residual block
+    # may add the shortcut into that output in place (as torchvision's ResNets do: one tensor fewer)
+    output_not_saved = True
 
     def __init__(self, in_ch: int, width: int, out_ch: int, stride: int = 1, zero_init: bool = True):
         super().__init__()
