@@ -202,3 +202,13 @@ def test_bad_input_gives_one_clear_message(tmp_path, args, fragment):
     assert fragment in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_progress_bar_redraws_a_few_times_per_second_not_every_step(monkeypatch):
+    from deepres.training.progress import ThrottledProgressBar
+
+    clock = iter([0.0, 0.05, 0.1, 0.15, 0.25, 0.3, 0.31])
+    monkeypatch.setattr("deepres.training.progress.time.monotonic", lambda: next(clock))
+    bar = ThrottledProgressBar(min_interval=0.2)
+    drawn = [step for step in range(1, 8) if bar._should_update(step, total=7)]
+    assert drawn == [1, 5, 7]  # the first, the first 0.2 s later, and the last step of the loop

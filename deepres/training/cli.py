@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning as L
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from deepres.diagnostics import DiagnosticsConfig, diagnostics_callbacks
@@ -27,6 +27,7 @@ from deepres.errors import ConfigError
 from deepres.slurm import requeue
 from deepres.slurm.callback import slurm_callbacks_and_plugins
 from deepres.strategies import checkpoint_global_step, resolve_strategy
+from deepres.training.progress import ThrottledProgressBar
 from deepres.training.run_dir import (
     AtomicCheckpointIO,
     RunCheckpoint,
@@ -145,6 +146,8 @@ class DeepresCLI(LightningCLI):
                 every_n_train_steps=run.checkpoint_every_n_steps,
             ))
         callbacks += diagnostics_callbacks(cfg.diagnostics, self.run_dir)
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(ThrottledProgressBar())
         kwargs["callbacks"] = callbacks
         plugins = _as_list(trainer_cfg.get("plugins"))
         plugins.append(AtomicCheckpointIO())
