@@ -6,7 +6,8 @@
 Both sides train the same network (deepres's `resnet20_cifar` on 3x32x32 images, batch 64, and the
 default job's 100-layer highway_mlp on 64-feature vectors, batch 64) from the same seed, on the same
 in-memory tensors (a TensorDataset of random images / the digits), with the same optimiser
-(SGD, Nesterov momentum 0.9, weight decay 5e-4 on weights only, cosine lr stepped every step) and the
+(SGD, Nesterov momentum 0.9, weight decay 5e-4 on weights only, cosine lr stepped every step, torch's
+fused SGD kernel on both sides, as deepres.training.optim picks it) and the
 same precision (fp32). `deepres fit` is `deepres.training.cli.main(["fit", ...])` in this process,
 with everything it does by default (progress bar, per-step logging of loss/accuracy/lr, CSV logger);
 the hand loop is forward, cross-entropy, zero_grad, backward, step, scheduler step over a plain
@@ -119,6 +120,7 @@ def time_deepres(job_args: list[str], args: argparse.Namespace, root: str) -> fl
 def time_hand_loop(job_args: list[str], args: argparse.Namespace) -> float:
     """Seconds for `args.steps` steps of the hand-written loop on the same network and tensors."""
     from deepres.models import create_model
+    from deepres.training.optim import implementation
 
     arch = job_args[1] if job_args else "highway_mlp"
     x, y = InMemoryData.tensors
@@ -127,8 +129,9 @@ def time_hand_loop(job_args: list[str], args: argparse.Namespace) -> float:
     net = create_model(arch, **overrides).train()
     decay = [p for p in net.parameters() if p.ndim > 1]  # weights only, as deepres
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    # the same optimiser implementation as deepres (torch's fused kernel where the parameters allow it)
     opt = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=LR, momentum=0.9, nesterov=True)
+                          lr=LR, momentum=0.9, nesterov=True, **implementation(net))
     total = args.warmup + args.steps + 1
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, drop_last=True)
