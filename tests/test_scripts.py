@@ -52,7 +52,9 @@ def test_error_flow(tmp_path):
         for net in ("Highway, bias −3", "Highway, bias −ln(L−1)−1 (default)"):
             r = by[net, depth]
             assert 10 ** float(r["log10_ratio"]) == pytest.approx(float(r["predicted_carry_product"]), rel=0.05)
-    assert float(by["plain", 30]["log10_ratio"]) < -6  # the error vanishes without a carry path
+    # He-initialised plain layers keep the error's size at shallow depth (PyTorch's default init: 3e-4 at 10);
+    # it vanishes only deeper (the full run: 0.06 at 100, 5.6e-10 at 1000)
+    assert 0.1 < 10 ** float(by["plain", 10]["log10_ratio"]) < 10
     assert "| **plain** |" in markdown
 
 
