@@ -71,11 +71,11 @@ def test_highway_sweep(tmp_path):
 def test_lstm_adding(tmp_path):
     run_script("repro_lstm_adding", tmp_path)
     rows, markdown = read_outputs(tmp_path, "lstm_adding_T20")
-    assert len(rows) == 3
+    assert len(rows) == 4  # 1997, 1999 (+1), 1999 (forget bias auto), plain RNN: one seed each
     for r in rows:  # the script's own count on the 2,560 test sequences agrees with deepres's metric
         assert int(r["test_sequences"]) == 2560
         assert float(r["success_rate"]) == pytest.approx(float(r["deepres_val_success_rate"]), abs=1e-6)
-    assert "plain tanh RNN" in markdown
+    assert "plain tanh RNN" in markdown and "forget bias ln T + 1 (auto)" in markdown
 
 
 def test_bench_overhead(tmp_path):
