@@ -19,7 +19,6 @@ median peak. Writes cpu_efficiency.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import statistics
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_overhead import InMemoryData, environment, make_tensors, time_deepres  # scripts/ is on sys.path
+from evidence import command_line, write_csv
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepres.models import create_model
@@ -162,11 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     for job, s in summary.items():
         print(f"{job}: {s['flops'] / s['seconds'] / statistics.median(peaks):.3f} of the matmul peak (target >= {TARGET})")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "cpu_efficiency.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    command = " ".join(["python", "scripts/bench_cpu_efficiency.py", *(argv if argv is not None else sys.argv[1:])])
+    write_csv(args.out_dir / "cpu_efficiency.csv", rows)
+    command = command_line("bench_cpu_efficiency.py", argv)
     header = (f"`{command}` — {args.trials} trials per job, each {args.steps} timed steps after {args.warmup} "
               f"warm-up steps, fp32; {seconds / 60:.1f} min. {env}.")
     write_table(args.out_dir / "cpu_efficiency.md", summary, peaks, header)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import logging
 import statistics
@@ -51,6 +50,8 @@ JOBS = {
     "resnet20_cifar": (["--model.arch", "resnet20_cifar"], (3, 32, 32)),
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
+from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
+
 from deepres.training.run_dir import environment  # noqa: E402
 
 
@@ -237,11 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"target <= {TARGET})", flush=True)
     seconds = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "overhead.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    command = " ".join(["python", "scripts/bench_overhead.py", *(argv if argv is not None else sys.argv[1:])])
+    write_csv(args.out_dir / "overhead.csv", rows)
+    command = command_line("bench_overhead.py", argv)
     header = (f"`{command}` — {args.trials} trials per side, alternating, each {args.steps} timed steps after "
               f"{args.warmup} warm-up steps, batch {args.batch_size}, fp32; {seconds / 60:.1f} min. {env}.")
     write_table(args.out_dir / "overhead.md", rows, summary, header)

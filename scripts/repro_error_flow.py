@@ -18,7 +18,6 @@ error_flow_ratio to 1e-9 (checked at run time). Writes error_flow.{csv,md,png} t
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import statistics
@@ -38,6 +37,8 @@ NETS: dict[str, dict] = {
     "Highway, bias −ln(L−1)−1 (default)": {"gate": "highway", "gate_bias": "auto"},
 }
 WIDTH = 50
+from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
+
 from deepres.training.run_dir import environment  # noqa: E402
 
 
@@ -247,11 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"blockwise {fmt_log10(r['log10_ratio'])}", flush=True)
     seconds = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "error_flow.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    command = " ".join(["python", "scripts/repro_error_flow.py", *(argv if argv is not None else sys.argv[1:])])
+    write_csv(args.out_dir / "error_flow.csv", rows)
+    command = command_line("repro_error_flow.py", argv)
     header = (f"`{command}` — {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), one net per seed and "
               f"depth, {seconds:.0f} s. {env}.")
     write_table(args.out_dir / "error_flow.md", rows, args.depths, args.seeds, header)

@@ -23,34 +23,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import logging
 import math
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
+from evidence import command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
+
 from deepres.training.run_dir import environment  # noqa: E402
-
-
-def init_worker(threads: int) -> None:
-    import lightning.pytorch  # noqa: F401  (sets its loggers to INFO on import: quiet them after)
-    import torch
-
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "deepres"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_one(job: dict) -> dict:
@@ -212,27 +199,16 @@ def main(argv: list[str] | None = None) -> int:
                  "name": f"{net}-{d}-lr{lr:g}-s{s}"}
                 for d in sorted(args.depths, reverse=True) for net in NETS for lr in args.lrs for s in args.seeds]
         rows = []
-        with contextlib.ExitStack() as stack:
-            if args.jobs > 1:
-                pool = stack.enter_context(ProcessPoolExecutor(
-                    args.jobs, mp_context=get_context("spawn"), initializer=init_worker, initargs=(args.threads,)))
-                results = pool.map(run_one, jobs)
-            else:
-                init_worker(args.threads)
-                results = map(run_one, jobs)
-            for row in results:
-                rows.append(row)
-                print(f"{row['net']:8s} depth {row['depth']:4d} lr {row['lr']:<5g} seed {row['seed']}: "
-                      f"final train loss {row['final_train_loss']:.4g}, val acc {row['val_acc']:.3f} "
-                      f"({row['seconds']:.0f} s)", flush=True)
+        for row in run_all(run_one, jobs, args.jobs, args.threads):
+            rows.append(row)
+            print(f"{row['net']:8s} depth {row['depth']:4d} lr {row['lr']:<5g} seed {row['seed']}: "
+                  f"final train loss {row['final_train_loss']:.4g}, val acc {row['val_acc']:.3f} "
+                  f"({row['seconds']:.0f} s)", flush=True)
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: (r["net"], r["depth"], r["lr"], r["seed"]))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "highway_sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    command = " ".join(["python", "scripts/repro_highway_sweep.py", *(argv if argv is not None else sys.argv[1:])])
+    write_csv(args.out_dir / "highway_sweep.csv", rows)
+    command = command_line("repro_highway_sweep.py", argv)
     header = (f"`{command}` — {len(rows)} runs of `deepres fit --config configs/highway_sweep_digits.yaml`: "
               f"depths {args.depths}, lr grid {args.lrs} for both nets, seeds {args.seeds} "
               f"({len(args.seeds)} trials per point), {args.epochs} epochs × 22 steps of batch 64; "

@@ -23,15 +23,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,17 +40,9 @@ CELLS = {  # label: (config cell, extra deepres fit arguments)
 SHORT = {cell: name for cell, name in zip(CELLS, ("1997", "1999", "1999-auto", "rnn"), strict=True)}
 TOLERANCE = 0.04  # Hochreiter & Schmidhuber 1997, Sec. 5.4
 PAPER_SOLVED = 2559 / 2560  # "all but at most 1 of 2,560 test sequences"
+from evidence import command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
+
 from deepres.training.run_dir import environment  # noqa: E402
-
-
-def init_worker(threads: int) -> None:
-    import lightning.pytorch  # noqa: F401  (sets its loggers to INFO on import: quiet them after)
-    import torch
-
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "deepres"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def config_for(seq_len: int, cell: str) -> Path:
@@ -211,29 +199,17 @@ def main(argv: list[str] | None = None) -> int:
                  "root": root, "name": f"{SHORT[cell]}-s{s}"}
                 for cell in args.cells for s in args.seeds]
         rows = []
-        with contextlib.ExitStack() as stack:
-            if args.jobs > 1:
-                pool = stack.enter_context(ProcessPoolExecutor(
-                    args.jobs, mp_context=get_context("spawn"), initializer=init_worker, initargs=(args.threads,)))
-                results = pool.map(run_one, jobs)
-            else:
-                init_worker(args.threads)
-                results = map(run_one, jobs)
-            for row in results:
-                rows.append(row)
-                print(f"{row['cell']:34s} seed {row['seed']}: success {row['success_rate']:.4f} "
-                      f"({row['solved']}/{row['test_sequences']}), deepres val/success_rate "
-                      f"{row['deepres_val_success_rate']:.4f}, {row['seconds']:.0f} s ({row['cpu_seconds']:.0f} s CPU)",
-                      flush=True)
+        for row in run_all(run_one, jobs, args.jobs, args.threads):
+            rows.append(row)
+            print(f"{row['cell']:34s} seed {row['seed']}: success {row['success_rate']:.4f} "
+                  f"({row['solved']}/{row['test_sequences']}), deepres val/success_rate "
+                  f"{row['deepres_val_success_rate']:.4f}, {row['seconds']:.0f} s ({row['cpu_seconds']:.0f} s CPU)",
+                  flush=True)
     seconds = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"lstm_adding_T{args.seq_len}"
-    with open(args.out_dir / f"{stem}.csv", "w", newline="") as f:
-        fields = [k for k in rows[0] if k != "curve"]
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    command = " ".join(["python", "scripts/repro_lstm_adding.py", *(argv if argv is not None else sys.argv[1:])])
+    write_csv(args.out_dir / f"{stem}.csv", rows, skip=["curve"])  # the curves are in the figure
+    command = command_line("repro_lstm_adding.py", argv)
     per_run = statistics.mean(r["cpu_seconds"] for r in rows)
     header = (f"`{command}` — {len(rows)} runs of `deepres fit` (T = {args.seq_len}, {args.steps} steps of batch 32 = "
               f"{32 * args.steps:,} fresh training sequences each), seeds {args.seeds} ({len(args.seeds)} trials per "
