@@ -82,6 +82,7 @@ def test_sequence_tasks_follow_the_paper():
 
 
 def test_auto_forget_bias_keeps_the_cell_state_over_the_sequence():
+    from deepres.errors import ConfigError
     from deepres.training import SequenceModule
 
     for seq_len in (100, 1000):
@@ -90,7 +91,7 @@ def test_auto_forget_bias_keeps_the_cell_state_over_the_sequence():
         bias = cell.input_proj.bias[3 * cell.hidden_size:]
         assert torch.allclose(bias, torch.full_like(bias, np.log(seq_len) + 1))
         assert abs(torch.sigmoid(bias[0]).item() ** seq_len - np.exp(-1 / np.e)) < 0.01  # the state kept over T steps
-    with pytest.raises(Exception, match="forget_bias='open'.*'auto'"):
+    with pytest.raises(ConfigError, match="forget_bias='open'.*'auto'"):
         SequenceModule(forget_bias="open")
 
 # ---------------------------------------------------------------- a short fit per data module

@@ -133,10 +133,10 @@ class GroupedPointwiseConv(nn.Conv2d):
     PyTorch's CPU convolution runs a grouped conv group by group (a slice copy and a small conv per
     group: 741 calls and 2,800 copies per Highway-ResNet-50 training step); as a batched matmul the
     same conv takes 0.46× the time at 256 channels and 56², about the same at 1024 channels (forward +
-    backward, measured). Same parameters as nn.Conv2d; GPUs and channels-last inputs use conv2d."""
+    backward, measured). Same parameters as nn.Conv2d; other devices and channels-last inputs use conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or self.groups == 1 or not x.is_contiguous():
+        if x.device.type != "cpu" or self.groups == 1 or not x.is_contiguous():
             return super().forward(x)
         if self.stride != (1, 1):
             x = x[:, :, :: self.stride[0], :: self.stride[1]]
