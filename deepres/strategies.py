@@ -32,6 +32,7 @@ import copy
 import os
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +46,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpee
 from typing_extensions import override
 
 from deepres.errors import ConfigError
+from deepres.training.checkpoints import load_checkpoint
 
 # Precisions the DeepSpeed strategy understands (Lightning's DeepSpeedPrecision).
 _DEEPSPEED_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
@@ -192,16 +194,20 @@ def build_deepspeed_ops(ops: tuple[str, ...] = CPU_OPS) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def resolve_strategy(trainer: TrainerSettings, *, batch_size: int | None = None) -> str | Strategy:
+def resolve_strategy(trainer: TrainerSettings, *, batch_size: int | None = None,
+                     timeout: timedelta | None = None) -> str | Strategy:
     """What to pass as `Trainer(strategy=...)` for these Trainer keyword arguments, after checking them.
 
     `trainer` holds the Trainer's arguments as the CLI parsed them (accelerator, devices, num_nodes,
     strategy, precision, accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm,
-    sync_batchnorm; missing keys take the Trainer's defaults); `batch_size` is the per-process batch.
+    sync_batchnorm; missing keys take the Trainer's defaults); `batch_size` is the per-process batch;
+    `timeout` how long a collective may wait for another rank (torch's default: 30 minutes).
     Raises `ConfigError` for a combination that cannot run.
     """
-    strategy = _strategy_object(trainer.get("strategy", "auto"))
+    strategy = _strategy_object(trainer.get("strategy", "auto"), timeout=timeout, processes=_processes(trainer))
     check_trainer_config(trainer, strategy)
+    if timeout is not None and _accelerator(trainer) == "cuda":
+        nccl_watchdog_environment(timeout)
     if not isinstance(strategy, _LightningDeepSpeedStrategy):
         return strategy
     assert isinstance(strategy.config, dict)
@@ -273,16 +279,54 @@ def lightning_deepspeed_names() -> dict[str, dict[str, Any]]:
     }
 
 
-def _strategy_object(strategy: str | Strategy) -> str | Strategy:
-    """A DeepSpeed name becomes deepres's DeepSpeedStrategy with Lightning's arguments for that name; other
-    names (ddp, auto, ...) and strategy objects pass through unchanged."""
+def nccl_watchdog_environment(timeout: timedelta) -> dict[str, str]:
+    """NCCL's watchdog settings for a collective timeout (set unless already in the environment; returned).
+
+    As torch documents them (ProcessGroupNCCL environment variables): a collective that exceeds the process
+    group's timeout makes the watchdog abort the communicator and end the process
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING=1), after writing the flight recorder's record of the last collectives
+    (TORCH_NCCL_DUMP_ON_TIMEOUT with a trace buffer), which shows the rank that did not join; the monitoring
+    thread ends a process whose watchdog itself hangs, after a heartbeat timeout longer than the collective
+    timeout."""
+    settings = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_ENABLE_MONITORING": "1",
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(int(timeout.total_seconds()) + 120),
+    }
+    for key, value in settings.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in settings}
+
+
+def _processes(trainer: TrainerSettings) -> int:
+    """How many processes the Trainer's arguments ask for (devices x nodes; 1 if unknown)."""
+    devices = trainer.get("devices", "auto")
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
+    if isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    return max(count, 1) * int(trainer.get("num_nodes") or 1)
+
+
+def _strategy_object(strategy: str | Strategy, *, timeout: timedelta | None = None,
+                     processes: int = 1) -> str | Strategy:
+    """A DeepSpeed name becomes deepres's DeepSpeedStrategy with Lightning's arguments for that name; a DDP name
+    (and `auto` for several processes, which Lightning would run as DDP) becomes Lightning's class with its
+    registered arguments and `timeout`; strategy objects pass through unchanged."""
     if not isinstance(strategy, str):
         return strategy
     name = strategy.lower()
     deepspeed_names = lightning_deepspeed_names()
+    timeout_args = {} if timeout is None else {"timeout": timeout}
     if name in deepspeed_names:
         _require_deepspeed(name)
-        return DeepSpeedStrategy(**deepspeed_names[name])
+        return DeepSpeedStrategy(**deepspeed_names[name], **timeout_args)
+    if name == "auto" and processes > 1 and timeout is not None:
+        return DDPStrategy(**timeout_args)
+    if name in StrategyRegistry and issubclass(StrategyRegistry[name]["strategy"], DDPStrategy) and timeout_args:
+        entry = StrategyRegistry[name]
+        return entry["strategy"](**{**entry["init_params"], **timeout_args})
     if name != "auto" and name not in StrategyRegistry:
         raise ConfigError(
             f"--trainer.strategy {strategy!r} is not a strategy name. Use one of: auto, ddp, "
@@ -440,7 +484,7 @@ def _check_deepspeed_json(config: Mapping[str, Any], *, flag: str, precision: st
 # ---------------------------------------------------------------------------------------------------------
 
 
-def convert_zero_checkpoint(checkpoint_dir: str | Path, output_file: str | Path) -> Path:
+def convert_zero_checkpoint(checkpoint_dir: str | Path, output_file: str | Path, *, trusted: bool = False) -> Path:
     """Write a ZeRO checkpoint directory (as Lightning's DeepSpeed strategy saves it) as one Lightning .ckpt
     with fp32 weights, loadable with `torch.load` or `LightningModule.load_from_checkpoint`, no DeepSpeed."""
     from lightning.fabric.strategies.deepspeed import _is_deepspeed_checkpoint
@@ -454,23 +498,14 @@ def convert_zero_checkpoint(checkpoint_dir: str | Path, output_file: str | Path)
         )
     if output_file.is_dir():
         raise ConfigError(f"{output_file} is a directory; give the output file, e.g. {output_file / 'model.ckpt'}.")
+    if not trusted:
+        # DeepSpeed's converter unpickles every file with weights_only=False: check each one first with the
+        # loader that cannot run code, so a crafted file is refused before DeepSpeed opens it.
+        for file in sorted(checkpoint_dir.rglob("*.pt")):
+            load_checkpoint(file, mmap=True, option="--trust (deepres convert-zero)")
     output_file.parent.mkdir(parents=True, exist_ok=True)
     convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file)
     return output_file
-
-
-def checkpoint_global_step(path: str | Path) -> int:
-    """The optimizer step a checkpoint was saved at, for a Lightning .ckpt file or a ZeRO directory."""
-    path = Path(path)
-    if path.is_dir():
-        # Lightning's client state (global_step, loops, ...) is in every rank's model-states file:
-        # mp_rank_00_model_states.pt (ZeRO 1/2) or zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO 3).
-        tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else "checkpoint"
-        states = sorted((path / tag).glob("*model_states.pt"))
-        if not states:
-            raise ConfigError(f"{path} is a directory but not a DeepSpeed checkpoint: no {tag}/*model_states.pt in it.")
-        path = states[0]
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
 
 
 def convert_zero_main(argv: list[str] | None = None) -> int:
@@ -482,9 +517,11 @@ def convert_zero_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint_dir", help="the ZeRO checkpoint directory, e.g. runs/NAME/checkpoints/last.ckpt")
     parser.add_argument("output", help="the file to write, e.g. model.ckpt")
+    parser.add_argument("--trust", action="store_true",
+                        help="load files that need more than tensors and plain containers (only for files you trust)")
     args = parser.parse_args(argv)
     try:
-        convert_zero_checkpoint(args.checkpoint_dir, args.output)
+        convert_zero_checkpoint(args.checkpoint_dir, args.output, trusted=args.trust)
     except ConfigError as err:
         print(f"deepres convert-zero: {err}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import secrets
@@ -146,6 +147,16 @@ class DeepresWandbLogger(WandbLogger):
     def log_hyperparams(self, params: Any) -> None:
         if not isinstance(self.experiment, DummyExperiment):  # the dummy has no config to update
             super().log_hyperparams(params)
+
+    @rank_zero_only
+    def mark_preempting(self) -> None:
+        """Tell an online wandb run that the job is being preempted (requeued), so the dashboard shows it as
+        preempted rather than crashed; offline runs have no server to tell."""
+        run = self._experiment
+        if run is None or isinstance(run, DummyExperiment) or getattr(run, "offline", False):
+            return
+        with contextlib.suppress(Exception):  # a dashboard call must never end the job
+            run.mark_preempting()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

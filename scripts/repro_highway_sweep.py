@@ -47,6 +47,7 @@ def run_one(job: dict) -> dict:
 
     from deepres.data import DigitsDataModule
     from deepres.training import Classifier
+    from deepres.training.checkpoints import load_module
     from deepres.training.cli import main as deepres_main
 
     argv = ["fit", "--config", str(CONFIG), *NETS[job["net"]],
@@ -62,8 +63,7 @@ def run_one(job: dict) -> dict:
     seconds = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"deepres fit {' '.join(argv)} exited with {code}; see {log_path}:\n{log_path.read_text()[-2000:]}")
-    model = Classifier.load_from_checkpoint(Path(job["root"]) / job["name"] / "checkpoints" / "last.ckpt",
-                                            map_location="cpu").eval()
+    model = load_module(Classifier, Path(job["root"]) / job["name"] / "checkpoints" / "last.ckpt").eval()
     data = DigitsDataModule()
     data.setup("fit")
     with torch.no_grad():

@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from deepres.errors import ConfigError
 from deepres.slurm import requeue
-from deepres.slurm.callback import RequeueOnSignal
+from deepres.slurm.callback import SlurmRequeue
+from deepres.training.checkpoints import CheckpointFiles, damage, load_checkpoint
+from deepres.training.run_checkpoint import RunCheckpoint
 from deepres.slurm.submit import ClusterRequest, Plan, TrainerSettings, job_block, plan, render
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,40 +179,6 @@ def test_the_template_by_hand_is_the_packaged_template_and_valid_bash():
 
 
 # ============================================================================ resuming (pure, on files)
-def _save(path: Path, step: int, mtime: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"global_step": step}, path)
-    os.utime(path, (mtime, mtime))
-    return path
-
-
-def test_newest_complete_checkpoint_skips_a_truncated_file(tmp_path):
-    now = time.time()
-    _save(tmp_path / "checkpoints" / "last.ckpt", 10, now - 30)
-    requeue_ckpt = _save(tmp_path / "checkpoints" / "requeue.ckpt", 20, now - 20)
-    truncated = _save(tmp_path / "hpc_ckpt_3.ckpt", 30, now - 10)
-    truncated.write_bytes(truncated.read_bytes()[:-200])  # killed while writing
-    os.utime(truncated, (now, now))
-    (tmp_path / "checkpoints" / "requeue.ckpt.tmp").write_bytes(b"partial")
-    assert requeue.newest_complete_checkpoint(tmp_path) == requeue_ckpt
-    assert not requeue.is_complete_checkpoint(truncated)
-    # A newer last.ckpt (the run went on after a requeue) wins over the older requeue.ckpt.
-    newer_last = _save(tmp_path / "checkpoints" / "last.ckpt", 40, now + 10)
-    assert requeue.newest_complete_checkpoint(tmp_path) == newer_last
-    assert requeue.newest_complete_checkpoint(tmp_path / "nothing-here") is None
-
-
-def test_resume_checkpoint_only_in_a_restarted_slurm_job(tmp_path, monkeypatch):
-    last = _save(tmp_path / "checkpoints" / "last.ckpt", 10, time.time())
-    for var in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NAME"):
-        monkeypatch.delenv(var, raising=False)
-    assert requeue.resume_checkpoint(tmp_path) is None  # not under SLURM
-    monkeypatch.setenv("SLURM_JOB_ID", "7")
-    assert requeue.resume_checkpoint(tmp_path) is None  # first run: a fresh start even if files exist
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert requeue.resume_checkpoint(tmp_path) == last
-
-
 # ===================================================== the requeue callback in a real (one-process) Trainer
 class _TinyRegression(LightningModule):
     """Sends itself the requeue signal once, during step `signal_at`, like SLURM would."""
@@ -253,19 +221,22 @@ def test_signal_during_training_saves_a_complete_checkpoint_at_the_next_step(tmp
                                                                             accumulate):
     assert requeue.install_early_signal_handler()
     data = DataLoader(TensorDataset(torch.randn(128, 4), torch.randn(128, 1)), batch_size=4)
-    trainer = Trainer(max_steps=8, default_root_dir=tmp_path, callbacks=[RequeueOnSignal(lead=0)],
-                      accumulate_grad_batches=accumulate,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    checkpoint = RunCheckpoint(tmp_path / "checkpoints", every_minutes=None, requeue=SlurmRequeue(lead=0))
+    trainer = Trainer(max_steps=8, max_epochs=1, default_root_dir=tmp_path, callbacks=[checkpoint],
+                      accumulate_grad_batches=accumulate, plugins=[CheckpointFiles()],
+                      logger=False, enable_progress_bar=False,
                       enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(_TinyRegression(signal_at=3), data)
 
-    saved = tmp_path / "checkpoints" / "requeue.ckpt"
-    assert requeue.is_complete_checkpoint(saved)
+    saved = tmp_path / "checkpoints" / "previous.ckpt"  # the requeue checkpoint; last.ckpt is the final one
+    assert damage(saved) is None
     # Saved right after the optimizer step during which the signal came (never inside an accumulation).
-    assert torch.load(saved, weights_only=False)["global_step"] == 4
-    assert not saved.with_name("requeue.ckpt.tmp").exists()
+    assert load_checkpoint(saved)["global_step"] == 4
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary left
     assert trainer.global_step == 8  # the requeue failed, so training went on to the end
-    assert "scontrol requeue 999999" in capfd.readouterr().err
+    err = capfd.readouterr()
+    assert "scontrol requeue 999999" in err.err and "step 4: saved" in err.out
 
 
 def test_early_signal_is_recorded_and_requeue_is_attempted_before_training(fake_slurm_job, capfd):
@@ -402,7 +373,7 @@ def _job_ids(env: dict[str, str]) -> set[str]:
 
 
 def _global_step(checkpoint: Path) -> int:
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+    return load_checkpoint(checkpoint)["global_step"]
 
 
 @pytest.mark.slurm
@@ -445,10 +416,14 @@ def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_righ
     info = _wait_for_job(slurm_cluster, job_id)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-3000:]
-    saved_at = int(re.search(r"step (\d+): saved .*/checkpoints/requeue.ckpt", text)[1])
+    before_2, restart_2 = text.split("restart 2:", 1)
+    assert re.search(r"step (\d+): saved .*/checkpoints/last.ckpt", before_2)  # on SIGUSR1, then requeued
+    # SLURM then stops the job with SIGTERM, which saves once more at the next step boundary.
+    saved = [int(s) for s in re.findall(r"step (\d+): saved .*/checkpoints/last.ckpt", before_2)]
+    saved += [int(s) for s in re.findall(r"saved \S*/checkpoints/last.ckpt at step (\d+)", before_2)]
+    saved_at = max(saved)
     assert 1 <= saved_at < max_steps
-    restart_2 = text.split("restart 2:", 1)[1]
-    assert "resuming from" in restart_2 and "checkpoints/requeue.ckpt" in restart_2
+    assert "resuming from" in restart_2 and "checkpoints/last.ckpt" in restart_2
     assert f"[deepres.slurm] training from step {saved_at}\n" in restart_2  # nothing lost, nothing repeated
     assert _global_step(tmp_path / "runs" / "preempt" / "checkpoints" / "last.ckpt") == max_steps
 

@@ -28,10 +28,10 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 
 from deepres.errors import ConfigError
+from deepres.training.checkpoints import checkpoint_global_step
 from deepres.strategies import (
     DeepSpeedStrategy,
     check_trainer_config,
-    checkpoint_global_step,
     convert_zero_main,
     deepspeed_config_from_trainer,
     extension_cache_dir,

@@ -14,7 +14,7 @@ from deepres.data import DigitsDataModule
 from deepres.data.base import ResumableSampler
 from deepres.data.sequence import adding_sequence, temporal_order_sequence
 from deepres.training.cli import main
-from deepres.training.run_dir import AtomicCheckpointIO, resolve_run_dir
+from deepres.training.run_dir import resolve_run_dir
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.log_every_n_steps", "1"]
@@ -158,28 +158,6 @@ def test_new_run_with_a_taken_name_gets_a_new_directory(tmp_path):
     second = fit(tmp_path, "--model.depth", "3", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
     assert first.name == "t" and second.name == "t-2"
     assert (tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt").exists()
-
-# ---------------------------------------------------------------- atomic checkpoints
-def test_interrupted_checkpoint_write_leaves_last_ckpt_loadable(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "last.ckpt"
-    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
-
-    class Crash(Exception):
-        pass
-
-    import deepres.training.run_dir as run_dir
-
-    def crashing_fsync(fd):
-        raise Crash("power cut while writing")
-
-    monkeypatch.setattr(run_dir.os, "fsync", crashing_fsync)
-    with pytest.raises(Crash):
-        io.save_checkpoint({"global_step": 2, "w": torch.zeros(10_000_000)}, path)
-    monkeypatch.undo()
-    ckpt = torch.load(path, weights_only=False)
-    assert ckpt["global_step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
 
 # ---------------------------------------------------------------- clear errors, no traceback
 @pytest.mark.parametrize(

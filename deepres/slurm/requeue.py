@@ -8,13 +8,13 @@ limit, and ``scancel --signal=USR1`` does the same on demand):
    Until training starts there is nothing to save, so a SIGUSR1 in that window makes rank 0 requeue the
    job at once. Without it the default action of SIGUSR1 kills the task and the job ends FAILED or, behind
    a batch script whose last command succeeds, COMPLETED, with nothing requeued.
-2. Once training runs, the handler only records the signal. ``RequeueOnSignal`` (deepres.slurm.callback)
-   checks the record after every optimizer step, agrees on it across ranks, saves
-   ``checkpoints/requeue.ckpt`` atomically and rank 0 runs ``scontrol requeue``: at most the step in
-   flight is lost.
+2. Once training runs, the handler only records the signal. ``RunCheckpoint`` (deepres.training.run_checkpoint)
+   checks the record after every optimizer step through ``SlurmRequeue`` (deepres.slurm.callback), agrees on it
+   across ranks, saves ``checkpoints/last.ckpt`` atomically and rank 0 runs ``scontrol requeue``: at most the
+   step in flight is lost.
 3. When SLURM starts the job again (``SLURM_RESTART_COUNT`` >= 1), the training CLI keeps the same run
-   directory (``submitted_run_dir``) and ``resume_checkpoint(run_dir)`` names the newest *complete*
-   checkpoint of that run (requeue.ckpt, last.ckpt, any other), which it passes as ``ckpt_path``.
+   directory (``submitted_run_dir``) and resumes from the newest checkpoint of that run that is complete and
+   loads (deepres.training.checkpoints.find_resume_checkpoint), whatever wrote it.
 
 Why not Lightning's own ``SLURMEnvironment(auto_requeue=True)``: its handler saves the checkpoint inside
 the signal handler, i.e. wherever each rank happens to be (mid-backward, inside a collective), it is not
@@ -32,16 +32,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 REQUEUE_SIGNAL = signal.SIGUSR1
 # Seconds before the time limit at which SLURM sends REQUEUE_SIGNAL (the template's --signal=USR1@lead).
 DEFAULT_SIGNAL_LEAD = 120
-REQUEUE_CHECKPOINT = "requeue.ckpt"
 # `deepres submit` writes the job script here, inside the run directory it prepares for the job.
 SUBMIT_SCRIPT = "submit.sbatch"
 
@@ -159,43 +156,6 @@ def requeue_once() -> bool:
 
 
 # ------------------------------------------------------------------------------------------- resuming
-def is_complete_checkpoint(path: Path) -> bool:
-    """Whether a checkpoint was written to the end.
-
-    ``torch.save`` writes a zip archive whose central directory comes last, so a file cut short by a kill
-    does not open as a zip. DeepSpeed and torch.distributed.checkpoint write directories and their index
-    file (``latest`` / ``.metadata``) last.
-    """
-    if path.is_dir():
-        return (path / "latest").is_file() or (path / ".metadata").is_file()
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("data.pkl") for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def _written_at(path: Path) -> float:
-    if path.is_dir():
-        index = path / "latest" if (path / "latest").is_file() else path / ".metadata"
-        return index.stat().st_mtime
-    return path.stat().st_mtime
-
-
-def newest_complete_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The most recently written complete checkpoint of a run, or None.
-
-    Looks at ``run_dir/checkpoints/*.ckpt`` (deepres's requeue.ckpt, ModelCheckpoint's last.ckpt and
-    top-k files) and ``run_dir/hpc_ckpt_*.ckpt`` (Lightning's own SLURM handler). Newest by write time,
-    not by name: after a requeue the run continues and a later last.ckpt must win over an older
-    requeue.ckpt, and the reverse.
-    """
-    run_dir = Path(run_dir)
-    candidates = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    complete = [p for p in candidates if is_complete_checkpoint(p)]
-    return max(complete, key=_written_at, default=None)
-
-
 def submitted_run_dir(root: str | os.PathLike[str], name: str) -> Path | None:
     """Inside a job from ``deepres submit``: the run directory it prepared (it holds submit.sbatch).
 
@@ -206,15 +166,10 @@ def submitted_run_dir(root: str | os.PathLike[str], name: str) -> Path | None:
     return path if in_slurm_job() and (path / SUBMIT_SCRIPT).is_file() else None
 
 
-def resume_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint a restarted SLURM job resumes from; None on a first run or outside SLURM."""
-    if not in_slurm_job() or restart_count() == 0:
-        return None
-    path = newest_complete_checkpoint(run_dir)
-    if global_rank() == 0:
-        where = f"resuming from {path}" if path else "no complete checkpoint yet, starting from scratch"
-        print(f"[deepres.slurm] restart {restart_count()} of job {slurm_job_id()}: {where}", file=sys.stderr)
-    return path
+def restart_message(resumed_from: os.PathLike[str] | None) -> str:
+    """The job log's line for a restarted job: where it picks up."""
+    where = f"resuming from {resumed_from}" if resumed_from else "no complete checkpoint yet, starting from scratch"
+    return f"[deepres.slurm] restart {restart_count()} of job {slurm_job_id()}: {where}"
 
 
 # ----------------------------------------------------------------------------------------- time limits

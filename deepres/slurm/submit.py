@@ -342,7 +342,10 @@ def _sbatch(script_path: Path) -> str:
             "sbatch is not on PATH: run this on a SLURM login node, or try deepres on this machine with the "
             "local cluster: scripts/slurm_local.sh start, then the `export SLURM_CONF=...` line it prints."
         )
-    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, check=False)
+    # Not the submitting process's wandb service: the job starts its own (see the template).
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, check=False,
+                            env=env)
     if result.returncode != 0:
         raise ConfigError(f"sbatch refused {script_path}: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]

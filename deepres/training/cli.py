@@ -11,27 +11,50 @@ Outputs go to `<run.root>/<run.name>/`: config.yaml, run_info.json, metrics.csv,
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from deepres.diagnostics import DiagnosticsConfig, diagnostics_callbacks
 from deepres.errors import ConfigError
 from deepres.slurm import requeue
-from deepres.slurm.callback import slurm_callbacks_and_plugins
-from deepres.strategies import checkpoint_global_step, resolve_strategy
+from deepres.slurm.callback import slurm_requeue_and_plugins
+from deepres.strategies import resolve_strategy
+from deepres.training.checkpoints import (
+    CheckpointFiles,
+    CheckpointWriteError,
+    checkpoint_global_step,
+    damage,
+    describe_checkpoints_dir,
+    find_resume_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+)
+from deepres.training.faults import FaultReport
 from deepres.training.progress import ThrottledProgressBar
+from deepres.training.run_checkpoint import RunCheckpoint
 from deepres.training.run_dir import (
-    AtomicCheckpointIO,
-    RunCheckpoint,
+    ENV_RESUME,
+    ENV_RUN_DIR,
     RunCSVLogger,
+    await_run_dir,
+    claim_new_run_dir,
+    launch_rank,
+    lock_run_dir,
+    publish_run_dir,
+    release_run_dir_locks,
     resolve_run_dir,
     truncate_metrics,
     write_run_info,
@@ -51,7 +74,15 @@ class RunConfig:
     root: str = "runs"
     """Folder that holds all run directories."""
     checkpoint_every_n_steps: int | None = None
-    """Also save checkpoints/last.ckpt every N optimizer steps (default: at every epoch end only)."""
+    """Also save checkpoints/last.ckpt every N optimizer steps (it is saved at every epoch end anyway)."""
+    checkpoint_every_minutes: float | None = 30.0
+    """Also save checkpoints/last.ckpt every this many minutes of training: at most this much is lost to a
+    crash inside a long epoch. null: only at epoch ends and every N steps."""
+    async_checkpoint: bool = True
+    """Write checkpoints from a background thread: training waits only while the tensors are copied."""
+    collective_timeout_minutes: float = 10.0
+    """A collective (gradient all-reduce, barrier) that waits longer than this for another rank fails, naming
+    the rank that does not answer, instead of hanging for torch's default 30 minutes."""
 
 
 def sections_with_class_path(argv: list[str]) -> set[str]:
@@ -103,28 +134,99 @@ class DeepresCLI(LightningCLI):
             "seed_everything": 0,
         })
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI (2.6) reads the hyper-parameters of an explicit --ckpt_path file here, before any hook:
+        # check the file with deepres's loader first, so a crafted one is refused in one line.
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            if self.config[sub].get("weights_only") is False:
+                return  # a file the user trusts may need more than Lightning's weights-only reader allows
+            load_checkpoint(ckpt, mmap=True)
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         run = cfg.run
         if not run.name:
             configs = cfg.get("config") or []
             run.name = Path(str(configs[-1])).stem if configs else "default"
-        resuming = bool(cfg.get("ckpt_path")) or requeue.restart_count() > 0
-        self.run_dir = resolve_run_dir(run.root, run.name, resuming=resuming)
-        # --- deepres.slurm (issue 6): a submitted job keeps the run directory `deepres submit` prepared;
-        # a requeued job resumes from that run's newest complete checkpoint.
-        self.run_dir = requeue.submitted_run_dir(run.root, run.name) or self.run_dir
-        if (resume := requeue.resume_checkpoint(self.run_dir)) is not None:
-            cfg.ckpt_path = str(resume)
-        # --- end deepres.slurm
+        self.trusted = cfg.get("weights_only") is False
+        self.run_dir, cfg.ckpt_path = self._choose_run_dir(cfg)
         cfg.trainer.default_root_dir = str(self.run_dir)
+
+    def _choose_run_dir(self, cfg) -> tuple[Path, str | None]:
+        """(run directory, checkpoint to resume from): chosen by rank 0, handed to every other rank."""
+        run, ckpt = cfg.run, cfg.get("ckpt_path")
+        if os.environ.get(ENV_RUN_DIR) and os.environ.get("LOCAL_RANK", "0") != "0":
+            # A rank Lightning started beside rank 0 on this machine: rank 0 put its choice in the environment.
+            return Path(os.environ[ENV_RUN_DIR]), os.environ.get(ENV_RESUME) or _explicit(ckpt)
+        if launch_rank() != 0:  # torchrun / srun started every rank at once: rank 0 writes its choice down
+            run_dir, resume_from = await_run_dir(Path(run.root))
+            return run_dir, resume_from or _explicit(ckpt)
+
+        restarted = requeue.restart_count() > 0
+        submitted = requeue.submitted_run_dir(run.root, run.name)
+        resuming = ckpt is not None or restarted
+        run_dir = submitted or resolve_run_dir(run.root, run.name, resuming=resuming)
+        resume_from = None
+        if ckpt in ("last", "auto") or (restarted and ckpt is None):
+            resume_from = self._newest_checkpoint(run_dir, ckpt)
+        elif ckpt is not None:
+            resume_from = self._explicit_checkpoint(ckpt)
+        if submitted is None and not resuming:
+            run_dir = claim_new_run_dir(run.root, run.name)
+        # A live run in this directory is never written by a second one; a requeued job waits a little for its
+        # previous attempt to be stopped.
+        lock_run_dir(run_dir, wait_s=60.0 if restarted else 0.0)
+        remove_stale_temporaries(run_dir / "checkpoints")
+        if restarted:
+            print(requeue.restart_message(resume_from), file=sys.stderr)
+        if ckpt == "auto" and resume_from is None and (run_dir / "metrics.csv").exists():
+            # Starting over in the same directory: the earlier attempt's rows stay, beside, not mixed in.
+            kept = run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+            os.replace(run_dir / "metrics.csv", kept)
+            print(f"deepres: --ckpt_path auto: no complete checkpoint in {run_dir}; starting over from step 0 "
+                  f"(the earlier metrics.csv is now {kept.name})", file=sys.stderr)
+        publish_run_dir(Path(run.root), run_dir, resume_from)
+        return run_dir, resume_from
+
+    def _newest_checkpoint(self, run_dir: Path, ckpt: str | None) -> str | None:
+        path, step, skipped = find_resume_checkpoint(run_dir, trusted=self.trusted)
+        for item in skipped:
+            print(f"deepres: {item}", file=sys.stderr)
+        if path is not None:
+            self.resume_step = step
+            print(f"deepres: resuming from {path} (step {step})", file=sys.stderr)
+            return str(path)
+        if ckpt == "last":
+            raise ConfigError(
+                f"--ckpt_path last: no complete checkpoint to resume from ({describe_checkpoints_dir(run_dir)}). "
+                "Start a new run without --ckpt_path (it gets a directory of its own), or pass --ckpt_path auto "
+                "to start this run over from step 0 in the same directory."
+            )
+        return None
+
+    def _explicit_checkpoint(self, ckpt: str) -> str:
+        if ckpt in ("best", "hpc", "registry") or "://" in ckpt:
+            return ckpt  # Lightning's own names and remote paths: Lightning resolves and loads them
+        path = Path(ckpt)
+        if not path.exists():
+            raise ConfigError(f"--ckpt_path {ckpt}: no such file or directory.")
+        if (reason := damage(path)) is not None:
+            raise ConfigError(f"--ckpt_path {ckpt}: cannot resume from it: {reason}.")
+        self.resume_step = checkpoint_global_step(path, trusted=self.trusted)
+        return ckpt
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run: RunConfig = cfg.run
         # Strategy names (deepspeed_stage_2, ddp, ...) resolved and the trainer settings checked before
         # anything is written or any rank starts; DeepSpeed also runs on CPU processes this way.
-        kwargs["strategy"] = resolve_strategy(cfg.trainer, batch_size=getattr(self.datamodule, "batch_size", None))
+        kwargs["strategy"] = resolve_strategy(
+            cfg.trainer, batch_size=getattr(self.datamodule, "batch_size", None),
+            timeout=timedelta(minutes=run.collective_timeout_minutes),
+        )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         trainer_cfg = cfg.trainer
         # LightningCLI builds the Trainer from {**config.trainer, **kwargs}: start from what the user
@@ -140,22 +242,21 @@ class DeepresCLI(LightningCLI):
             loggers += [wandb_logger] if wandb_logger else []
         kwargs["logger"] = loggers
         callbacks = _as_list(trainer_cfg.get("callbacks"))
-        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
-            callbacks.append(RunCheckpoint(
-                dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0,
-                every_n_train_steps=run.checkpoint_every_n_steps,
-            ))
+        requeue_policy, slurm_plugins = slurm_requeue_and_plugins()
+        # Always, beside any ModelCheckpoint of the user's (top-k by a metric): last.ckpt is what resumes.
+        self.run_checkpoint = RunCheckpoint(
+            self.run_dir / "checkpoints", every_n_steps=run.checkpoint_every_n_steps,
+            every_minutes=run.checkpoint_every_minutes, requeue=requeue_policy,
+        )
+        callbacks.append(self.run_checkpoint)
+        callbacks.append(FaultReport(self.run_dir, newest_checkpoint=lambda: find_resume_checkpoint(self.run_dir)[:2]))
         callbacks += diagnostics_callbacks(cfg.diagnostics, self.run_dir)
         if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(ThrottledProgressBar())
         kwargs["callbacks"] = callbacks
         plugins = _as_list(trainer_cfg.get("plugins"))
-        plugins.append(AtomicCheckpointIO())
-        # --- deepres.slurm (issue 6): checkpoint + requeue on SIGUSR1; Lightning's own requeue off
-        slurm_callbacks, slurm_plugins = slurm_callbacks_and_plugins()
-        callbacks += slurm_callbacks
-        plugins += slurm_plugins
-        # --- end deepres.slurm
+        plugins.append(AsyncCheckpointIO(CheckpointFiles()) if run.async_checkpoint else CheckpointFiles())
+        plugins += slurm_plugins  # Lightning's SLURM environment (ranks, addresses), its own requeue off
         kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.is_global_zero:
@@ -169,26 +270,43 @@ class DeepresCLI(LightningCLI):
             # deepres data modules skip the batches a mid-epoch checkpoint already trained on
             # (deepres.data.base), so Lightning's warning that the loader cannot resume does not apply.
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
-        ckpt = self.config[self.subcommand].get("ckpt_path")
-        if ckpt and self.trainer.is_global_zero:
-            path = self.trainer.checkpoint_callback.dirpath and Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
-            path = path if ckpt == "last" else Path(ckpt)
-            if path and path.exists():
-                step = checkpoint_global_step(path)  # a file, or a ZeRO checkpoint directory
+        if self.config[self.subcommand].get("ckpt_path") and self.trainer.is_global_zero:
+            step = getattr(self, "resume_step", None)
+            if step is not None:
                 truncate_metrics(self.run_dir, after_step=step - 1)
 
     def after_fit(self) -> None:
+        stopped_by = self.run_checkpoint.stopped_by
+        if stopped_by is not None:
+            raise StoppedBySignal(stopped_by)
         if self.trainer.is_global_zero:
             print(f"\ndeepres: run directory {self.run_dir.resolve()}\n"
                   f"  config.yaml, run_info.json, metrics.csv, checkpoints/last.ckpt\n"
                   f"  figures: deepres report {self.run_dir}")
 
 
+class StoppedBySignal(Exception):
+    """Training stopped early for SIGTERM / Ctrl-C, after saving last.ckpt."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _explicit(ckpt: str | None) -> str | None:
+    return None if ckpt in ("last", "auto") else ckpt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # deepres.slurm (issue 6): first thing, so a requeue signal before training requeues the job
+    # First thing, so a requeue signal before training requeues the job (deepres.slurm.requeue).
     if argv[:1] == ["fit"]:
         requeue.install_early_signal_handler()
+    if requeue.in_slurm_job():
+        # sbatch exports the submitting shell's environment, and with it the address of the wandb service of
+        # whatever process submitted the job (a notebook, a test session): on another machine, or serving a
+        # killed attempt's run. This job starts its own.
+        os.environ.pop("WANDB_SERVICE", None)
     # Called from Python (tests, scripts) with its own argv: that is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     DeepresCLI.user_class_paths = sections_with_class_path(argv)
@@ -201,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
             # None: LightningCLI reads sys.argv itself (passing both makes it warn)
             args=None if argv == sys.argv[1:] else argv,
         )
+    except StoppedBySignal as stop:
+        return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
+    except CheckpointWriteError as err:
+        print(f"deepres: error: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, ArgumentError, ValueError, TypeError) as e:
         cause = _config_error_in(e)
         if cause is None and not isinstance(e, ArgumentError):
@@ -211,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepres: error: {_first_paragraph(e)}\nRun `deepres {argv[0] if argv else 'fit'} --help` for the valid options, "
               "or `--print_config` for the full configuration.", file=sys.stderr)
         return 2
+    except Exception as e:
+        report = getattr(e, "deepres_report", None)
+        if report is None:
+            raise
+        print(report, file=sys.stderr)  # the traceback is in the crash log it names
+        return 1
+    finally:
+        release_run_dir_locks()
     return 0
 
 

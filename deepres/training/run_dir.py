@@ -1,12 +1,26 @@
 """Run directories: `runs/<name>/` holds config.yaml, run_info.json (git SHA, versions, command),
-metrics.csv and checkpoints/. Checkpoints are written atomically, and metrics.csv survives resumes."""
+metrics.csv and checkpoints/ (deepres.training.checkpoints). metrics.csv survives resumes.
+
+One run directory per job, one job per run directory:
+
+- Rank 0 chooses the directory (``claim_run_dir``) and every other rank uses its choice: ranks that Lightning
+  starts on one machine inherit it in ``DEEPRES_RUN_DIR``; ranks started together by torchrun or srun read it
+  from ``<root>/.claims/<launch key>``, which rank 0 writes (``await_run_dir``).
+- A new run claims ``<name>``, else the first free ``<name>-2``, ``-3``, … by creating ``.claimed`` in it with
+  O_EXCL, which exactly one process can do: runs started together with one name (a sweep, a job array) each get
+  their own directory.
+- The process that trains holds an exclusive lock (flock) on ``<run_dir>/.lock`` until it exits, so a resume
+  into a directory that a live run is writing is refused, naming that run's host and pid.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -15,32 +29,172 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from deepres.errors import ConfigError
 
 PACKAGES = ("deepres", "torch", "torchvision", "lightning", "torchmetrics", "deepspeed", "webdataset", "wandb",
             "numpy", "jsonargparse")
 
 
+ENV_RUN_DIR = "DEEPRES_RUN_DIR"  # the run directory rank 0 chose, for the ranks it starts
+ENV_RESUME = "DEEPRES_RESUME_FROM"  # the checkpoint rank 0 resumes from, ditto
+CLAIMED = ".claimed"
+LOCK = ".lock"
+CLAIMS = ".claims"
+
+
+def _numbered(root: Path, name: str) -> list[Path]:
+    """root/name, root/name-2, root/name-3, … as they exist, in order."""
+    numbered = sorted((p for p in root.glob(f"{name}-*") if p.name[len(name) + 1:].isdigit()),
+                      key=lambda p: int(p.name[len(name) + 1:]))
+    return [root / name, *numbered]
+
+
 def resolve_run_dir(root: str | Path, name: str, resuming: bool) -> Path:
-    """`root/name`, or, when that already holds a run and we are not resuming, the first free
-    `root/name-2`, `-3`, … (nothing already written is touched). When resuming, the newest of them."""
+    """Where a run would go, without claiming it: when resuming, the newest of `root/name`, `root/name-N` that
+    holds anything (else `root/name`); otherwise the first that is free."""
     root = Path(root)
-    base = root / name
-    taken = [base] + sorted(
-        (p for p in root.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()),
-        key=lambda p: int(p.name[len(name) + 1 :]),
-    )
-    existing = [p for p in taken if p.exists() and any(p.iterdir())]
+    existing = [p for p in _numbered(root, name) if p.is_dir() and any(p.iterdir())]
     if resuming:
-        return existing[-1] if existing else base
+        return existing[-1] if existing else root / name
     if not existing:
-        return base
-    n = max([1] + [int(p.name[len(name) + 1 :]) for p in existing if p != base]) + 1
+        return root / name
+    n = max([1] + [int(p.name[len(name) + 1:]) for p in existing if p.name != name]) + 1
     return root / f"{name}-{n}"
+
+
+def claim_new_run_dir(root: str | Path, name: str) -> Path:
+    """Atomically claim the first free directory of `root/name`, `root/name-2`, …: one that is empty or absent
+    and whose `.claimed` this process creates (O_EXCL). Two processes never get the same one."""
+    root = Path(root)
+    n = 1
+    while True:
+        candidate = root / (name if n == 1 else f"{name}-{n}")
+        n += 1
+        candidate.mkdir(parents=True, exist_ok=True)
+        if any(p.name != CLAIMED for p in candidate.iterdir()):
+            continue  # an older run (or one from before claims existed)
+        try:
+            fd = os.open(candidate / CLAIMED, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        return candidate
+
+
+_held_locks: dict[Path, int] = {}
+
+
+def lock_run_dir(run_dir: Path, *, wait_s: float = 0.0) -> None:
+    """Hold `run_dir/.lock` exclusively until this process exits; refuse (ConfigError) if a live process holds it.
+
+    `wait_s`: how long to wait for it (a requeued job whose previous attempt is still being stopped)."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"run directory {run_dir} is in use by a live run ({holder}). Wait for it to end, or give this run "
+                "another --run.name (without --ckpt_path it gets a directory of its own)."
+            ) from None
+        except OSError:  # a file system without flock (some parallel file systems): go on unlocked
+            break
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}, since {time.strftime('%H:%M:%S')}".encode(), 0)
+    _held_locks[run_dir] = fd
+
+
+def release_run_dir_locks() -> None:
+    """Let go of the run directories this process holds, and forget the choice it published for the ranks it
+    started (at the end of a command run in-process: a test, a notebook)."""
+    for fd in _held_locks.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        os.environ.pop(ENV_RUN_DIR, None)
+        os.environ.pop(ENV_RESUME, None)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher numbered it (torchrun: RANK; srun: SLURM_PROCID), 0 if alone.
+
+    Processes started by hand with Lightning's variables (NODE_RANK, LOCAL_RANK) count as rank 0 only when both
+    are 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    node, local = (int(os.environ.get(v, "0") or 0) for v in ("NODE_RANK", "LOCAL_RANK"))
+    return 0 if node == local == 0 else node * 1000 + local
+
+
+def launch_key() -> str | None:
+    """The same string on every rank of one launch by torchrun or srun (None otherwise)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        e = os.environ
+        return f"torchrun-{e['TORCHELASTIC_RUN_ID']}-{e.get('MASTER_ADDR', '')}-{e.get('MASTER_PORT', '')}"
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        e = os.environ
+        return (f"slurm-{e['SLURM_JOB_ID']}-{e.get('SLURM_STEP_ID', '')}-{e.get('SLURM_RESTART_COUNT', '0')}")
+    if "MASTER_PORT" in os.environ and ("NODE_RANK" in os.environ or "LOCAL_RANK" in os.environ):
+        return f"env-{os.environ.get('MASTER_ADDR', '')}-{os.environ['MASTER_PORT']}"
+    return None
+
+
+def publish_run_dir(root: Path, run_dir: Path, resume_from: str | None) -> None:
+    """Rank 0: tell the ranks started beside it where the run goes and what it resumes from."""
+    os.environ[ENV_RUN_DIR] = str(run_dir)
+    if resume_from:
+        os.environ[ENV_RESUME] = resume_from
+    key = launch_key()
+    if key is not None:
+        record = {"run_dir": str(run_dir), "resume_from": resume_from, "written": time.time()}
+        atomic_write_bytes(Path(root) / CLAIMS / key, json.dumps(record).encode())
+
+
+def await_run_dir(root: Path, *, timeout_s: float = 600.0) -> tuple[Path, str | None]:
+    """Ranks > 0 of a torchrun/srun launch: wait for rank 0's choice (run directory, checkpoint to resume)."""
+    key = launch_key()
+    if key is None:
+        raise ConfigError("internal: a rank other than 0 without DEEPRES_RUN_DIR nor a torchrun/srun launch")
+    path = Path(root) / CLAIMS / key
+    # Ranks of one launch start within seconds; a record older than this process (by a margin) is a stale one
+    # from an earlier launch that happened to get the same key.
+    not_before = _process_start_time() - 120
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_text())
+            if record["written"] >= not_before:
+                return Path(record["run_dir"]), record.get("resume_from")
+        time.sleep(0.2)
+    raise ConfigError(f"rank {launch_rank()}: rank 0 did not choose a run directory within {timeout_s:.0f} s "
+                      f"(no {path}). Is {root} on a file system that every node sees?")
+
+
+def _process_start_time() -> float:
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
 
 
 def git_sha(cwd: str | Path | None = None) -> str | None:
@@ -118,33 +272,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O with write-to-temp + fsync + rename for local paths."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # object stores: Lightning's own (transactional) writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also saves last.ckpt at the step where `max_steps` stops training.
-
-    Lightning would otherwise save it in on_train_epoch_end of the cut-short epoch, in a state
-    (epoch counter advanced, batch counter not reset) from which a resume cannot tell which
-    batches of the epoch were already seen."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        at_end = 0 < trainer.max_steps <= trainer.global_step
-        if at_end and self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class _ResumingWriter(ExperimentWriter):

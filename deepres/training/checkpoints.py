@@ -1,0 +1,246 @@
+"""Checkpoint files: written so that a crash costs at most one interval, read so that they never run code.
+
+On disk, in ``<run_dir>/checkpoints/``::
+
+    last.ckpt       the newest complete checkpoint
+    previous.ckpt   the one before it, kept so that a damaged last.ckpt still leaves one to resume from
+
+Writing (``CheckpointFiles``, the Trainer's checkpoint I/O): the checkpoint goes to a temporary file in the same
+directory, is fsynced, and only then renamed over ``last.ckpt`` (the old one becoming ``previous.ckpt``). A kill,
+a full disk or a power cut at any point leaves the previous complete files in place, and a failed write leaves
+no partial file. ``deepres.training.run_checkpoint.RunCheckpoint`` decides *when* to save.
+
+Reading (``load_checkpoint``): ``torch.load(weights_only=True)``, so unpickling can only build tensors, plain
+containers and the classes in ``SAFE_GLOBALS``. A checkpoint is a pickle, and a pickle can call any function;
+checkpoints travel between people and sit on shared file systems. A file that needs anything else is refused
+with one line naming what it asked for and the option that accepts a trusted file.
+
+Resuming (``find_resume_checkpoint``): the newest checkpoint of a run that is complete (a zip archive whose
+records pass their CRC check, or a ZeRO directory with its ``latest`` index) and that loads; every one skipped is
+reported with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from deepres.errors import ConfigError
+
+LAST = "last.ckpt"
+PREVIOUS = "previous.ckpt"
+# The option that loads a checkpoint deepres would refuse, for a file the user trusts.
+TRUST_OPTION = "--weights_only false"
+
+# Classes beyond tensors and builtin containers that deepres checkpoints contain (hyper-parameter dataclasses,
+# say). Registered with torch, so Lightning's own loading (weights_only=True) accepts them too.
+SAFE_GLOBALS: list[Any] = []
+
+
+def allow_in_checkpoints(*objects: Any) -> None:
+    """Let checkpoints contain these classes (or functions); call where they are defined."""
+    SAFE_GLOBALS.extend(objects)
+    torch.serialization.add_safe_globals(list(objects))
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint whose unpickling would call something no deepres checkpoint needs."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed; the previous complete checkpoint is untouched."""
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def load_checkpoint(path: str | Path, *, trusted: bool = False, map_location: Any = "cpu", mmap: bool = False,
+                    option: str = TRUST_OPTION) -> Any:
+    """``torch.load`` that only builds tensors, containers and ``SAFE_GLOBALS`` unless ``trusted``.
+
+    ``mmap=True`` maps tensor data instead of reading it (for looking at the step of a large checkpoint).
+    Raises ``UnsafeCheckpointError`` (one line, naming the global it asked for and ``option``)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trusted, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"`{asked[1]}`" if asked else "an object outside the allowed types"
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: unpickling it would call {what}, which no deepres checkpoint contains "
+            f"(loading it could run code). If you trust the file, pass {option}."
+        ) from None
+
+
+def zero_model_states(path: Path) -> Path:
+    """The file of a DeepSpeed ZeRO checkpoint directory that holds Lightning's client state (global_step,
+    loops, ...): mp_rank_00_model_states.pt (ZeRO 1/2) or zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO 3)."""
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else "checkpoint"
+    states = sorted((path / tag).glob("*model_states.pt"))
+    if not states:
+        raise ConfigError(f"{path} is a directory but not a DeepSpeed checkpoint: no {tag}/*model_states.pt in it.")
+    return states[0]
+
+
+def checkpoint_global_step(path: str | Path, *, trusted: bool = False) -> int:
+    """The optimizer step a checkpoint was saved at, for a Lightning .ckpt file or a ZeRO directory."""
+    path = Path(path)
+    file = zero_model_states(path) if path.is_dir() else path
+    return int(load_checkpoint(file, trusted=trusted, mmap=not path.is_dir()).get("global_step", 0))
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint is not complete, or None if it is.
+
+    ``torch.save`` writes a zip archive whose central directory comes last and a CRC-32 for every record, so a
+    file cut short does not open as a zip and a flipped byte fails its record's check. DeepSpeed writes a
+    directory and its ``latest`` index last."""
+    if path.is_dir():
+        return None if (path / "latest").is_file() else "a directory without DeepSpeed's `latest` index (cut short)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a zip archive without a pickled checkpoint in it"
+            bad = archive.testzip()
+            return f"record {bad} fails its CRC check (corrupt)" if bad else None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        return f"not a complete archive (truncated or overwritten: {err})"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped {self.path}: {self.reason}"
+
+
+def _written_at(path: Path) -> float:
+    if path.is_dir():
+        index = path / "latest"
+        return (index if index.is_file() else path).stat().st_mtime
+    return path.stat().st_mtime
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """A run's checkpoints, newest first: checkpoints/*.ckpt (last, previous, a user's top-k files) and Lightning's
+    hpc_ckpt_*.ckpt. Newest by write time, not by name or step: what was written last is where the run was."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted(found, key=_written_at, reverse=True)
+
+
+def find_resume_checkpoint(run_dir: str | Path, *, trusted: bool = False) -> tuple[Path | None, int, list[Skipped]]:
+    """(newest complete checkpoint that loads, its global step, what was skipped on the way and why).
+
+    A checkpoint that would run code is not skipped but refused (UnsafeCheckpointError): falling back past it
+    would hide that somebody put it there."""
+    skipped: list[Skipped] = []
+    for path in checkpoint_candidates(Path(run_dir)):
+        reason = damage(path)
+        if reason is None:
+            try:
+                return path, checkpoint_global_step(path, trusted=trusted), skipped
+            except UnsafeCheckpointError:
+                raise
+            except Exception as err:  # a checkpoint that does not load is as good as none
+                reason = f"does not load ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        skipped.append(Skipped(path, reason))
+    return None, 0, skipped
+
+
+def describe_checkpoints_dir(run_dir: Path) -> str:
+    """What a run directory holds, for an error that says there is nothing to resume from."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return f"{run_dir} does not exist"
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir()) if (run_dir / "checkpoints").is_dir() else []
+    return (f"{run_dir} holds {', '.join(names) or 'nothing'}"
+            + (f"; checkpoints/ holds {', '.join(ckpts)}" if ckpts else "; no checkpoints/"))
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Temporary files a killed writer left behind (``.NAME.tmp-PID`` whose PID no longer runs)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(OSError):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def install_checkpoint(partial: Path, final: Path) -> None:
+    """Move a complete checkpoint (file or directory) into place; a ``last.ckpt`` it replaces becomes
+    ``previous.ckpt``. Both renames are atomic; between them the newest complete checkpoint is previous.ckpt."""
+    if final.exists() and final.name == LAST:
+        previous = final.with_name(PREVIOUS)
+        if previous.is_dir():  # os.replace cannot overwrite a directory (ZeRO checkpoints are directories)
+            shutil.rmtree(previous)
+        os.replace(final, previous)
+    elif final.is_dir():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
+class CheckpointFiles(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, writing to a temporary file, fsyncing, then installing it (see
+    ``install_checkpoint``). Object-store paths (``s3://…``) go to Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            install_checkpoint(tmp, path)
+        except OSError as err:
+            kept = path if path.exists() else path.with_name(PREVIOUS)
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {err.strerror or err} (disk full, quota or file size limit?); "
+                f"nothing partial was left, and {kept if kept.exists() else 'no earlier checkpoint'} is untouched. "
+                "Free space and resume with --ckpt_path last."
+            ) from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def load_module(cls: Any, path: str | Path, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+    """``cls.load_from_checkpoint(path)`` (a LightningModule) after the same check as ``load_checkpoint``: a file
+    that would run code is refused with one line before Lightning opens it."""
+    load_checkpoint(path, trusted=trusted, mmap=True)
+    return cls.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted)

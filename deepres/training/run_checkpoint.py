@@ -1,0 +1,156 @@
+"""When a run saves ``checkpoints/last.ckpt``: often enough that a crash costs at most one interval.
+
+``RunCheckpoint`` saves at the end of every epoch, every ``run.checkpoint_every_n_steps`` optimizer steps,
+every ``run.checkpoint_every_minutes`` of training (30 by default: what a crash of a multi-day job may cost),
+at the step where ``max_steps`` ends training, at the end, and at the first step boundary after
+
+- SIGTERM or Ctrl-C (deepres.training.stop_signals): then it stops the Trainer;
+- the scheduler's requeue signal or a near time limit (the ``requeue`` policy, deepres.slurm): then the policy
+  requeues the job.
+
+Every rank checks after every optimizer step (never inside gradient accumulation, where a checkpoint would lose
+the accumulated gradients) and the ranks agree with one all-reduce of three flags, so they all save at the same
+step even when a signal reached them during different steps, and none saves inside a signal handler (mid-
+backward, inside a collective). How the file is written (temporary file, fsync, rename, previous.ckpt kept) is
+``deepres.training.checkpoints``; with ``run.async_checkpoint`` the write runs in a background thread after the
+tensors are copied, so training waits only for the copy.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from typing_extensions import override
+
+from deepres.training import stop_signals
+from deepres.training.checkpoints import LAST, install_checkpoint
+
+_TIME, _REQUEUE, _STOP = range(3)
+
+
+class RequeuePolicy(Protocol):
+    """What a scheduler adds (deepres.slurm.callback.SlurmRequeue): when to requeue, and how."""
+
+    def start(self, trainer: pl.Trainer) -> None: ...
+
+    def due(self) -> bool: ...
+
+    def after_save(self, trainer: pl.Trainer, path: Path) -> None: ...
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Saves ``<dirpath>/last.ckpt`` on the schedule above. A ModelCheckpoint (with no top-k files of its own),
+    so Lightning adds no default checkpoint callback beside it and ``trainer.checkpoint_callback`` finds it; a
+    user's own ModelCheckpoint (top-k by a metric) can run beside it."""
+
+    def __init__(self, dirpath: str | Path, *, every_n_steps: int | None = None, every_minutes: float | None = 30.0,
+                 requeue: RequeuePolicy | None = None) -> None:
+        super().__init__(dirpath=str(dirpath), save_top_k=0, save_last=False)
+        self.every_n_steps = every_n_steps or None
+        self.every_minutes = every_minutes or None
+        self.requeue = requeue
+        self.stopped_by: str | None = None  # the signal that stopped training, if one did
+        self._saved_step = -1
+        self._checked_step = -1
+        self._last_save = time.monotonic()
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / LAST
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # After Lightning registered its own SIGTERM handler (it does so just before the loop starts).
+        stop_signals.arm()
+        self._checked_step = trainer.global_step
+        self._saved_step = trainer.global_step if trainer.global_step > 0 else -1  # resumed from that step
+        self._last_save = time.monotonic()
+        if self.requeue is not None:
+            self.requeue.start(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if step == self._checked_step:
+            return  # inside gradient accumulation
+        self._checked_step = step
+        flags = self._agreed_flags(trainer)
+        every_n = self.every_n_steps is not None and step % self.every_n_steps == 0
+        at_max_steps = 0 < trainer.max_steps <= step
+        # At max_steps, save here: in on_train_epoch_end of the cut-short epoch the loops' state (epoch counter
+        # advanced, batch counter not reset) would not tell a resume which batches of the epoch were seen.
+        if any(flags) or every_n or at_max_steps:
+            self.save(trainer)
+        if flags[_REQUEUE] and self.requeue is not None:
+            for logger in trainer.loggers:  # an online wandb run is marked as preempted, not crashed
+                if hasattr(logger, "mark_preempting"):
+                    logger.mark_preempting()
+            self.requeue.after_save(trainer, self.last_path)
+        if flags[_STOP]:
+            self.stopped_by = stop_signals.pending() or "a stop signal on another rank"
+            if trainer.is_global_zero:
+                print(f"deepres: {self.stopped_by}: saved {self.last_path} at step {step}; stopping. "
+                      "Resume with --ckpt_path last.", flush=True)
+            trainer.should_stop = True
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.save(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.save(trainer)
+        stop_signals.disarm()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        stop_signals.disarm()
+
+    # ------------------------------------------------------------------------------------------------ save
+    def _agreed_flags(self, trainer: pl.Trainer) -> list[bool]:
+        local = [
+            self.every_minutes is not None and time.monotonic() - self._last_save >= 60 * self.every_minutes,
+            self.requeue is not None and self.requeue.due(),
+            stop_signals.pending() is not None,
+        ]
+        if trainer.world_size == 1:
+            return local
+        flags = torch.tensor(local, dtype=torch.float32, device=trainer.strategy.root_device)
+        flags = trainer.strategy.reduce(flags, reduce_op="max")
+        return [bool(f) for f in flags.tolist()]
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        """Save last.ckpt on every rank (a collective), unless this step is saved already."""
+        if trainer.global_step == self._saved_step or trainer.sanity_checking:
+            return self.last_path
+        path = self.last_path
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # ZeRO writes a directory, every rank its shard, not through the checkpoint I/O: write it beside
+            # last.ckpt and move it into place once every rank is done.
+            partial = path.with_name(f".{LAST}.partial")
+            if trainer.is_global_zero and partial.exists():
+                import shutil
+
+                shutil.rmtree(partial)  # a killed attempt's: its `latest` would make it look complete
+            trainer.strategy.barrier("deepres.checkpoint_partial")
+            trainer.save_checkpoint(partial)
+            if trainer.is_global_zero:
+                install_checkpoint(partial, path)
+            trainer.strategy.barrier("deepres.checkpoint_installed")
+        else:
+            trainer.save_checkpoint(path)  # CheckpointFiles: temporary file, fsync, rename
+        self._saved_step = trainer.global_step
+        self._last_save = time.monotonic()
+        return path
