@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from deepres.errors import ConfigError
 from deepres.slurm import requeue
 from deepres.slurm.callback import SlurmRequeue
+from deepres.slurm.submit import ClusterRequest, Plan, TrainerSettings, job_block, plan, render
 from deepres.training.checkpoints import CheckpointFiles, damage, load_checkpoint
 from deepres.training.run_checkpoint import RunCheckpoint
-from deepres.slurm.submit import ClusterRequest, Plan, TrainerSettings, job_block, plan, render
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -28,7 +28,6 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 
 from deepres.errors import ConfigError
-from deepres.training.checkpoints import checkpoint_global_step
 from deepres.strategies import (
     DeepSpeedStrategy,
     check_trainer_config,
@@ -38,6 +37,7 @@ from deepres.strategies import (
     resolve_strategy,
     use_persistent_extension_cache,
 )
+from deepres.training.checkpoints import checkpoint_global_step
 
 TINY = Path(__file__).with_name("_tiny.py")
 REPO = TINY.parent.parent
