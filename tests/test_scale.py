@@ -27,6 +27,8 @@ def fit(tmp_path: Path, name: str, *args: str, launcher: list[str] | None = None
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = procs.run(cmd, 600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Both ranks used the run directory rank 0 chose: no second, empty one.
+    assert not (tmp_path / f"{name}-2").exists()
     last = tmp_path / name / "checkpoints" / "last.ckpt"
     if last.is_dir():  # a ZeRO checkpoint: convert it to a plain state dict first
         out = tmp_path / f"{name}.pt"

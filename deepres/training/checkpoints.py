@@ -211,6 +211,24 @@ def install_checkpoint(partial: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+class _RecordingWriter:
+    """A file's write/flush that remembers the first OSError."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 class CheckpointFiles(TorchCheckpointIO):
     """Lightning's checkpoint I/O, writing to a temporary file, fsyncing, then installing it (see
     ``install_checkpoint``). Object-store paths (``s3://…``) go to Lightning's own writer."""
@@ -223,7 +241,15 @@ class CheckpointFiles(TorchCheckpointIO):
         tmp = _temporary(path)
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _RecordingWriter(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError:
+                    # torch's zip writer reports a failed write as a RuntimeError ("unexpected pos"): the
+                    # OSError it swallowed (no space, quota, file size limit) is the cause to name.
+                    if writer.error is None:
+                        raise
+                    raise writer.error from None
                 f.flush()
                 os.fsync(f.fileno())
             install_checkpoint(tmp, path)
