@@ -394,26 +394,43 @@ def test_default_job_trains_with_ddp_over_gloo_to_completion(slurm_cluster, tmp_
     assert (run / "submit.sbatch").is_file() and f"#SBATCH --nodes={nodes}" in (run / "submit.sbatch").read_text()
 
 
+@pytest.fixture
+def submitters_wandb_service(slurm_cluster):
+    """The environment of a process that has a wandb-core service running (a notebook, a test session that used
+    wandb): WANDB_SERVICE names it, and sbatch would export it to the job."""
+    wandb = str(Path(PYTHON).with_name("wandb"))
+    started = subprocess.run([wandb, "beta", "core", "start", "--idle-timeout", "10m"], capture_output=True,
+                             text=True, timeout=120, env=slurm_cluster)
+    assert started.returncode == 0, started.stderr
+    token = started.stdout.strip().splitlines()[-1]
+    env = {**slurm_cluster, "WANDB_SERVICE": token, "WANDB_MODE": "offline"}
+    yield env
+    subprocess.run([wandb, "beta", "core", "stop"], capture_output=True, timeout=60, env=env)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_right_step(slurm_cluster, tmp_path):
+def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_right_step(submitters_wandb_service,
+                                                                                        tmp_path):
+    env = submitters_wandb_service
     max_steps = 30
-    job_id = _submit(slurm_cluster, tmp_path, "--nodes", "2", "--tasks-per-node", "1", "--name", "preempt",
+    job_id = _submit(env, tmp_path, "--nodes", "2", "--tasks-per-node", "1", "--name", "preempt",
                      "--trainer.max_steps", str(max_steps))
-    log = tmp_path / "runs" / "preempt" / f"slurm-{job_id}.out"
+    run_dir = tmp_path / "runs" / "preempt"
+    log = run_dir / f"slurm-{job_id}.out"
     preempt = ["scancel", "--signal=USR1", job_id]
 
     # 1. Before training: both ranks have their handler, nothing is trained yet.
     _wait_for_log(log, r"restart 0: SIGUSR1 -> checkpoint and requeue", count=2)
-    subprocess.run(preempt, env=slurm_cluster, check=True)
+    subprocess.run(preempt, env=env, check=True)
     text = _wait_for_log(log, r"^\[deepres.sbatch\] job \d+ restart 1:")
     assert "before training started: nothing to save, requeueing now" in text
     # 2. During training of the restarted job.
     text = _wait_for_log(log, r"^\[deepres.slurm\] training from step 0", count=1)
     assert "no complete checkpoint yet, starting from scratch" in text
-    subprocess.run(preempt, env=slurm_cluster, check=True)
+    subprocess.run(preempt, env=env, check=True)
 
-    info = _wait_for_job(slurm_cluster, job_id)
+    info = _wait_for_job(env, job_id)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-3000:]
     before_2, restart_2 = text.split("restart 2:", 1)
@@ -425,7 +442,15 @@ def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_righ
     assert 1 <= saved_at < max_steps
     assert "resuming from" in restart_2 and "checkpoints/last.ckpt" in restart_2
     assert f"[deepres.slurm] training from step {saved_at}\n" in restart_2  # nothing lost, nothing repeated
-    assert _global_step(tmp_path / "runs" / "preempt" / "checkpoints" / "last.ckpt") == max_steps
+    assert _global_step(run_dir / "checkpoints" / "last.ckpt") == max_steps
+
+    # One wandb run across the requeues, logged by each attempt's own service, and a sync command for all of it.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    sessions = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(sessions) >= 2 and sorted((run_dir / "wandb").glob("offline-run-*")) == sessions
+    assert "could not start run" not in text and "without wandb" not in text, text[-3000:]
+    sync = re.findall(r"^    wandb sync (.+)$", text, re.M)[-1].split()
+    assert [(tmp_path / p).resolve() for p in sync] == [s.resolve() for s in sessions]  # all of them, in order
 
 
 @pytest.mark.slurm

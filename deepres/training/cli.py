@@ -25,7 +25,6 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from deepres.diagnostics import DiagnosticsConfig, diagnostics_callbacks
 from deepres.errors import ConfigError
@@ -33,6 +32,7 @@ from deepres.slurm import requeue
 from deepres.slurm.callback import slurm_requeue_and_plugins
 from deepres.strategies import resolve_strategy
 from deepres.training.checkpoints import (
+    BackgroundCheckpointFiles,
     CheckpointFiles,
     CheckpointWriteError,
     checkpoint_global_step,
@@ -79,7 +79,8 @@ class RunConfig:
     """Also save checkpoints/last.ckpt every this many minutes of training: at most this much is lost to a
     crash inside a long epoch. null: only at epoch ends and every N steps."""
     async_checkpoint: bool = True
-    """Write checkpoints from a background thread: training waits only while the tensors are copied."""
+    """Write checkpoints from a background thread: training waits only while the tensors are copied to CPU
+    memory (serialising, writing and fsyncing happen beside training)."""
     collective_timeout_minutes: float = 10.0
     """A collective (gradient all-reduce, barrier) that waits longer than this for another rank fails, naming
     the rank that does not answer, instead of hanging for torch's default 30 minutes."""
@@ -255,7 +256,7 @@ class DeepresCLI(LightningCLI):
             callbacks.append(ThrottledProgressBar())
         kwargs["callbacks"] = callbacks
         plugins = _as_list(trainer_cfg.get("plugins"))
-        plugins.append(AsyncCheckpointIO(CheckpointFiles()) if run.async_checkpoint else CheckpointFiles())
+        plugins.append(BackgroundCheckpointFiles() if run.async_checkpoint else CheckpointFiles())
         plugins += slurm_plugins  # Lightning's SLURM environment (ranks, addresses), its own requeue off
         kwargs["plugins"] = plugins
         trainer = super().instantiate_trainer(**kwargs)
