@@ -26,7 +26,7 @@ from deepres.errors import ConfigError
 from deepres.slurm import requeue
 from deepres.slurm.callback import SlurmRequeue
 from deepres.slurm.submit import ClusterRequest, Plan, TrainerSettings, job_block, plan, render
-from deepres.training.checkpoints import CheckpointFiles, damage, load_checkpoint
+from deepres.training.checkpoints import CheckpointFiles, damage, find_resume_checkpoint, load_checkpoint
 from deepres.training.run_checkpoint import RunCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,6 +247,23 @@ def test_early_signal_is_recorded_and_requeue_is_attempted_before_training(fake_
     assert "before training started" in err and "scontrol requeue 999999" in err
 
 
+def test_a_job_does_not_use_the_wandb_service_of_the_process_that_submitted_it(tmp_path):
+    """sbatch exports the submitter's environment; a WANDB_SERVICE in it names a service on another machine (here:
+    one that is gone). Connecting to it fails, and a shared service keeps a killed attempt's run id registered
+    ("run ID ... is in use" on the restart). The job must start its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "t", "WANDB_MODE": "offline",
+                "WANDB_SERVICE": f"3-1-unix-{tmp_path / 'gone' / 'socket'}", "OMP_NUM_THREADS": "1",
+                "PATH": f"{tmp_path / 'no-slurm-client'}:{env['PATH']}"})
+    result = subprocess.run([PYTHON, "-m", "deepres", "fit", "--run.root", str(tmp_path / "runs"), "--run.name", "w",
+                             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--model.depth", "3",
+                             *QUIET], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "could not start run" not in result.stderr + result.stdout
+    run_id = (tmp_path / "runs" / "w" / "wandb_run_id").read_text().strip()
+    assert len(list((tmp_path / "runs" / "w" / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+
+
 # =========================================================================== the local SLURM cluster
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 
@@ -352,7 +369,7 @@ def _job(env: dict[str, str], job_id: str) -> dict[str, str]:
 def _wait_for_job(env: dict[str, str], job_id: str, timeout: float = 400) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while (info := _job(env, job_id))["JobState"] not in FINAL_STATES:
-        assert time.monotonic() < deadline, f"job {job_id} still {info['JobState']} after {timeout} s"
+        assert time.monotonic() < deadline, f"job {job_id} still {info['JobState']} after {timeout} s: {info}"
         time.sleep(1)
     return info
 
@@ -451,6 +468,59 @@ def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_righ
     assert "could not start run" not in text and "without wandb" not in text, text[-3000:]
     sync = re.findall(r"^    wandb sync (.+)$", text, re.M)[-1].split()
     assert [(tmp_path / p).resolve() for p in sync] == [s.resolve() for s in sessions]  # all of them, in order
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_node_set_down_mid_job_requeues_it_and_it_resumes_from_the_last_checkpoint(slurm_cluster, tmp_path):
+    max_steps = 200
+    job_id = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--tasks-per-node", "1", "--name", "down",
+                     "--trainer.max_steps", str(max_steps), "--run.checkpoint_every_n_steps", "10",
+                     "--wandb.enabled", "false")
+    run_dir = tmp_path / "runs" / "down"
+    log = run_dir / f"slurm-{job_id}.out"
+    _wait_for_log(log, r"^\[deepres.slurm\] training from step 0")
+    deadline = time.monotonic() + 120
+    while find_resume_checkpoint(run_dir)[1] < 20:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    node = _job(slurm_cluster, job_id)["NodeList"]
+    update = ["scontrol", "update", f"NodeName={node}", "Reason=deepres-test"]
+    subprocess.run([*update, "State=DOWN"], env=slurm_cluster, check=True)
+    # An emulated node answers at once and would return to service (ReturnToService=2) while its slurmd still
+    # stops the old attempt; SLURM would then drain it for a duplicate job id. A dead node stays away: drain it.
+    subprocess.run([*update, "State=DRAIN"], env=slurm_cluster, check=True)
+    try:
+        info = _wait_for_job(slurm_cluster, job_id, timeout=400)
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=slurm_cluster)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, text[-3000:]
+    restart = text.split("restart 1:", 1)[1]
+    resumed = int(re.search(r"\[deepres.slurm\] training from step (\d+)", restart)[1])
+    assert resumed >= 20 and "resuming from" in restart
+    assert _global_step(run_dir / "checkpoints" / "last.ckpt") == max_steps
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scancel_without_a_signal_checkpoints_within_the_grace_period_and_exits_cleanly(slurm_cluster, tmp_path):
+    job_id = _submit(slurm_cluster, tmp_path, "--nodes", "1", "--tasks-per-node", "1", "--name", "cancel",
+                     "--trainer.max_steps", "100000", "--trainer.max_epochs", "-1", "--wandb.enabled", "false")
+    run_dir = tmp_path / "runs" / "cancel"
+    log = run_dir / f"slurm-{job_id}.out"
+    _wait_for_log(log, r"^\[deepres.slurm\] training from step 0")
+    deadline = time.monotonic() + 120
+    while find_resume_checkpoint(run_dir)[1] < 22:  # an epoch end
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    subprocess.run(["scancel", job_id], env=slurm_cluster, check=True)  # SIGTERM, SIGKILL KillWait s later
+    info = _wait_for_job(slurm_cluster, job_id, timeout=120)
+    text = log.read_text()
+    assert info["JobState"] == "CANCELLED", text[-3000:]
+    saved = int(re.search(r"SIGTERM: saved \S*/checkpoints/last.ckpt at step (\d+); stopping", text)[1])
+    assert _global_step(run_dir / "checkpoints" / "last.ckpt") == saved > 22
+    assert "Traceback" not in text
 
 
 @pytest.mark.slurm
