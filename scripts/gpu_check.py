@@ -24,20 +24,24 @@ Steps, in this order (the most informative first, so a short budget loses the le
 
 Each step runs in its own Python process under a time limit (its budget, and never past the run's
 8 minutes): a CUDA error, an out-of-memory, a hung NCCL call or a crash fails that step only, with its
-error in the table, and the next step starts on a clean device. The `deepres fit` steps are the real
-command line (`deepres.training.cli.main`) with every default on (diagnostics, checkpoint at the end);
-only the data is replaced by one fixed uint8 batch in pinned memory (`ProbeData`), normalised on the
-device by the shard pipeline's own code, so that they time the training loop, not a data pipeline
-(the `shards` step times that). Their clock is read at the start of step `warmup` and of step
-`warmup + steps`, each time after torch.cuda.synchronize(); warm-up (and compilation) is excluded.
-FLOPs per image are counted with torch.utils.flop_counter.FlopCounterMode on the meta device
-(forward; training ≈ 3× forward); MFU = training FLOPs per image × images/s ÷ the measured bf16 peak.
+error in the table, and the next step starts on a clean device. Each step's whole output (tracebacks;
+for a step past its time, faulthandler's stack of every thread) goes to runs/gpu_check/<step>.log.
 
-`--dry-run` needs no GPU: every CUDA step is reported as skipped, and everything else runs for real on
-the CPU: the argument parsing, the models, the FLOP counts, the CPU-measured memory prediction (at a
-small batch), the JPEGs and shards, the `deepres fit` command lines (parsed by the CLI and their
-strategies resolved for a CUDA device), the table, CSV and Markdown writers and the environment.
-Writes gpu_check.{csv,md} and gpu_check_summary.md (a dry run: gpu_check_dry_run.*).
+The `deepres fit` steps are the real command line (`deepres.training.cli.main`) with every default on
+(diagnostics, the checkpoint at the end); only the data is one fixed uint8 batch in pinned memory
+(`ProbeData`), normalised on the device by the shard pipeline's own code, so that they time the
+training loop, not a data pipeline (the `shards` step times that). Their clock is read at the start of
+step `warmup` and of step `warmup + steps`, each time after torch.cuda.synchronize(), so warm-up and
+compilation are excluded. FLOPs per image are counted by torch.utils.flop_counter.FlopCounterMode on
+the meta device (forward; training ≈ 3 × forward); MFU = training FLOPs per image × images/s ÷ the
+bf16 matmul peak of the same run.
+
+`--dry-run` needs no GPU: every CUDA step is reported as skipped and everything else runs for real on
+the CPU: argument parsing; the models (on the meta device for the FLOP counts, on the CPU for the
+memory prediction at a small batch and for the LSTM's output check); the JPEGs and shards; the
+`deepres fit` command lines, parsed by the CLI with their strategies resolved for a CUDA device; the
+table, CSV and Markdown writers and the environment. Writes gpu_check.{csv,md} and
+gpu_check_summary.md (a dry run: gpu_check_dry_run.*).
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,7 +78,7 @@ from deepres.data.shards import ShardDataModule
 from deepres.models import create_model
 from deepres.training.run_dir import environment, package_versions
 
-TOTAL_BUDGET_S = 480  # the whole run, prepare steps included
+TOTAL_BUDGET_S = 465  # the whole run, prepare steps included (the rest of 8 minutes: imports, writing)
 RESULT_PREFIX = "GPU_CHECK_RESULT "
 MFU_TARGET = 0.35  # ResNet-50 bf16 on an H100/H200-class GPU
 HIGHWAY_TARGET = 1.15  # Highway-ResNet-50 ÷ ResNet-50 step time (scripts/bench_model_cost.py's target)
@@ -220,8 +226,9 @@ def fit_argv(args: list[str], *, batch: int, shape: tuple[int, ...], num_classes
             "--wandb.enabled", "false", "--run.root", root, "--run.name", name]
 
 
-def fit_probe(argv: list[str]) -> dict[str, Any]:
-    """Run `deepres fit` in this process and return ProbeData's record (raises if the fit failed)."""
+def fit_probe(argv: list[str], expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `deepres fit` in this process and return ProbeData's record. Raises if the fit failed, if the
+    loss is not finite, or if the trainer ran something else than `expect` says (None: must be there)."""
     from deepres.training.cli import main as deepres_main
 
     ProbeData.record = {}
@@ -230,7 +237,16 @@ def fit_probe(argv: list[str]) -> dict[str, Any]:
         raise RuntimeError(f"deepres fit exited with {code} before the timed steps ended")
     record = dict(ProbeData.record)
     record.pop("t0", None)
+    check_record(record, expect or {})
     return record
+
+
+def check_record(record: dict[str, Any], expect: dict[str, Any]) -> None:
+    if not math.isfinite(record.get("loss", 0.0)):
+        raise RuntimeError(f"the training loss is {record['loss']}")
+    for key, wanted in expect.items():
+        if key not in record or (wanted is not None and record[key] != wanted):
+            raise RuntimeError(f"the trainer ran {key} = {record.get(key)!r}, not {wanted!r}; what it ran: {record}")
 
 
 def check_fit_argv(argv: list[str]) -> str:
@@ -239,14 +255,14 @@ def check_fit_argv(argv: list[str]) -> str:
     from deepres.strategies import resolve_strategy
     from deepres.training.cli import main as deepres_main
 
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = deepres_main([*argv, "--print_config"])
     except SystemExit as exit_:
         code = exit_.code or 0
     if code != 0:
-        raise RuntimeError(f"deepres fit refused the probe's arguments (exit {code})")
+        raise RuntimeError(f"deepres fit refused the probe's arguments (exit {code}): {error_line(err.getvalue())}")
     trainer = {"accelerator": "cuda", "devices": 1}
     for key in ("strategy", "precision"):
         if f"--trainer.{key}" in argv:
@@ -254,8 +270,9 @@ def check_fit_argv(argv: list[str]) -> str:
     strategy = resolve_strategy(trainer, batch_size=json.loads(argv[argv.index("--data") + 1])["init_args"]["batch_size"])
     if isinstance(strategy, str):
         return f"arguments parse; strategy {strategy}"
-    stage = getattr(strategy, "config", {}).get("zero_optimization", {}).get("stage")
-    precision = "bf16" if getattr(strategy, "config", {}).get("bf16", {}).get("enabled") else "fp32/fp16"
+    config = getattr(strategy, "config", None) or {}
+    stage = config.get("zero_optimization", {}).get("stage")
+    precision = next((key for key in ("bf16", "fp16") if config.get(key, {}).get("enabled")), "fp32")
     return f"arguments parse; strategy {type(strategy).__name__} (ZeRO stage {stage}, {precision})"
 
 
@@ -342,13 +359,15 @@ def imagenet_probe(name: str, gate: str | None = None, channels_last: bool = Tru
         return {"forward_flops": flops, "train_flops": 3 * flops, "checked": check_fit_argv(argv(s, s["work"]))}
 
     def run(s: dict, prepared: dict) -> dict:
-        return fit_probe(argv(s, s["work"]))
+        expect = {"channels_last": channels_last, "precision": "bf16-mixed", "compiled_blocks": 16 if compile else 0}  # 3 + 4 + 6 + 3
+        return fit_probe(argv(s, s["work"]), expect)
 
     return {"run": run, "prepare": prepare}
 
 
-def cifar_probe(name: str, args: list[str]) -> dict:
-    """run and prepare of a small `deepres fit` step (resnet20_cifar, 32², batch `cifar_batch`)."""
+def cifar_probe(name: str, args: list[str], expect: dict[str, Any]) -> dict:
+    """run and prepare of a small `deepres fit` step (resnet20_cifar, 32², batch `cifar_batch`); `expect`:
+    what the trainer must have run on a GPU (see fit_probe)."""
 
     def argv(s: dict, root: str) -> list[str]:
         return fit_argv(["--model.arch", "resnet20_cifar", *args], batch=s["cifar_batch"], shape=(3, 32, 32),
@@ -359,7 +378,7 @@ def cifar_probe(name: str, args: list[str]) -> dict:
         return {"checked": check_fit_argv(argv(s, s["work"]))}
 
     def run(s: dict, prepared: dict) -> dict:
-        return fit_probe(argv(s, s["work"]))
+        return fit_probe(argv(s, s["work"]), expect if torch.device(s["device"]).type == "cuda" else {})
 
     return {"run": run, "prepare": prepare}
 
@@ -415,13 +434,30 @@ def run_preact(s: dict, prepared: dict) -> dict:
             "s_per_step": min(seconds)}
 
 
+def lstm_models(s: dict, device: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """deepres's `lstm`, and torch.nn.LSTM with the same head, for sequences of (value, marker) pairs."""
+    H = s["lstm_hidden"]
+    torch.manual_seed(0)
+    ours = create_model("lstm", input_size=2, hidden_size=H, output_size=1).to(device)
+    return ours, nn.LSTM(2, H, batch_first=True).to(device), nn.Linear(H, 1).to(device)
+
+
+def prepare_lstm(s: dict) -> dict:
+    """Both models on the CPU give one output per sequence, from the same input."""
+    ours, ref, head = lstm_models(s, "cpu")
+    x = torch.randn(2, 5, 2)
+    with torch.no_grad():
+        shapes = {tuple(ours(x).shape), tuple(head(ref(x)[0][:, -1]).shape)}
+    if shapes != {(2, 1)}:
+        raise RuntimeError(f"the two LSTMs give outputs of shapes {sorted(shapes)}, not (2, 1) each")
+    return {"parameters": sum(p.numel() for p in ours.parameters())}
+
+
 def run_lstm(s: dict, prepared: dict) -> dict:
     """Training step (forward, MSE at the sequence end, backward) of deepres's `lstm` and of
     torch.nn.LSTM + the same head on the same sequences, fp32."""
-    B, T, H, device = s["lstm_batch"], s["lstm_steps"], s["lstm_hidden"], s["device"]
-    torch.manual_seed(0)
-    ours = create_model("lstm", input_size=2, hidden_size=H, output_size=1).to(device)
-    ref, head = nn.LSTM(2, H, batch_first=True).to(device), nn.Linear(H, 1).to(device)
+    B, T, device = s["lstm_batch"], s["lstm_steps"], s["device"]
+    ours, ref, head = lstm_models(s, device)
     x, y = torch.randn(B, T, 2, device=device), torch.randn(B, 1, device=device)
 
     def step_ours():
@@ -673,16 +709,20 @@ def steps_of(s: dict) -> list[Step]:
              **imagenet_probe("highway_resnet50", gate="highway"), figure=fig_highway),
         Step("preact1001", f"PreAct-ResNet-1001, batch {s['preact_batch']}, √L checkpointing", 75, run_preact,
              prepare_preact, fig_preact),
-        Step("ddp", "DDP, one NCCL rank, fused SGD", 60, **cifar_probe("ddp", ["--trainer.strategy", "ddp"]),
+        Step("ddp", "DDP, one NCCL rank, fused SGD", 60, **cifar_probe("ddp", ["--trainer.strategy", "ddp"],
+                                                                    {"backend": "nccl", "fused": True}),
              figure=fig_fit),
-        Step("fp16", "16-mixed, dynamic loss scaling", 60, **cifar_probe("fp16", ["--trainer.precision", "16-mixed"]),
+        Step("fp16", "16-mixed, dynamic loss scaling", 60, **cifar_probe("fp16", ["--trainer.precision", "16-mixed"],
+                                                                      {"precision": "16-mixed", "loss_scale": None}),
              figure=fig_fit),
         Step("zero2", "DeepSpeed ZeRO-2, one GPU, bf16", 75, **cifar_probe(
-            "zero2", ["--trainer.strategy", "deepspeed_stage_2", "--trainer.precision", "bf16-mixed"]), figure=fig_fit),
+            "zero2", ["--trainer.strategy", "deepspeed_stage_2", "--trainer.precision", "bf16-mixed"],
+            {"zero_stage": 2, "ds_bf16": True}), figure=fig_fit),
         Step("zero3", "DeepSpeed ZeRO-3, one GPU, bf16", 75, **cifar_probe(
-            "zero3", ["--trainer.strategy", "deepspeed_stage_3", "--trainer.precision", "bf16-mixed"]), figure=fig_fit),
-        Step("lstm", f"LSTM (T = {s['lstm_steps']}, H = {s['lstm_hidden']}) vs cuDNN nn.LSTM", 45, run_lstm,
-             figure=fig_lstm),
+            "zero3", ["--trainer.strategy", "deepspeed_stage_3", "--trainer.precision", "bf16-mixed"],
+            {"zero_stage": 3, "ds_bf16": True}), figure=fig_fit),
+        Step("lstm", f"LSTM (T = {s['lstm_steps']}, H = {s['lstm_hidden']}) vs cuDNN nn.LSTM", 45, run_lstm, prepare_lstm,
+             fig_lstm),
         Step("shards", "shard loader → GPU, normalised on the device; nvJPEG", 75, run_shards, prepare_shards,
              fig_shards),
         Step("channels_last", "ResNet-50 bf16 in NCHW (channels_last off)", 60,
@@ -703,24 +743,43 @@ STEP_NAMES = ("peak", "resnet50", "highway_resnet50", "preact1001", "ddp", "fp16
 
 
 def error_line(stderr: str) -> str:
-    """The exception line of a child's traceback (the last `SomeError: ...`), else its last line."""
+    """The line of a child's stderr that says why it failed: deepres's own one-paragraph message, a crash
+    (faulthandler's "Fatal Python error"), else the last exception line (`SomeError: ...`), else the last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", line)]
-    return (errors or lines or ["no output"])[-1][:300]
+    for pattern in (r"^deepres: error:", r"^Fatal Python error", r"^[\w.]*(Error|Exception|Interrupt|Exit)\b"):
+        found = [line for line in lines if re.match(pattern, line)]
+        if found:
+            return found[-1][:300]
+    return (lines or ["no output"])[-1][:300]
 
 
-def run_child(cmd: list[str], timeout: float) -> tuple[str, dict, str]:
-    """(status, numbers, error) of a child that prints RESULT_PREFIX + JSON as its result."""
+def run_child(cmd: list[str], timeout: float, log: Path | None = None) -> tuple[str, dict, str]:
+    """(status, numbers, error) of a child that prints RESULT_PREFIX + JSON as its result; its whole
+    output goes to `log`. A child past its time gets SIGABRT first, so that faulthandler writes the stack
+    of every thread of every process of its session (ranks, data-loader and compile workers) to the log."""
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
+    timed_out = False
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 9)  # the step's own session: its data-loader workers and compile workers too
-        proc.communicate()
-        return "failed", {}, f"timed out after {timeout:.0f} s (its budget)"
+        timed_out = True
+        for sig, grace in ((signal.SIGABRT, 5), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                out, err = proc.communicate(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            out, err = "", ""
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"$ {' '.join(cmd)}\n--- exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}\n")
+    if timed_out:
+        return "failed", {}, f"timed out after {timeout:.0f} s"
     results = [line[len(RESULT_PREFIX):] for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not results:
         return "failed", {}, f"exit {proc.returncode}: {error_line(err)}"
@@ -820,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of every `deepres fit` step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of every training step")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--log-dir", type=Path, default=Path("runs/gpu_check"),
+                        help="every step's full output (tracebacks, stacks of a hung step)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--payload", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -854,7 +915,10 @@ def main(argv: list[str] | None = None) -> int:
             elif status == "ok":
                 payload = json.dumps({"settings": settings, "prepared": prepared})
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step.name, "--payload", payload]
-                status, measured, error = run_child(cmd, min(step.budget_s, left))
+                limit = min(step.budget_s, left)
+                status, measured, error = run_child(cmd, limit, args.log_dir / f"{step.name}.log")
+                if error.startswith("timed out"):
+                    error += " (its budget)" if limit == step.budget_s else f" (the rest of the run's {args.budget:.0f} s)"
             numbers[step.name] = {**prepared, **measured}
             rows.append({"step": step.name, "path": step.path, "status": status, "error": error,
                          "seconds": time.perf_counter() - t0, "step_obj": step})
@@ -870,7 +934,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = "gpu_check_dry_run" if args.dry_run else "gpu_check"
     write_outputs(args.out_dir, stem, rows, numbers, header, args.dry_run)
     print((args.out_dir / f"{stem}.md").read_text())
-    print(f"wrote {args.out_dir}/{stem}.csv, {stem}.md, {stem}_summary.md")
+    print(f"wrote {args.out_dir}/{stem}.csv, {stem}.md, {stem}_summary.md"
+          + ("" if args.dry_run else f"; each step's whole output: {args.log_dir}/<step>.log"))
     return 0
 
 

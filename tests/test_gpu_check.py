@@ -82,17 +82,33 @@ def test_fit_probe_times_steps_and_reads_what_the_trainer_ran(tmp_path):
     assert record["s_per_step"] > 0 and record["images_per_s"] == pytest.approx(8 / record["s_per_step"])
     assert record["blocks"] == 9 and record["compiled_blocks"] == 0 and record["channels_last"] is False
     assert (tmp_path / "probe" / "checkpoints" / "last.ckpt").exists()  # the real `deepres fit`, end to end
+    # on a GPU the step insists on what it is there to check
+    gpu_check.check_record(record, {"backend": "gloo", "fused": True})
+    with pytest.raises(RuntimeError, match="backend = 'gloo', not 'nccl'"):
+        gpu_check.check_record(record, {"backend": "nccl"})
+    with pytest.raises(RuntimeError, match="loss_scale = None"):
+        gpu_check.check_record(record, {"loss_scale": None})  # None: must be there at all
+    with pytest.raises(RuntimeError, match="loss is nan"):
+        gpu_check.check_record({**record, "loss": float("nan")}, {})
 
 
-def test_run_child_reports_results_errors_and_timeouts():
+def test_run_child_reports_results_errors_and_timeouts(tmp_path):
     py = sys.executable
     ok = gpu_check.run_child([py, "-c", f"print('noise'); print({gpu_check.RESULT_PREFIX!r} + '{{\"x\": 2}}')"], 30)
     assert ok == ("ok", {"x": 2}, "")
     status, numbers, error = gpu_check.run_child(
         [py, "-c", "import sys; print('warning: ignored', file=sys.stderr); raise ValueError('bad shape (3, 4)')"], 30)
     assert (status, numbers) == ("failed", {}) and error == "exit 1: ValueError: bad shape (3, 4)"
-    status, _, error = gpu_check.run_child([py, "-c", "import time; time.sleep(30)"], 1)
-    assert status == "failed" and error == "timed out after 1 s (its budget)"
+    _, _, error = gpu_check.run_child(
+        [py, "-c", "import sys; print('deepres: error: --trainer.precision 16-mixed on CPU', file=sys.stderr); "
+                   "raise RuntimeError('deepres fit exited with 2')"], 30)
+    assert error == "exit 1: deepres: error: --trainer.precision 16-mixed on CPU"  # the cause, not the wrapper
+    # a hung child: stopped, and the stack of where it hung is in its log
+    log = tmp_path / "hung.log"
+    status, _, error = gpu_check.run_child([py, "-c", "import time\ndef wait_for_nccl():\n    time.sleep(30)\n"
+                                                     "wait_for_nccl()"], 2, log)
+    assert status == "failed" and error == "timed out after 2 s"
+    assert "wait_for_nccl" in log.read_text()
 
 
 def test_a_step_runs_in_its_own_process(tmp_path):
