@@ -682,7 +682,7 @@ def fig_preact(m: dict, all_: dict) -> str:
 
 def fig_lstm(m: dict, all_: dict) -> str:
     if "deepres_s" not in m:
-        return ""
+        return f"deepres lstm ({m['parameters']} parameters) and nn.LSTM built; outputs agree in shape" if m else ""
     return (f"deepres {_ms(m['deepres_s'])}, cuDNN {_ms(m['cudnn_s'])} per step: deepres ÷ cuDNN "
             f"{m['deepres_s'] / m['cudnn_s']:.2f} ({m['implementation']})")
 
@@ -693,8 +693,11 @@ def fig_shards(m: dict, all_: dict) -> str:
         return made
     a, b = m["workers_images_per_s"], m["nvjpeg_images_per_s"]
     faster = "GPU decoding faster" if b > a else "CPU workers faster"
-    return (f"{m['workers']} CPU workers {a:.0f} images/s, nvJPEG on the GPU {b:.0f} images/s ({faster}, "
+    text = (f"{m['workers']} CPU workers {a:.0f} images/s, nvJPEG on the GPU {b:.0f} images/s ({faster}, "
             f"{max(a, b) / min(a, b):.2f}×); {made}")
+    if "images_per_s" in all_.get("resnet50", {}):
+        text += f"; ResNet-50 trains on {all_['resnet50']['images_per_s']:.0f} images/s"
+    return text
 
 
 def fig_ops(m: dict, all_: dict) -> str:
@@ -873,17 +876,19 @@ def settings_from(args: argparse.Namespace, work: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="no GPU: skip every CUDA step, run the rest on CPU")
-    parser.add_argument("--only", nargs="+", choices=STEP_NAMES, help="run these steps only")
+    parser.add_argument("--only", nargs="+", choices=STEP_NAMES,
+                        help="run these steps only (MFU needs peak; the ratios need resnet50)")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for the whole run")
     parser.add_argument("--image-batch", type=int, default=256, help="per-step batch of the ResNet-50 steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of every `deepres fit` step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of every training step")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--out-dir", type=Path, help="default: docs/results (a dry run: runs/gpu_check)")
     parser.add_argument("--log-dir", type=Path, default=Path("runs/gpu_check"),
                         help="every step's full output (tracebacks, stacks of a hung step)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--payload", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.out_dir = args.out_dir or Path("runs/gpu_check" if args.dry_run else "docs/results")
     if args.child:
         return child_main(args.child, args.payload)
     if not args.dry_run and not torch.cuda.is_available():
