@@ -35,11 +35,12 @@ def test_dry_run_skips_every_cuda_step_and_runs_the_rest(tmp_path):
     assert resnet50 == pytest.approx(24.5e9, rel=0.01)
     assert resnet50 < highway < 1.1 * resnet50
 
-    # the memory prediction was measured on this CPU: activations at a small batch, scaled to batch 128
+    # the memory prediction was measured on this CPU: what one more image's activations cost, times 128
     pre = numbers["preact1001"]
     assert pre["blocks"] == 333 and pre["k"] == round(math.sqrt(333))
-    assert pre["cpu_activation_bytes"] > 0
-    assert pre["predicted_activation_bytes"] == pytest.approx(pre["cpu_activation_bytes"] / pre["cpu_batch"] * 128)
+    (b, b2), (small, large) = pre["cpu_batches"], pre["cpu_activation_bytes"]
+    assert b2 == 2 * b and 0 < small < large
+    assert pre["predicted_activation_bytes"] == pytest.approx((large - small) / b * 128)
     assert pre["predicted_peak_bytes"] > pre["static_bytes"] > 3 * 10e6 * 4  # > 3 copies of 10.2 M fp32 weights
 
     # the `deepres fit` command lines parse, and their strategies resolve for a CUDA device
