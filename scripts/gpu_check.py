@@ -324,7 +324,9 @@ def gpu_description() -> dict[str, Any]:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                 capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
-    nccl = torch.cuda.nccl.version() if hasattr(torch.cuda, "nccl") else None
+    nccl = None
+    with contextlib.suppress(Exception):  # a torch built without NCCL raises here; the peak is still good
+        nccl = torch.cuda.nccl.version()
     return {"name": props.name, "memory_gib": round(props.total_memory / GIB, 1),
             "capability": f"{props.major}.{props.minor}", "sm_count": props.multi_processor_count,
             "driver": driver, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
