@@ -14,10 +14,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.utilities import rank_zero_info
 
 from deepres.data.sequence import ADDING_TOLERANCE
 from deepres.errors import ConfigError
 from deepres.models import create_model, model_arguments
+from deepres.models.pretrained import load_weights_file
 from deepres.parallelize import parallelize
 from deepres.training.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda
 
@@ -129,6 +131,7 @@ class Classifier(DeepresModule):
         activation_checkpointing: int | str = 0,
         compile: bool = False,
         channels_last: bool = False,
+        init_from: str | None = None,
     ):
         """
         Args:
@@ -156,6 +159,9 @@ class Classifier(DeepresModule):
             activation_checkpointing: recompute every k blocks in backward (k >= 1, "sqrt", "all"; 0 = off).
             compile: torch.compile each block.
             channels_last: NHWC memory layout for conv nets.
+            init_from: start from these weights: a torchvision or timm ResNet state dict (.pth,
+                .safetensors; loaded by name, gates left at init, the head too if the class count
+                differs) or a deepres checkpoint (deepres.models.pretrained.load_weights_file).
         """
         arch_args = {**(arch_args or {}), **{k: v for k, v in dict(
             depth=depth, width=width, gate=gate, gate_bias=gate_bias, activation=activation).items() if v is not None}}
@@ -164,6 +170,8 @@ class Classifier(DeepresModule):
             schedule, warmup_steps, milestones, gamma, min_lr_ratio, activation_checkpointing, compile, channels_last,
         )
         self.save_hyperparameters()
+        if init_from:
+            rank_zero_info(f"deepres: model.init_from {init_from}: {load_weights_file(self.net, init_from)}")
         self.label_smoothing = label_smoothing
         top5 = min(5, num_classes)
         self.train_acc1 = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro")
