@@ -13,7 +13,11 @@ crop to 224, flip, uint8 tensor); normalisation happens on the device in trainin
 For reference, (c*) is ImageFolder as usually written (PIL loader, ToTensor + Normalize in the workers).
 Timing starts at the first batch (worker start-up and warm-up excluded); each trial runs a, b, c in turn.
 On a shared machine wall-clock rates move with the load, so the CPU seconds that all processes of a run
-spent per image (start-up included) are reported as well.
+spent per image (start-up included) are reported as well, counted over the whole process tree: this
+process, its children, and the children of its children (deepres's data-loader workers are children
+of the fork server, not of this process, so getrusage(RUSAGE_CHILDREN) alone would miss them).
+`--tar-reader both` adds (b') and (b'') with webdataset's own tar reader in place of deepres's:
+the end-to-end figure behind the choice made in deepres.data.shard_format.iter_tar.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from torchvision import datasets, transforms
 
 from deepres.data import shard_writer
 from deepres.data.shards import ImageTransform, ShardDataModule
+
+WDS = "b'"  # the shard loader with webdataset's tar reader
 
 
 def make_images(root: Path, n: int, classes: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -71,10 +77,34 @@ def _ceiling_worker(args: tuple[list[str], int]) -> tuple[int, float]:
     return len(images) - warmup, time.perf_counter() - start
 
 
+def _proc_cpu(pid: int) -> tuple[int, float]:
+    """(parent pid, CPU seconds of the process plus its reaped children) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    ppid, ticks = int(fields[1]), sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return ppid, ticks / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (data-loader workers are joined at the end)."""
+    """CPU time of this process, its reaped children, and every live descendant with its reaped children.
+
+    A data-loader worker started by a fork server is a child of that server: when it exits, the server
+    reaps it and its time moves into the server's cutime/cstime, which /proc shows. Summing each live
+    descendant's own and reaped-children time therefore counts every worker exactly once."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    total = me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    parents: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = _proc_cpu(int(entry))
+            except (OSError, ValueError):  # exited while we looked
+                continue
+    descendants, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in parents.items() if ppid in frontier} - descendants
+        descendants |= frontier
+    return total + sum(parents[pid][1] for pid in descendants)
 
 
 def ceiling(files: list[str], workers: int, batch_size: int) -> tuple[float, int]:
@@ -94,10 +124,12 @@ def loader_rate(loader) -> tuple[float, int]:
     return n / (time.perf_counter() - start), first + n
 
 
-def shard_rate(shards: Path, workers: int, batch_size: int) -> tuple[float, int]:
+def shard_rate(shards: Path, workers: int, batch_size: int, tar_reader: str = "deepres") -> tuple[float, int]:
     dm = ShardDataModule(root=str(shards), batch_size=batch_size, num_workers=workers, image_size=224)
     dm.setup("fit")
-    return loader_rate(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    loader.stream.tar_reader = tar_reader  # deepres.data.shard_format.TAR_READERS
+    return loader_rate(loader)
 
 
 def imagefolder_rate(folder: Path, workers: int, batch_size: int, stock: bool) -> tuple[float, int]:
@@ -138,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--dir", type=Path, help="where to put the images and shards (default: a temporary folder)")
+    p.add_argument("--tar-reader", choices=["deepres", "both"], default="deepres",
+                   help="both: also run (b) with webdataset's tar reader, as (b')")
     args = p.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
 
@@ -157,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {
             "a": lambda: ceiling(files, args.workers, args.batch_size),
             "b": lambda: shard_rate(shards, args.workers, args.batch_size),
+            **({"b'": lambda: shard_rate(shards, args.workers, args.batch_size, "webdataset")}
+               if args.tar_reader == "both" else {}),
             "c": lambda: imagefolder_rate(folder, args.workers, args.batch_size, stock=False),
             "c*": lambda: imagefolder_rate(folder, args.workers, args.batch_size, stock=True),
         }
@@ -173,14 +209,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trial {trial + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()))
 
     names = {"a": "ceiling: decode + augment loop", "b": "deepres shards (ShardDataModule)",
+             "b'": "deepres shards, webdataset's tar reader",
              "c": "torchvision ImageFolder + DataLoader", "c*": "ImageFolder, usual PIL/ToTensor/Normalize"}
+    names = {k: v for k, v in names.items() if k in runs}
     print("\n     (mean ± std over trials)                         images/s     CPU ms/image")
     for key, name in names.items():
         print(f"  ({key:2s}) {name:44s} {_mean_std(rates[key])}   {_mean_std(cpu_ms[key], 2)}")
     for label, table in (("images/s", rates), ("CPU efficiency", {k: [1 / x for x in v] for k, v in cpu_ms.items()})):
         r = {k: statistics.mean(v) for k, v in table.items()}
         print(f"{label:15s} b/a = {r['b'] / r['a']:.3f} (target >= 0.9)   b/c = {r['b'] / r['c']:.3f} "
-              f"(target >= 1.0)   b/c* = {r['b'] / r['c*']:.3f}")
+              f"(target >= 1.0)   b/c* = {r['b'] / r['c*']:.3f}"
+              + (f"   b/b' = {r['b'] / r[WDS]:.3f} (deepres's tar reader ÷ webdataset's)" if WDS in r else ""))
     return 0
 
 
