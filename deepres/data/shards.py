@@ -53,6 +53,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from torchvision.transforms.v2 import functional as F
 
 from deepres.data.base import DeepresDataModule, rank_and_world, worker_context
+from deepres.data.recipes import AutoAugmentName, BatchMix
+from deepres.data.recipes import auto_augment as auto_augment_policy
 from deepres.data.shard_format import (
     INDEX_NAME,
     TIMM_INFO_NAME,
@@ -231,8 +233,10 @@ class ImageTransform:
     the permuted CHW views that ToTensor/PILToTensor return.
     """
 
-    def __init__(self, train: bool, image_size: int, eval_resize: int, recipe: str) -> None:
+    def __init__(self, train: bool, image_size: int, eval_resize: int, recipe: str,
+                 policy: Callable | None = None) -> None:
         self.train, self.size, self.eval_resize, self.recipe = train, image_size, eval_resize, recipe
+        self.policy = policy if train else None  # RandAugment / TrivialAugmentWide (deepres.data.recipes)
         self.min_side: int | None = None
         if recipe == "imagenet":
             # Decode JPEGs at reduced scale only while even the smallest crop keeps >= image_size pixels.
@@ -250,7 +254,8 @@ class ImageTransform:
             img = F.crop(img, random.randint(0, img.height - s), random.randint(0, img.width - s), s, s)
         else:
             return F.center_crop(img, [s, s])
-        return F.horizontal_flip(img) if random.random() < 0.5 else img
+        img = F.horizontal_flip(img) if random.random() < 0.5 else img
+        return img if self.policy is None else self.policy(img)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         # np.array copies, as torchvision's pil_to_tensor does: PIL's buffer is read-only
@@ -517,6 +522,14 @@ class ShardDataModule(DeepresDataModule):
         image_fields: image extensions tried in order; default: what the index recorded, else
             jpg, jpeg, png, webp.
         num_classes: the number of classes, for shard lists that do not name them (wids, timm).
+        auto_augment: per-image policy after crop and flip in training: none, randaugment
+            (`randaugment_ops` ops of `randaugment_magnitude`) or trivialaugment (deepres.data.recipes).
+        randaugment_ops: RandAugment's N (Cubuk et al. 2020, ImageNet: 2).
+        randaugment_magnitude: RandAugment's M (ImageNet: 9).
+        mixup_alpha: MixUp's Beta(α, α) on training batches, on the device (0 = off; Zhang et al. 2018
+            ImageNet: 0.2).
+        cutmix_alpha: CutMix's Beta(α, α) (0 = off; Yun et al. 2019: 1.0). With both on, each batch
+            gets one of the two.
         batch_size: samples per batch on each rank (the global batch is batch_size * world size).
         num_workers: data-loader processes per rank.
         shuffle_buffer: samples held per worker for shuffling (the shards are already class-shuffled).
@@ -548,6 +561,11 @@ class ShardDataModule(DeepresDataModule):
         label_field: str | None = None,
         image_fields: list[str] | None = None,
         num_classes: int | None = None,
+        auto_augment: AutoAugmentName = "none",
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, worker_start_method)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
@@ -570,6 +588,10 @@ class ShardDataModule(DeepresDataModule):
             raise ConfigError(f"data.num_classes={num_classes}: must be at least 1 (or unset).")
         SampleFields.of(image_fields, label_field)  # refuses malformed fields now, not in a worker
         self.label_field, self.image_fields, self._num_classes = label_field, image_fields, num_classes
+        self.auto_augment, self.randaugment = auto_augment, (randaugment_ops, randaugment_magnitude)
+        auto_augment_policy(auto_augment, *self.randaugment)  # refuses a bad name now
+        self.mix_alphas = (mixup_alpha, cutmix_alpha)
+        BatchMix(2, mixup_alpha, cutmix_alpha)  # refuses bad alphas now; built with num_classes in setup
         self._steps = 0  # training steps per epoch on this rank, fixed in train_dataloader
         self._sets: dict[str, ShardSet | None] = {}
         self._loaders: list[ShardLoader] = []
@@ -615,6 +637,8 @@ class ShardDataModule(DeepresDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         train, val = self._shards("train"), self._shards("val")
+        if train is not None and any(self.mix_alphas):
+            self.batch_mix = BatchMix(len(train.classes), *self.mix_alphas)
         if train is None and stage in (None, "fit"):
             raise ConfigError(_no_list_message("train", str(self.root)))
         if train is not None and val is not None and val.classes != train.classes:
@@ -641,7 +665,8 @@ class ShardDataModule(DeepresDataModule):
             raise ConfigError(_no_list_message("train", str(self.root)))
         rank, world = rank_and_world()
         self._steps = self.train_steps(world)
-        transform = ImageTransform(True, self.image_size, self.eval_resize, self.recipe)
+        policy = auto_augment_policy(self.auto_augment, *self.randaugment)
+        transform = ImageTransform(True, self.image_size, self.eval_resize, self.recipe, policy)
         stream = TrainShardStream(shards, self.batch_size, self._steps, rank, world, transform,
                                   self.shuffle_buffer, self.seed, self.image_size, self._fields(shards))
         return self._track(ShardLoader(stream, self._steps, self.num_workers, rank, self._train_position,
@@ -685,4 +710,4 @@ class ShardDataModule(DeepresDataModule):
         images, labels = batch
         if images.dtype == torch.uint8:
             images = self.normalize(images)
-        return images, labels
+        return self.mix_batch(images, labels)  # MixUp/CutMix in training, after normalisation
