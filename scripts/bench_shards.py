@@ -38,6 +38,7 @@ import PIL
 import torch
 import torchvision
 import webdataset
+from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
 from PIL import Image, features
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -170,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--dir", type=Path, help="where to put the images and shards (default: a temporary folder)")
+    p.add_argument("--out-dir", type=Path, help="also write shards.csv, shards.md and shards_summary.md here")
     p.add_argument("--tar-reader", choices=["deepres", "both"], default="deepres",
                    help="both: also run (b) with webdataset's tar reader, as (b')")
     args = p.parse_args(argv)
+    args.argv = argv
     w, h = (int(v) for v in args.size.split("x"))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             shard_writer.main([str(folder), str(shards), "--split", "train", "--workers", str(args.workers)])
         files = sorted(str(f) for f in folder.glob("*/*.JPEG"))
         mean_kb = sum(os.path.getsize(f) for f in files) / len(files) / 1024
-        print(describe_machine())
-        print(f"data: {len(files)} JPEGs of {w}x{h} ({mean_kb:.0f} KiB on average), {args.classes} classes; "
-              f"workers {args.workers}, batch {args.batch_size}, {args.trials} trials after one warm-up round")
+        machine = describe_machine()
+        data_line = (f"data: {len(files)} JPEGs of {w}x{h} ({mean_kb:.0f} KiB on average), {args.classes} classes; "
+                     f"workers {args.workers}, batch {args.batch_size}, {args.trials} trials after one warm-up round")
+        print(machine)
+        print(data_line)
 
         runs = {
             "a": lambda: ceiling(files, args.workers, args.batch_size),
@@ -209,18 +214,73 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trial {trial + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()))
 
     names = {"a": "ceiling: decode + augment loop", "b": "deepres shards (ShardDataModule)",
-             "b'": "deepres shards, webdataset's tar reader",
+             WDS: "deepres shards, webdataset's tar reader",
              "c": "torchvision ImageFolder + DataLoader", "c*": "ImageFolder, usual PIL/ToTensor/Normalize"}
     names = {k: v for k, v in names.items() if k in runs}
     print("\n     (mean ± std over trials)                         images/s     CPU ms/image")
     for key, name in names.items():
         print(f"  ({key:2s}) {name:44s} {_mean_std(rates[key])}   {_mean_std(cpu_ms[key], 2)}")
-    for label, table in (("images/s", rates), ("CPU efficiency", {k: [1 / x for x in v] for k, v in cpu_ms.items()})):
-        r = {k: statistics.mean(v) for k, v in table.items()}
-        print(f"{label:15s} b/a = {r['b'] / r['a']:.3f} (target >= 0.9)   b/c = {r['b'] / r['c']:.3f} "
-              f"(target >= 1.0)   b/c* = {r['b'] / r['c*']:.3f}"
-              + (f"   b/b' = {r['b'] / r[WDS]:.3f} (deepres's tar reader ÷ webdataset's)" if WDS in r else ""))
+    # ratios of runs that were adjacent in one trial (robust to load that drifts between trials): median, range
+    pairs = [("b", "a", 0.9), ("b", "c", 1.0), ("b", "c*", None)] + ([("b", WDS, None)] if WDS in runs else [])
+    summary = {}
+    for label, per_trial in (("images/s", rates), ("CPU efficiency", {k: [1 / x for x in v] for k, v in cpu_ms.items()})):
+        for num, den, target in pairs:
+            ratios = [x / y for x, y in zip(per_trial[num], per_trial[den], strict=True)]
+            summary[(label, num, den)] = (statistics.median(ratios), min(ratios), max(ratios), target)
+        print(f"{label:15s} " + "   ".join(
+            f"{num}/{den} = {summary[(label, num, den)][0]:.3f}" + (f" (target >= {t})" if t else "")
+            for num, den, t in pairs))
+    if args.out_dir is not None:
+        write_results(args, names, rates, cpu_ms, summary, machine, data_line)
     return 0
+
+
+def write_results(args, names, rates, cpu_ms, summary, machine: str, data_line: str) -> None:
+    """shards.csv (every trial), shards.md (the section of docs/RESULTS.md), shards_summary.md (its rows)."""
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"trial": t + 1, "run": k, "name": names[k], "images_per_s": round(rates[k][t], 2),
+             "cpu_ms_per_image": round(cpu_ms[k][t], 4)} for t in range(args.trials) for k in names]
+    write_csv(args.out_dir / "shards.csv", rows)
+    table = "\n".join(f"| ({k}) {names[k]} | {_mean_std(rates[k])} | {_mean_std(cpu_ms[k], 2)} |" for k in names)
+
+    def ratio(label: str, num: str, den: str) -> str:
+        med, lo, hi, _ = summary[(label, num, den)]
+        return f"{med:.3f} ({lo:.3f}–{hi:.3f})"
+
+    def verdict(label: str, num: str, den: str) -> str:
+        med, _, _, target = summary[(label, num, den)]
+        return "met" if med >= target else "**not met**"
+
+    lines = [f"| {label}: {num} ÷ {den} | {ratio(label, num, den)} | ≥ {t} | {verdict(label, num, den)} |"
+             for label in ("images/s", "CPU efficiency") for num, den, t in (("b", "a", 0.9), ("b", "c", 1.0))]
+    extra = [f"| {label}: b ÷ {den} | {ratio(label, 'b', den)} | — | — |"
+             for label in ("images/s", "CPU efficiency") for den in ("c*", WDS) if (label, "b", den) in summary]
+    (args.out_dir / "shards.md").write_text(f"""### Shard loader: images/s against the decode ceiling and ImageFolder
+
+`{command_line("bench_shards.py", args.argv)}` — {machine.replace(chr(10), "; ")}. {data_line}.
+
+All runs do the same per-image work (JPEG decode, random-resized crop to 224, flip, uint8 tensor)
+with the same number of worker processes: (a) each process decodes its share from memory in a tight
+loop; (b) `ShardDataModule.train_dataloader()` over the same images in shards; (c) torchvision's
+ImageFolder + DataLoader over the files. Images/s from the first batch to the last; CPU per image
+over every process of the run (workers included, start-up included). Ratios: median over trials of
+runs adjacent in one trial (range in brackets).
+
+| run | images/s | CPU ms/image |
+| --- | ---: | ---: |
+{table}
+
+| ratio | measured | target | verdict |
+| --- | ---: | ---: | --- |
+{chr(10).join(lines + extra)}
+
+Per-trial numbers: `docs/results/shards.csv`.
+""")
+    (args.out_dir / "shards_summary.md").write_text("".join(
+        f"| Shard loader, {label}: deepres shards ÷ {'decode ceiling' if den == 'a' else 'ImageFolder'} | "
+        f"{ratio(label, 'b', den)} | ≥ {t} | — | {verdict(label, 'b', den)} |\n"
+        for label in ("images/s", "CPU efficiency") for _, den, t in (("b", "a", 0.9), ("b", "c", 1.0))))
+    print(f"wrote {args.out_dir}/shards.csv, shards.md, shards_summary.md")
 
 
 if __name__ == "__main__":

@@ -427,6 +427,9 @@ def _shard_paths(source: str) -> tuple[list[Path], Path]:
         raise ConfigError(f"--index {source!r}: index local shard files (copy or mount remote ones first); "
                           "the loader then reads them from anywhere with data.train_urls.")
     path = Path(source).expanduser()
+    if not path.exists() and not glob.has_magic(source) and "{" not in source:
+        raise ConfigError(f"--index {source!r}: no such folder or file. Give the folder that holds the shards "
+                          "or a pattern such as '/data/train-{000000..000146}.tar'.")
     if path.is_dir():
         shards, where = sorted(path.glob("*.tar")), path
     else:  # brace ranges as webdataset expands them, then shell-style wildcards
