@@ -1,7 +1,8 @@
 """The `deepres` command.
 
     deepres fit|validate|test [LightningCLI arguments]   train / evaluate (deepres.training.cli)
-    deepres shard SRC OUT | --verify OUT                  write webdataset shards (deepres.data.shard_writer)
+    deepres configs                                       list the configs `--config NAME` accepts
+    deepres shard SRC OUT | --index SHARDS | --verify OUT write, index or verify webdataset shards
     deepres submit --config FILE [...]                    submit to SLURM (deepres.slurm)
     deepres report RUN_DIR [--out DIR]                    PNG figures from a run directory (deepres.report)
     deepres convert-zero CKPT_DIR OUT                     DeepSpeed ZeRO checkpoint -> plain state dict
@@ -20,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("deepres.training.cli", "main"),
     "validate": ("deepres.training.cli", "main"),
     "test": ("deepres.training.cli", "main"),
+    "configs": ("deepres.config_names", "main"),
     "shard": ("deepres.data.shard_writer", "main"),
     "submit": ("deepres.slurm.submit", "main"),
     "report": ("deepres.report", "main"),
@@ -58,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         from deepres.slurm import requeue
 
         requeue.install_early_signal_handler()
+    if cmd in ("fit", "validate", "test", "submit"):
+        from deepres.config_names import resolve_config_args
+        from deepres.errors import ConfigError
+
+        try:  # `--config resnet110_cifar10`: the config of that name that ships with deepres
+            argv = resolve_config_args(argv)
+        except ConfigError as exc:
+            print(f"deepres: error: {exc}", file=sys.stderr)
+            return 2
     module, func = COMMANDS[cmd]
     entry = getattr(importlib.import_module(module), func)
     # fit/validate/test keep the sub-command (LightningCLI parses it); the others drop it.

@@ -31,28 +31,17 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from deepres.models import create_model
+from deepres.models import create_model, load_torchvision_weights
 
 TARGETS = {"deepres ResNet-50 ÷ torchvision ResNet-50": 1.00, "Highway-ResNet-50 ÷ deepres ResNet-50": 1.15}
 from deepres.training.run_dir import environment  # noqa: E402
-
-
-def copy_weights(src: nn.Module, dst: nn.Module) -> None:
-    """Copy every parameter and buffer by position; refuse if the two layouts differ anywhere."""
-    s, d = src.state_dict(), dst.state_dict()
-    if len(s) != len(d):
-        raise RuntimeError(f"state_dict lengths differ: {len(s)} vs {len(d)}")
-    for (ks, vs), (kd, vd) in zip(s.items(), d.items(), strict=True):
-        if vs.shape != vd.shape:
-            raise RuntimeError(f"{ks} {tuple(vs.shape)} does not match {kd} {tuple(vd.shape)}")
-    dst.load_state_dict(dict(zip(d.keys(), s.values(), strict=True)))
 
 
 def build(image_size: int) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     tv = torchvision.models.resnet50()
     ours = create_model("resnet50")
-    copy_weights(tv, ours)
+    load_torchvision_weights(ours, tv.state_dict())  # by name, strict about shapes
     x = torch.randn(2, 3, image_size, image_size)
     with torch.no_grad():
         diff = (tv.eval()(x) - ours.eval()(x)).abs().max().item()

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Install deepres into ./.venv (created if missing).
+# Install deepres from this checkout (editable) into ./.venv, created if missing.
 #   scripts/install.sh          runtime + DeepSpeed
-#   scripts/install.sh --dev    the same plus pytest and ruff
-# torch/torchvision are pinned to builds that pip finds on this workplace's local disk
-# (no multi-GB download); see the README's "Installing" section for other machines.
+#   scripts/install.sh --dev    the same plus pytest and ruff, and DeepSpeed's CPU ops built once
+# A torch that the venv already has (a cluster's CUDA build, a container's) is kept. Otherwise torch and
+# torchvision are installed at the versions the test suite runs on (x86_64: 2.14.1 / 0.29.1; aarch64:
+# 2.9.1 / 0.24.1, CPU wheels); TORCH_PINS="torch==X torchvision==Y" chooses others, e.g. the build for
+# your CUDA version. Without this script: `pip install "deepres[deepspeed]"` (README, "Install").
+#   PYTHON=python3.12 DEEPRES_VENV=~/venvs/deepres scripts/install.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,11 +20,15 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
-case "$(uname -m)" in
-  x86_64)  torch_pins=("torch==2.14.1" "torchvision==0.29.1") ;;
-  aarch64) torch_pins=("torch==2.9.1" "torchvision==0.24.1") ;;
-  *)       torch_pins=("torch" "torchvision") ;;
-esac
+if [[ -n "${TORCH_PINS:-}" ]]; then
+  read -r -a torch_pins <<< "$TORCH_PINS"
+else
+  case "$(uname -m)" in
+    x86_64)  torch_pins=("torch==2.14.1" "torchvision==0.29.1") ;;
+    aarch64) torch_pins=("torch==2.9.1" "torchvision==0.24.1") ;;
+    *)       torch_pins=("torch" "torchvision") ;;
+  esac
+fi
 if ! "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null; then
   echo "[install] torch + torchvision (${torch_pins[*]})"
   pip install "${torch_pins[@]}"
@@ -30,7 +37,10 @@ fi
 # imports torch, and an isolated build would fetch a second, multi-GB torch).
 pip install "setuptools>=68" wheel
 echo "[install] deepres[$extras]"
-pip install --no-build-isolation -e ".[$extras]" "${torch_pins[@]}"
+# the torch already in the venv is a constraint, so that resolving deepres's requirements never swaps it
+installed_torch=$("$VENV/bin/python" -c 'import torch, torchvision; v = lambda m: m.__version__.split("+")[0]; print(f"torch=={v(torch)} torchvision=={v(torchvision)}")')
+read -r -a keep <<< "$installed_torch"
+pip install --no-build-isolation -e ".[$extras]" "${keep[@]}"
 if [[ "${1:-}" == "--dev" ]]; then
   # DeepSpeed JIT-compiles its CPU ops on first use (~35 s); build them now into a persistent cache
   # (~/.cache/deepres/torch_extensions) so the tests do not pay for it, once per machine.

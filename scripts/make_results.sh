@@ -52,7 +52,7 @@ missing = []
 
 # The summary table: every script's <name>_summary.md rows, in the order of this document.
 ORDER = ["highway_sweep", "error_flow", "lstm_adding_T100", "lstm_adding_T1000", "overhead", "model_cost",
-         "cpu_efficiency"]
+         "shards", "cpu_efficiency"]
 rows = [(out_dir / f"{name}_summary.md").read_text().strip() for name in ORDER
         if (out_dir / f"{name}_summary.md").exists()]
 if rows:
@@ -85,10 +85,12 @@ fi
 
 # Benchmarks first: they are the most sensitive to other processes on the machine.
 declare -A ARGS=(
-  [bench_overhead]="" [bench_model_cost]="" [bench_cpu_efficiency]="" [repro_error_flow]=""
+  [bench_overhead]="" [bench_model_cost]="" [bench_shards]="--trials 5 --images 3200 --tar-reader both"
+  [bench_cpu_efficiency]="" [repro_error_flow]=""
   [repro_highway_sweep]="--jobs 2" [repro_lstm_adding]="--jobs 2 --steps $LSTM_STEPS"
 )
-ALL=(bench_overhead bench_model_cost bench_cpu_efficiency repro_error_flow repro_highway_sweep repro_lstm_adding)
+ALL=(bench_overhead bench_model_cost bench_shards bench_cpu_efficiency repro_error_flow repro_highway_sweep
+     repro_lstm_adding)
 selected=("$@")
 (( ${#selected[@]} )) || selected=("${ALL[@]}")
 for name in "${selected[@]}"; do

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
+from deepres.data import image_sources, shard_format
 from deepres.data import shard_writer as sw
 from deepres.data.shards import (
     ImageTransform,
@@ -65,9 +66,9 @@ def _read_split(out: Path) -> dict[str, int]:
     labels: dict[str, int] = {}
     index = json.loads((out / "index.json").read_text())
     for entry in index["shards"]:
-        for sample in sw.read_shard(str(out / entry["name"])):
+        for sample in shard_format.read_shard(str(out / entry["name"])):
             assert sample["__key__"] not in labels
-            labels[sample["__key__"]] = sw.sample_label(sample, index["num_classes"])
+            labels[sample["__key__"]] = shard_format.sample_label(sample, index["num_classes"])
     return labels
 
 
@@ -103,7 +104,7 @@ def test_converter_round_trips_labels_and_counts(source: Path, shards: Path) -> 
         p.stem: CLASSES.index(p.parent.name) for p in (source / "val").glob("*/*.JPEG")
     }
     # shuffled across classes: the first shard is not one class
-    first = [labels[s["__key__"]] for s in sw.read_shard(str(shards / "train" / "train-000000.tar"))]
+    first = [labels[s["__key__"]] for s in shard_format.read_shard(str(shards / "train" / "train-000000.tar"))]
     assert len(set(first)) == len(CLASSES)
 
 
@@ -119,7 +120,7 @@ def test_resize_and_byte_shard_size(source: Path, tmp_path: Path) -> None:
     assert index["num_samples"] == 40 and len(index["shards"]) > 1
     sizes = [e["bytes"] for e in index["shards"][:-1]]
     assert max(sizes) < 40_000  # about the 20 KB asked for (tar pads to 10 KiB records)
-    for sample in sw.read_shard(str(tmp_path / "val" / index["shards"][0]["name"])):
+    for sample in shard_format.read_shard(str(tmp_path / "val" / index["shards"][0]["name"])):
         assert min(Image.open(io.BytesIO(sample["jpg"])).size) == 24
 
 
@@ -143,7 +144,7 @@ def test_resume_after_an_interrupted_conversion(source: Path, tmp_path: Path) ->
     opts = ["--split", "train", "--shard-size", "30", "--workers", "1"]
     # Replace one image of the last shard by a named pipe: the converter blocks reading it, so we know
     # it is inside the last shard when we kill it (workers=1 writes the shards in order).
-    split = sw.find_splits(src, "imagenet", "train", None)[0]
+    split = image_sources.find_splits(src, "imagenet", "train", None)[0]
     plan = sw.plan_split(split, "30", sw.EncodeOptions(None, None), seed=0)
     blocker = src / plan[-1][3].path
     original = blocker.read_bytes()
@@ -232,7 +233,7 @@ def test_cifar_archive(tmp_path: Path) -> None:
     index = json.loads((train / "index.json").read_text())
     assert index["num_samples"] == 30 and index["classes"] == [n.decode() for n in names]
     first = pickle.loads((src / "data_batch_1").read_bytes())
-    samples = {s["__key__"]: s for e in index["shards"] for s in sw.read_shard(str(train / e["name"]))}
+    samples = {s["__key__"]: s for e in index["shards"] for s in shard_format.read_shard(str(train / e["name"]))}
     png = Image.open(io.BytesIO(samples["data_batch_1_00002"]["png"]))
     assert np.array_equal(np.asarray(png), first[b"data"][2].reshape(3, 32, 32).transpose(1, 2, 0))
     assert int(samples["data_batch_1_00002"]["cls"]) == first[b"labels"][2]

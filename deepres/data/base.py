@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from deepres.data.recipes import BatchMix
 from deepres.errors import ConfigError
 
 WORKER_START_METHODS = ("forkserver", "spawn", "fork")
@@ -101,6 +102,14 @@ class DeepresDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.batch_mix: BatchMix | None = None  # MixUp/CutMix of training batches, set by image modules
+
+    def mix_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MixUp/CutMix a training batch on the device (deepres.data.recipes); other stages pass through."""
+        trainer = self.trainer
+        if self.batch_mix is None or trainer is None or not trainer.training:
+            return images, labels
+        return self.batch_mix(images, labels)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         rank, world = rank_and_world()

@@ -7,6 +7,7 @@ per-channel normalisation with the usual CIFAR statistics.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from deepres.data.base import DeepresDataModule
+from deepres.data.recipes import AutoAugmentName, BatchMix
+from deepres.data.recipes import auto_augment as auto_augment_policy
 from deepres.errors import ConfigError
 
 ARCHIVES = {
@@ -52,16 +55,18 @@ def load_batches(folder: Path, files: list[str], label_key: bytes) -> tuple[np.n
 
 
 class CIFARImages(Dataset):
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool, policy: Callable | None = None):
         self.images = torch.from_numpy(images)  # (N, 3, 32, 32) uint8
         self.labels = torch.from_numpy(labels)
         self.augment = augment
+        self.policy = policy if augment else None  # RandAugment / TrivialAugmentWide on the uint8 image
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        x = (self.images[i].float() / 255 - MEAN) / STD
+        x = self.images[i] if self.policy is None else self.policy(self.images[i])
+        x = (x.float() / 255 - MEAN) / STD
         if self.augment:
             # worker RNGs are seeded by Lightning's seed_everything(workers=True)
             dy, dx = (int(v) for v in torch.randint(0, 9, (2,)))
@@ -81,6 +86,9 @@ class CIFARDataModule(DeepresDataModule):
         num_workers: int = 2,
         seed: int = 0,
         worker_start_method: Literal["forkserver", "spawn", "fork"] = "forkserver",
+        auto_augment: AutoAugmentName = "none",
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ):
         """
         Args:
@@ -90,12 +98,19 @@ class CIFARDataModule(DeepresDataModule):
             augment: 4-pixel pad + random crop + horizontal flip on the training set.
             num_workers: data-loader worker processes.
             worker_start_method: how they start (`forkserver` is safe in DDP ranks; see data.base).
+            auto_augment: none | randaugment (2 ops, magnitude 9) | trivialaugment, per training image
+                before the pad and crop (deepres.data.recipes).
+            mixup_alpha: MixUp's Beta(α, α) on training batches, on the device (0 = off; Zhang et al.
+                2018 use 1.0 on CIFAR-10).
+            cutmix_alpha: CutMix's Beta(α, α) (0 = off; Yun et al. 2019: 1.0). Both on: one per batch.
         """
         super().__init__(batch_size, num_workers, seed, worker_start_method)
         if dataset not in ARCHIVES:
             raise ConfigError(f"unknown CIFAR dataset {dataset!r}; valid: {', '.join(ARCHIVES)}.")
         self.data_dir, self.dataset, self.augment = data_dir, dataset, augment
         self.num_classes = ARCHIVES[dataset][4]
+        self.policy = auto_augment_policy(auto_augment)
+        self.batch_mix = BatchMix(self.num_classes, mixup_alpha, cutmix_alpha)
         self.input_shape = (3, 32, 32)
         find_archive(data_dir, dataset)  # fail at configuration time, before any process starts
 
@@ -104,5 +119,8 @@ class CIFARDataModule(DeepresDataModule):
             return
         _, train_files, test_files, label_key, _, _ = ARCHIVES[self.dataset]
         folder = find_archive(self.data_dir, self.dataset)
-        self.train_set = CIFARImages(*load_batches(folder, train_files, label_key), self.augment)
+        self.train_set = CIFARImages(*load_batches(folder, train_files, label_key), self.augment, self.policy)
         self.val_set = CIFARImages(*load_batches(folder, test_files, label_key), False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return self.mix_batch(*batch)  # MixUp/CutMix of training batches, on the device

@@ -1,6 +1,9 @@
-"""`deepres shard`: turn an image tree or the CIFAR archive into webdataset tar shards.
+"""`deepres shard`: write webdataset tar shards from an image tree or the CIFAR archive, index shards
+that something else wrote, and verify either against its index.
 
     deepres shard ~/data/imagenet ~/data/imagenet-shards --resize 320 --workers 16
+    deepres shard --index ~/data/laion-shards                       # shards written by another tool
+    deepres shard --index '/data/in1k/imagenet1k-train-{0000..1023}.tar' --out /data/in1k/train.json
     deepres shard --verify ~/data/imagenet-shards
 
 Layout written (one directory per split, an index beside the shards):
@@ -14,21 +17,20 @@ enough at training time. Shards are written to a temporary name and renamed when
 interrupted run resumes by keeping the complete shards and rewriting the rest. The output is
 deterministic (same source and options give byte-identical shards).
 
-This module also holds the index format and the shard reader shared with `deepres.data.shards`; it must
-not import Lightning, so that `deepres shard` starts fast.
+The shard format and reader live in `deepres.data.shard_format`, the discovery of source images in
+`deepres.data.image_sources`; none of them imports Lightning, so that `deepres shard` starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import functools
+import glob
 import hashlib
 import io
 import json
 import os
-import pickle
 import random
 import re
 import sys
@@ -40,385 +42,29 @@ from typing import Any
 
 from PIL import Image
 
+from deepres.data.image_sources import SourceItem, SplitSource, _unpickle, find_splits
+from deepres.data.shard_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    LABEL_FIELD,
+    SampleFields,
+    decode_rgb,
+    describe_error,
+    is_local,
+    read_index,
+    read_shard,
+    sha256_file,
+)
 from deepres.errors import ConfigError
 
-FORMAT_NAME = "deepres-webdataset-shards"
-FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
 PLAN_NAME = ".deepres-shard-plan.json"
 PROGRESS_NAME = ".deepres-shard-progress.jsonl"
-IMAGE_FIELDS = ("jpg", "png")
-LABEL_FIELD = "cls"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+INDEX_PROGRESS_SUFFIX = ".progress.jsonl"  # beside the index that `--index` is writing
 DEFAULT_QUALITY = 95
 # tar cost of one sample beyond the image bytes: two 512-byte headers, the label's data block, and on
 # average half a block of padding after the image. Used to turn a byte target into samples per shard.
 TAR_BYTES_PER_SAMPLE = 3 * 512 + 256
-
-
-# ---------------------------------------------------------------- reading shards (shared with the loader)
-
-
-def read_index(location: str) -> dict[str, Any]:
-    """Load an index.json from a local path or any URL webdataset can open (e.g. `pipe:aws s3 cp ... -`)."""
-    from webdataset.gopen import gopen
-
-    try:
-        with gopen(location, "rb") as stream:
-            index = json.loads(stream.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot read the shard index {location!r} ({exc}). Point the index option at the "
-            f"{INDEX_NAME} that `deepres shard` wrote beside the shards."
-        ) from exc
-    if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
-        raise ConfigError(
-            f"{location} is not a deepres shard index of version {FORMAT_VERSION} "
-            f"(format={index.get('format')!r}, version={index.get('version')!r}). Rewrite the shards "
-            "with this version of `deepres shard`."
-        )
-    return index
-
-
-def _read_exactly(stream: Any, n: int) -> bytes:
-    chunks, left = [], n
-    while left > 0:  # pipes return short reads
-        chunk = stream.read(left)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _tar_number(field: bytes) -> int:
-    if field[:1] == b"\x80":  # GNU base-256 for sizes beyond 8 GiB
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b"\0 ") or b"0", 8)
-
-
-def _pax_path(data: bytes) -> str | None:
-    for record in data.decode("utf-8", "replace").splitlines():
-        key, _, value = record.partition(" ")[2].partition("=")
-        if key == "path":
-            return value
-    return None
-
-
-def iter_tar(stream: Any) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in an uncompressed tar stream (ustar, pax, GNU long names).
-
-    Python's tarfile spends ~0.15 ms parsing each header, a tenth of a small JPEG's decode time, so
-    shards are read with this lean parser. A cut-off archive raises tarfile.ReadError.
-    """
-    long_name: str | None = None
-    while True:
-        header = _read_exactly(stream, 512)
-        if not header or header == bytes(512):  # end of archive (or of a stream cut at a member boundary)
-            return
-        if len(header) < 512:
-            raise tarfile.ReadError("unexpected end of data in a tar header")
-        if _tar_number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise tarfile.ReadError("bad tar header checksum")
-        size, kind = _tar_number(header[124:136]), header[156:157]
-        data = _read_exactly(stream, size)
-        if len(data) < size:
-            raise tarfile.ReadError(f"unexpected end of data: {len(data)} of {size} bytes of a tar member")
-        _read_exactly(stream, -size % 512)
-        if kind == b"x":
-            long_name = _pax_path(data) or long_name
-        elif kind == b"L":
-            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
-        elif kind in (b"0", b"\0", b"7"):
-            name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
-            prefix = header[345:500].rstrip(b"\0").decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
-            yield long_name or (f"{prefix}/{name}" if prefix else name), data
-            long_name = None
-        elif kind != b"g":  # directories, links, devices: not samples
-            long_name = None
-
-
-_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = path up to the first dot of the file name
-
-
-def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict[str, Any]]:
-    """Consecutive members sharing a key become one sample {__key__, <field>: bytes}, as in webdataset."""
-    sample: dict[str, Any] | None = None
-    for name, data in members:
-        m = _MEMBER.match(name)
-        if m is None:
-            continue
-        key, fieldname = m.group(1), m.group(2).lower()
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key}
-        sample[fieldname] = data
-    if sample is not None:
-        yield sample
-
-
-def read_shard(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one tar shard, in order: dicts with `__key__`, `__url__`, an image field and `cls`.
-
-    `url` may be a path or any URL webdataset's gopen opens (`pipe:`, `file:`, http, ...). Errors
-    (missing file, truncated tar, failing pipe command) propagate to the caller.
-    """
-    from webdataset.gopen import gopen
-
-    stream = gopen(url, "rb")
-    finished = False
-    try:
-        for sample in group_samples(iter_tar(stream)):
-            sample["__url__"] = url
-            yield sample
-        finished = True
-    finally:
-        if finished:  # a `pipe:` command that failed reports it here, when it is waited for
-            stream.close()
-        else:  # the reader stopped early or the tar broke: that, not the command's exit status, is the news
-            with contextlib.suppress(Exception):
-                stream.close()
-
-
-def sample_image(sample: dict[str, Any]) -> bytes:
-    for name in IMAGE_FIELDS:
-        if name in sample:
-            return sample[name]
-    raise ValueError(f"no image field ({'/'.join(IMAGE_FIELDS)}) in sample {sample.get('__key__')!r}")
-
-
-def sample_label(sample: dict[str, Any], num_classes: int) -> int:
-    if LABEL_FIELD not in sample:
-        raise ValueError(f"no {LABEL_FIELD} field in sample {sample.get('__key__')!r}")
-    label = int(sample[LABEL_FIELD])
-    if not 0 <= label < num_classes:
-        raise ValueError(f"label {label} of sample {sample.get('__key__')!r} is outside [0, {num_classes})")
-    return label
-
-
-def describe_error(exc: BaseException) -> str:
-    # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"), which tells the user nothing
-    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(exc).__name__}: {exc}")
-
-
-def decode_rgb(data: bytes, min_side: int | None = None) -> Image.Image:
-    """Decode to RGB; JPEGs whose shorter side exceeds 2*min_side are decoded at 1/2..1/8 scale.
-
-    `Image.draft` makes libjpeg skip the work for pixels that a later downscale would throw away; the
-    result keeps a shorter side of at least `min_side`, so callers choose `min_side` to lose nothing.
-    """
-    img = Image.open(io.BytesIO(data))
-    if min_side is not None and img.format == "JPEG":
-        w, h = img.size
-        s = min(w, h)
-        if s > 2 * min_side:
-            img.draft("RGB", (-(-w * min_side // s), -(-h * min_side // s)))
-    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
-
-
-# ---------------------------------------------------------------- finding the source images
-
-
-@dataclass(frozen=True)
-class SourceItem:
-    """One source image: a file, or row `row` of a CIFAR pickle batch when row >= 0."""
-
-    key: str
-    label: int
-    path: str
-    row: int = -1
-
-
-@dataclass
-class SplitSource:
-    name: str
-    classes: list[str]
-    items: list[SourceItem]
-    root: Path
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-
-def _safe_key(text: str) -> str:
-    # webdataset splits a member name at its first dot into key and field, so keys hold no dots.
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
-
-
-class _KeyMaker:
-    """Unique, dot-free sample keys: the file stem, prefixed with the class when stems collide."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-
-    def __call__(self, stem: str, class_name: str) -> str:
-        key = _safe_key(stem)
-        if key in self.seen:
-            key = _safe_key(f"{class_name}_{stem}")
-        base, n = key, 1
-        while key in self.seen:
-            key, n = f"{base}_{n}", n + 1
-        self.seen.add(key)
-        return key
-
-
-def _image_files(folder: Path) -> list[Path]:
-    # not is_dir() rather than is_file(): a file we cannot read is reported at conversion, not hidden
-    return sorted(
-        Path(e.path)
-        for e in os.scandir(folder)
-        if not e.is_dir() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def _class_folder_split(name: str, folder: Path, root: Path, classes: list[str] | None) -> SplitSource:
-    found = _class_dirs(folder)
-    if not found:
-        raise ConfigError(
-            f"{folder} has no class sub-folders. Expected {folder}/<class>/<image> "
-            "(or pass --format cifar for the CIFAR python archive)."
-        )
-    classes = classes or found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise ConfigError(
-            f"{folder} has classes that the train split does not: {', '.join(unknown[:5])}"
-            f"{' ...' if len(unknown) > 5 else ''}. Both splits must use the same class folders."
-        )
-    label_of = {c: i for i, c in enumerate(classes)}
-    keys = _KeyMaker()
-    items = [
-        SourceItem(keys(p.stem, c), label_of[c], str(p.relative_to(root)))
-        for c in found
-        for p in _image_files(folder / c)
-    ]
-    return SplitSource(name, list(classes), items, root)
-
-
-def _devkit_labels(ground_truth: Path) -> dict[str, str]:
-    """Flat val/ labels from ILSVRC2012_validation_ground_truth.txt and the devkit's meta.mat."""
-    meta = ground_truth.parent / "meta.mat"
-    if not meta.is_file():
-        raise ConfigError(f"{meta} is missing: the devkit's meta.mat maps ILSVRC2012 ids to class folders.")
-    from scipy.io import loadmat
-
-    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
-    wnid_of_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-    ids = [int(line) for line in ground_truth.read_text().split()]
-    return {f"ILSVRC2012_val_{i:08d}": wnid_of_id[gid] for i, gid in enumerate(ids, start=1)}
-
-
-def _csv_labels(solution: Path) -> dict[str, str]:
-    """Flat val/ labels from Kaggle's LOC_val_solution.csv (ImageId,PredictionString)."""
-    labels = {}
-    for line in solution.read_text().splitlines()[1:]:
-        if line.strip():
-            image_id, prediction = line.split(",", 1)
-            labels[image_id.strip()] = prediction.split()[0]
-    return labels
-
-
-def _flat_val_labels(src: Path, val_labels: Path | None) -> dict[str, str]:
-    candidates = [val_labels] if val_labels else [
-        src / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt",
-        src / "LOC_val_solution.csv",
-    ]
-    for path in candidates:
-        if path is not None and path.is_file():
-            return _csv_labels(path) if path.suffix == ".csv" else _devkit_labels(path)
-    raise ConfigError(
-        f"{src / 'val'} holds images but no class folders, and no ground truth was found. Pass "
-        "--val-labels with the devkit's data/ILSVRC2012_validation_ground_truth.txt (meta.mat beside it) "
-        "or Kaggle's LOC_val_solution.csv, or put val/ into per-class folders."
-    )
-
-
-def _flat_val_split(src: Path, classes: list[str] | None, val_labels: Path | None) -> SplitSource:
-    labels = _flat_val_labels(src, val_labels)
-    classes = classes or sorted(set(labels.values()))
-    label_of = {c: i for i, c in enumerate(classes)}
-    keys = _KeyMaker()
-    items, skipped = [], []
-    for p in _image_files(src / "val"):
-        wnid = labels.get(p.stem)
-        if wnid is None or wnid not in label_of:
-            skipped.append({"source": str(p.relative_to(src)), "error": f"no known label ({wnid})"})
-            continue
-        items.append(SourceItem(keys(p.stem, wnid), label_of[wnid], str(p.relative_to(src))))
-    return SplitSource("val", classes, items, src, skipped)
-
-
-def _imagenet_splits(src: Path, only: str | None, val_labels: Path | None) -> list[SplitSource]:
-    train, val = src / "train", src / "val"
-    if not train.is_dir() and not val.is_dir():
-        raise ConfigError(f"{src} has neither train/ nor val/. Expected the ImageNet layout {src}/train/<wnid>/*.")
-    classes = _class_dirs(train) if train.is_dir() else None
-    splits = []
-    if train.is_dir() and only in (None, "train"):
-        splits.append(_class_folder_split("train", train, src, classes))
-    if val.is_dir() and only in (None, "val"):
-        if _class_dirs(val):
-            splits.append(_class_folder_split("val", val, src, classes))
-        else:
-            splits.append(_flat_val_split(src, classes, val_labels))
-    if not splits:
-        raise ConfigError(f"{src} has no {only}/ folder to convert.")
-    return splits
-
-
-def _unpickle(path: Path) -> dict[bytes, Any]:
-    # The CIFAR archive is a set of Python pickles: only convert archives from a trusted source.
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
-
-
-def _cifar_splits(src: Path, only: str | None) -> list[SplitSource]:
-    if (src / "batches.meta").is_file():  # CIFAR-10
-        classes = [c.decode() for c in _unpickle(src / "batches.meta")[b"label_names"]]
-        files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"]}
-        label_key = b"labels"
-    elif (src / "meta").is_file():  # CIFAR-100
-        classes = [c.decode() for c in _unpickle(src / "meta")[b"fine_label_names"]]
-        files, label_key = {"train": ["train"], "val": ["test"]}, b"fine_labels"
-    else:
-        raise ConfigError(
-            f"{src} is not an extracted CIFAR python archive (no batches.meta or meta). Extract "
-            "cifar-10-python.tar.gz or cifar-100-python.tar.gz and pass the folder it creates."
-        )
-    splits = []
-    for name, batch_files in files.items():
-        if only not in (None, name):
-            continue
-        items = []
-        for batch_file in batch_files:
-            batch = _unpickle(src / batch_file)
-            for row, label in enumerate(batch[label_key]):
-                items.append(SourceItem(f"{batch_file}_{row:05d}", int(label), batch_file, row))
-        splits.append(SplitSource(name, classes, items, src))
-    return splits
-
-
-def detect_format(src: Path) -> str:
-    if (src / "batches.meta").is_file() or (src / "meta").is_file():
-        return "cifar"
-    if (src / "train").is_dir() or (src / "val").is_dir():
-        return "imagenet"
-    return "folder"
-
-
-def find_splits(src: Path, fmt: str, split: str | None, val_labels: Path | None) -> list[SplitSource]:
-    """The splits to convert, each with its sorted class list and source items."""
-    if not src.is_dir():
-        raise ConfigError(f"source {src} is not a directory.")
-    fmt = detect_format(src) if fmt == "auto" else fmt
-    if fmt == "imagenet":
-        return _imagenet_splits(src, split, val_labels)
-    if fmt == "cifar":
-        return _cifar_splits(src, split)
-    return [_class_folder_split(split or "train", src, src, None)]
 
 
 # ---------------------------------------------------------------- encoding one image
@@ -487,11 +133,7 @@ class ShardRecord:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -729,20 +371,175 @@ def convert(src: Path, out: Path, fmt: str, split: str | None, val_labels: Path 
         return [convert_split(s, out, opts, pool) for s in splits]
 
 
+# ---------------------------------------------------------------- indexing shards written by other tools
+
+
+@dataclass
+class IndexRecord:
+    """What one pass over a shard found; `mtime_ns` and `bytes` tell a resumed run whether it changed."""
+
+    name: str
+    samples: int
+    bytes: int
+    mtime_ns: int
+    sha256: str
+    labels: dict[str, int]  # label as stored (index or class name) -> samples with it
+    unusable: int  # samples without an image or a label field (skipped when training)
+    first_problem: str = ""
+
+
+@dataclass(frozen=True)
+class IndexTask:
+    path: str
+    name: str
+    fields: SampleFields
+
+
+def scan_shard(task: IndexTask) -> IndexRecord:
+    """Count the samples and labels of one shard (reading it through once) and checksum it."""
+    stat = os.stat(task.path)
+    labels: dict[str, int] = {}
+    samples = unusable = 0
+    problem = ""
+    try:
+        for sample in read_shard(task.path):
+            samples += 1
+            try:
+                task.fields.image_bytes(sample)
+                label = str(task.fields.raw_label(sample))
+            except ValueError as exc:
+                unusable += 1
+                problem = problem or str(exc)
+                continue
+            labels[label] = labels.get(label, 0) + 1
+    except Exception as exc:
+        raise ConfigError(f"{task.path} is not a readable tar shard after {samples} samples: "
+                          f"{describe_error(exc)}.") from exc
+    return IndexRecord(task.name, samples, stat.st_size, stat.st_mtime_ns, sha256_file(task.path), labels,
+                       unusable, problem)
+
+
+def _shard_paths(source: str) -> tuple[list[Path], Path]:
+    """The local shard files a directory or brace/glob pattern names, and the default index path."""
+    from webdataset.shardlists import expand_urls
+
+    if not is_local(source):
+        raise ConfigError(f"--index {source!r}: index local shard files (copy or mount remote ones first); "
+                          "the loader then reads them from anywhere with data.train_urls.")
+    path = Path(source).expanduser()
+    if not path.exists() and not glob.has_magic(source) and "{" not in source:
+        raise ConfigError(f"--index {source!r}: no such folder or file. Give the folder that holds the shards "
+                          "or a pattern such as '/data/train-{000000..000146}.tar'.")
+    if path.is_dir():
+        shards, where = sorted(path.glob("*.tar")), path
+    else:  # brace ranges as webdataset expands them, then shell-style wildcards
+        shards = [Path(p) for pattern in expand_urls(str(path))
+                  for p in (sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern])]
+        where = shards[0].parent if shards else path.parent
+        missing = [s for s in shards if not s.is_file()]
+        if missing:
+            raise ConfigError(f"--index {source!r}: {len(missing)} of {len(shards)} shard files do not exist, "
+                              f"e.g. {missing[0]}.")
+    if not shards:
+        raise ConfigError(f"--index {source!r}: no .tar shards there. Give the folder that holds them or a "
+                          "pattern such as '/data/train-{000000..000146}.tar'.")
+    return shards, where / INDEX_NAME
+
+
+def _classes_from_labels(labels: set[str], num_classes: int | None) -> list[str]:
+    """Class list for the labels seen: indices 0..K-1 (K = num_classes or the largest + 1), or sorted names."""
+    as_ints = [int(v) for v in labels if re.fullmatch(r"-?\d+", v)]
+    if len(as_ints) == len(labels):
+        k = num_classes if num_classes is not None else max(as_ints, default=-1) + 1
+        if as_ints and (min(as_ints) < 0 or max(as_ints) >= k):
+            raise ConfigError(f"labels range over [{min(as_ints)}, {max(as_ints)}], outside --num-classes {k}.")
+        return [str(i) for i in range(k)]
+    if as_ints:
+        raise ConfigError("the shards mix class indices and class names in their labels; use one label field "
+                          "that holds either (--label-field).")
+    names = sorted(labels)
+    if num_classes is not None and num_classes != len(names):
+        raise ConfigError(f"the shards name {len(names)} classes, --num-classes says {num_classes}.")
+    return names
+
+
+def index_shards(source: str, out: Path | None, fields: SampleFields, workers: int,
+                 num_classes: int | None = None) -> dict[str, Any]:
+    """Write a deepres index for shards that deepres did not write; resumes an interrupted run."""
+    from tqdm import tqdm
+
+    shards, default_out = _shard_paths(source)
+    out = (out or default_out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = [os.path.relpath(s, out.parent) for s in shards]
+    progress = out.with_name(out.name + INDEX_PROGRESS_SUFFIX)
+    done: dict[str, IndexRecord] = {}
+    if progress.is_file():  # an interrupted run: keep what it counted for shards that did not change
+        for line in progress.read_text().splitlines():
+            try:
+                rec = IndexRecord(**json.loads(line))
+            except (ValueError, TypeError):  # a line cut short by the interruption
+                continue
+            done[rec.name] = rec
+    tasks = []
+    for path, name in zip(shards, names, strict=True):
+        rec, stat = done.get(name), path.stat()
+        if rec is None or (rec.bytes, rec.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            done.pop(name, None)
+            tasks.append(IndexTask(str(path), name, fields))
+    pool = cf.ProcessPoolExecutor(workers) if workers > 1 and len(tasks) > 1 else None
+    try:
+        with open(progress, "a") as log, tqdm(total=len(shards), initial=len(shards) - len(tasks), unit="shard",
+                                              desc=f"indexing {out.parent}", dynamic_ncols=True) as bar:
+            for rec in _completed(scan_shard, tasks, pool):
+                done[rec.name] = rec
+                log.write(json.dumps(asdict(rec)) + "\n")
+                log.flush()
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    records = [done[n] for n in names]
+    labels = {label for r in records for label in r.labels}
+    if not labels:
+        raise ConfigError(f"no sample in {source} has both an image field ({'/'.join(fields.image)}) and a "
+                          f"label ({fields.label}); e.g. {next((r.first_problem for r in records if r.first_problem), '')}. "
+                          "Set --image-fields / --label-field to the fields the shards use.")
+    index = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "split": out.parent.name if out.name == INDEX_NAME else out.stem,
+        "classes": _classes_from_labels(labels, num_classes),
+        "num_classes": 0,
+        "num_samples": sum(r.samples for r in records),
+        "shards": [{"name": r.name, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in records],
+        "skipped": [],
+        "fields": fields.as_dict(),
+        "indexed": {"unusable_samples": sum(r.unusable for r in records),
+                    "first_problem": next((r.first_problem for r in records if r.first_problem), ""),
+                    "samples_per_class": {k: sum(r.labels.get(k, 0) for r in records) for k in sorted(labels)}},
+    }
+    index["num_classes"] = len(index["classes"])
+    _write_json(out, index)
+    progress.unlink()
+    return {**index, "path": str(out)}
+
+
 # ---------------------------------------------------------------- verifying
 
 
-def _verify_shard(path: Path, entry: dict, num_classes: int, decode: bool) -> str | None:
+def _verify_shard(path: Path, entry: dict, classes: list[str], fields: SampleFields, decode: bool) -> str | None:
     """None if the shard matches its index entry, else what is wrong with it."""
     if not path.is_file():
         return "missing"
     if path.stat().st_size != entry["bytes"]:
         return f"size {path.stat().st_size} bytes, index says {entry['bytes']} (truncated or rewritten)"
+    class_index = {c: i for i, c in enumerate(classes)}
     keys: set[str] = set()
     try:
         for sample in read_shard(str(path)):
-            sample_label(sample, num_classes)
-            data = sample_image(sample)
+            fields.label_index(sample, len(classes), class_index)
+            data = fields.image_bytes(sample)
             if decode:
                 decode_rgb(data, 32).load()
             if sample["__key__"] in keys:
@@ -758,11 +555,14 @@ def _verify_shard(path: Path, entry: dict, num_classes: int, decode: bool) -> st
 
 
 def _index_files(out: Path) -> list[Path]:
+    if out.is_file():
+        return [out]
     if (out / INDEX_NAME).is_file():
         return [out / INDEX_NAME]
     found = sorted(out.glob(f"*/{INDEX_NAME}"))
     if not found:
-        raise ConfigError(f"no {INDEX_NAME} in {out} or its sub-folders: is this a `deepres shard` output?")
+        raise ConfigError(f"no {INDEX_NAME} in {out} or its sub-folders: is this a `deepres shard` output? "
+                          "Shards written by another tool get one with `deepres shard --index SHARDS`.")
     return found
 
 
@@ -772,8 +572,10 @@ def verify(out: Path, workers: int, decode: bool) -> int:
     for index_path in _index_files(out):
         index = read_index(str(index_path))
         entries = index["shards"]
+        fields = SampleFields.of(None, None, index.get("fields"))
         paths = [index_path.parent / e["name"] for e in entries]
-        args = (paths, entries, [index["num_classes"]] * len(entries), [decode] * len(entries))
+        n = len(entries)
+        args = (paths, entries, [index["classes"]] * n, [fields] * n, [decode] * n)
         if workers > 1:
             with cf.ProcessPoolExecutor(workers) as pool:
                 problems = list(pool.map(_verify_shard, *args))
@@ -784,7 +586,7 @@ def verify(out: Path, workers: int, decode: bool) -> int:
                 print(f"BAD {path}: {problem}", file=sys.stderr)
         n_bad = sum(p is not None for p in problems)
         total = sum(e["samples"] for e in entries)
-        if sum(e["samples"] for e in entries) != index["num_samples"]:
+        if total != index["num_samples"]:
             print(f"BAD {index_path}: shard sample counts add up to {total}, num_samples says "
                   f"{index['num_samples']}", file=sys.stderr)
             n_bad += 1
@@ -800,13 +602,24 @@ def verify(out: Path, workers: int, decode: bool) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepres shard",
-        description="Convert an image tree or the CIFAR archive into webdataset tar shards, or verify them.",
+        description="Convert an image tree or the CIFAR archive into webdataset tar shards, index shards "
+        "written by another tool, or verify shards against their index.",
         epilog="Formats: imagenet = SRC/train/<class>/* and SRC/val/ (per-class folders, or flat with the "
         "devkit ground truth); folder = SRC/<class>/*; cifar = the extracted python archive.",
     )
-    p.add_argument("paths", nargs="+", metavar="SRC OUT", help="source directory and output directory")
+    p.add_argument("paths", nargs="*", metavar="SRC OUT", help="source directory and output directory")
     p.add_argument("--verify", action="store_true", help="re-read the shards in OUT and check them against the index")
     p.add_argument("--decode", action="store_true", help="with --verify: also decode every image (slower)")
+    p.add_argument("--index", metavar="SHARDS", help="write an index for existing webdataset shards: their "
+                   "folder or a pattern ('/data/train-{000000..000146}.tar'); resumes if interrupted")
+    p.add_argument("--out", type=Path, help=f"with --index: where to write the index (default: {INDEX_NAME} "
+                   "beside the shards)")
+    p.add_argument("--label-field", default=LABEL_FIELD, help="with --index: the field holding the label: "
+                   "an extension (cls, label, txt) or json:KEY for a key of the .json sidecar")
+    p.add_argument("--image-fields", default="jpg,jpeg,png,webp",
+                   help="with --index: image extensions to look for, in order (comma-separated)")
+    p.add_argument("--num-classes", type=int, help="with --index: number of classes when the labels are "
+                   "indices and the largest class may be missing from the shards")
     p.add_argument("--format", default="auto", choices=["auto", "imagenet", "folder", "cifar"])
     p.add_argument("--split", help="imagenet/cifar: convert only this split (train or val); "
                    "folder: the split name to write (default train)")
@@ -822,15 +635,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _index_main(args: argparse.Namespace) -> int:
+    if args.paths:
+        raise ConfigError("--index takes the shards as its own argument: deepres shard --index SHARDS [--out FILE]")
+    fields = SampleFields.of([f.strip() for f in args.image_fields.split(",") if f.strip()], args.label_field)
+    index = index_shards(args.index, args.out, fields, args.workers, args.num_classes)
+    unusable = index["indexed"]["unusable_samples"]
+    note = (f"; {unusable} samples lack an image or label and will be skipped "
+            f"(e.g. {index['indexed']['first_problem']})") if unusable else ""
+    print(f"{index['path']}: {len(index['shards'])} shards, {index['num_samples']} samples, "
+          f"{index['num_classes']} classes{note}")
+    return 0
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     args = _parser().parse_args(None if argv is None else list(argv))
     try:
+        if args.index is not None:
+            return _index_main(args)
         if args.verify:
             if len(args.paths) != 1:
                 raise ConfigError("--verify takes one directory: deepres shard --verify OUT")
             return verify(Path(args.paths[0]), args.workers, args.decode)
         if len(args.paths) != 2:
-            raise ConfigError("give a source and an output directory: deepres shard SRC OUT")
+            raise ConfigError("give a source and an output directory: deepres shard SRC OUT "
+                              "(or index existing shards: deepres shard --index SHARDS)")
         if args.quality is not None and not 1 <= args.quality <= 100:
             raise ConfigError(f"--quality {args.quality}: JPEG quality must be between 1 and 100.")
         if args.resize is not None and args.resize < 1:

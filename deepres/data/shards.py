@@ -1,8 +1,12 @@
-"""Train and validate from the webdataset shards that `deepres shard` writes, on any number of ranks.
+"""Train and validate from webdataset shards, whoever wrote them, on any number of ranks.
 
     ShardDataModule(root="/data/imagenet-shards", batch_size=256, num_workers=8)     # OUT of deepres shard
     ShardDataModule(train_urls="pipe:aws s3 cp s3://b/train/train-{000000..001281}.tar -",
                     train_index="/data/imagenet-shards/train/index.json", ...)     # streamed shards
+    ShardDataModule(train_index="/data/in1k/train.json", label_field="json:label", ...)  # a wids list
+
+Shards written by another tool need a list of their sample counts: `deepres shard --index SHARDS`
+writes one (see deepres.data.shard_format for the wids and timm lists that work as they are).
 
 The failures webdataset users keep reporting (webdataset issues #188, #225, #250, #303) are made
 impossible here by construction rather than by tuning:
@@ -39,7 +43,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -49,14 +53,18 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate
 from torchvision.transforms.v2 import functional as F
 
 from deepres.data.base import DeepresDataModule, rank_and_world, worker_context
-from deepres.data.shard_writer import (
+from deepres.data.recipes import AutoAugmentName, BatchMix
+from deepres.data.recipes import auto_augment as auto_augment_policy
+from deepres.data.shard_format import (
     INDEX_NAME,
+    TIMM_INFO_NAME,
+    SampleFields,
+    ShardList,
     decode_rgb,
     describe_error,
-    read_index,
+    is_local,
     read_shard,
-    sample_image,
-    sample_label,
+    read_shard_list,
 )
 from deepres.errors import ConfigError
 
@@ -80,11 +88,12 @@ WorkerBatch = tuple[torch.Tensor, torch.Tensor, tuple[int, list[str]]]
 
 @dataclass(frozen=True)
 class ShardSet:
-    """Shard URLs in index order, the number of samples in each, and the class names."""
+    """Shard URLs in list order, the number of samples in each, the class names, the recorded fields."""
 
     urls: tuple[str, ...]
     samples: tuple[int, ...]
     classes: tuple[str, ...]
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -92,11 +101,8 @@ class ShardSet:
 
     def nonempty(self) -> ShardSet:
         keep = [i for i, n in enumerate(self.samples) if n > 0]
-        return ShardSet(tuple(self.urls[i] for i in keep), tuple(self.samples[i] for i in keep), self.classes)
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith(("pipe:", "file:"))
+        return ShardSet(tuple(self.urls[i] for i in keep), tuple(self.samples[i] for i in keep), self.classes,
+                        self.fields)
 
 
 def _shard_name_in(url: str, names: set[str]) -> str | None:
@@ -105,47 +111,92 @@ def _shard_name_in(url: str, names: set[str]) -> str | None:
     return next((c for c in reversed(candidates) if c in names), None)
 
 
-def resolve_shards(split: str, urls: str | None, index: str | None, root: str | None) -> ShardSet | None:
-    """The shards of one split from a URL pattern and/or an index; None if the split is not configured.
+def _default_list(split: str, root: str) -> str | None:
+    """ROOT/<split>/index.json (deepres), else ROOT/_info.json (timm) when it describes the split."""
+    index = os.path.join(root, split, INDEX_NAME)
+    if os.path.exists(index):
+        return index
+    info = os.path.join(root, TIMM_INFO_NAME)
+    if os.path.exists(info):
+        with contextlib.suppress(ConfigError):
+            read_shard_list(info, split)
+            return info
+    return None
 
-    The index defaults to ROOT/<split>/index.json, or to the index.json beside local shard files; the
-    URLs default to the shard files listed in the index, beside it.
+
+def _no_list_message(split: str, root: str) -> str:
+    tars = [os.path.join(d, n) for d in (root, os.path.join(root, split)) if os.path.isdir(d)
+            for n in sorted(os.listdir(d)) if n.endswith(".tar")]
+    found = f" {root} holds {len(tars)} .tar shards but no index for them." if tars else ""
+    return (f"no {split} shards found: neither {os.path.join(root, split, INDEX_NAME)} nor a timm "
+            f"{os.path.join(root, TIMM_INFO_NAME)} with a {split!r} split exists.{found} Index existing webdataset "
+            f"shards with `deepres shard --index {os.path.join(root, split)}` (or pass data.{split}_index with a "
+            "wids shard list), or convert images with `deepres shard SRC OUT`.")
+
+
+def _classes(listed: ShardList, num_classes: int | None, split: str) -> tuple[str, ...]:
+    if listed.classes is None:
+        if num_classes is None:
+            raise ConfigError(f"{listed.location} (a {listed.kind} shard list) does not name the classes: set "
+                              "data.num_classes, or index the shards with `deepres shard --index`, which counts them.")
+        return tuple(str(i) for i in range(num_classes))
+    if num_classes is not None and num_classes != len(listed.classes):
+        raise ConfigError(f"data.num_classes={num_classes}, but the {split} shard list {listed.location} names "
+                          f"{len(listed.classes)} classes. Leave data.num_classes unset or fix the list.")
+    return listed.classes
+
+
+def resolve_shards(split: str, urls: str | None, index: str | None, root: str | None,
+                   num_classes: int | None = None) -> ShardSet | None:
+    """The shards of one split from a URL pattern and/or a shard list; None if the split is not configured.
+
+    The list (a deepres index.json, a wids shard list or a timm _info.json) defaults to
+    ROOT/<split>/index.json or ROOT/_info.json, or to the index.json beside local shard files; the URLs
+    default to the shards the list names, resolved against the list's location.
     """
     from webdataset.shardlists import expand_urls
 
     expanded = expand_urls(urls) if urls else []
     if index is None and root is not None:
-        index = os.path.join(root, split, INDEX_NAME)
-        if not os.path.exists(index) and urls is None:
-            return None
-    if index is None and expanded and _is_local(expanded[0]):
+        index = _default_list(split, root)
+        if index is None:
+            if urls is None:
+                return None
+            raise ConfigError(_no_list_message(split, root))
+    if index is None and expanded and is_local(expanded[0]):
         index = os.path.join(os.path.dirname(expanded[0]), INDEX_NAME)
+        if not os.path.exists(index):
+            raise ConfigError(f"{split}_urls {urls!r} have no {INDEX_NAME} beside them. Index the shards with "
+                              f"`deepres shard --index '{urls}'`, or pass {split}_index with their shard list.")
     if index is None:
         if urls is None:
             return None
         raise ConfigError(
             f"{split}_urls {urls!r} are not local files, so the index cannot be found beside them. Pass "
-            f"{split}_index with the {INDEX_NAME} that `deepres shard` wrote (a path or a pipe: URL)."
+            f"{split}_index with the {INDEX_NAME} that `deepres shard` wrote (a path or a pipe: URL), a wids "
+            f"shard list or a timm {TIMM_INFO_NAME}."
         )
-    idx = read_index(index)
-    by_name = {e["name"]: int(e["samples"]) for e in idx["shards"]}
+    listed = read_shard_list(index, split)
+    classes = _classes(listed, num_classes, split)
     if not expanded:
-        if not _is_local(index):
+        if index.startswith("pipe:"):  # the shards' own URLs cannot be derived from a command
             raise ConfigError(f"{split}_index {index!r} is remote: pass {split}_urls naming its shards as well.")
-        expanded = [os.path.join(os.path.dirname(index), name) for name in by_name]
+        return ShardSet(tuple(e.url for e in listed.entries), tuple(e.samples for e in listed.entries), classes,
+                        listed.fields)
+    by_name = {e.name: e.samples for e in listed.entries}
     samples = []
     for url in expanded:
         name = _shard_name_in(url, set(by_name))
         if name is None:
             raise ConfigError(
                 f"{split} shard URL {url!r} names no shard listed in {index}. Use the shard names "
-                "`deepres shard` wrote (e.g. train-000000.tar) or point the index option at their index."
+                "the list holds (e.g. train-000000.tar) or point the index option at their list."
             )
         samples.append(by_name[name])
-    missing = [u for u in expanded if _is_local(u) and not os.path.exists(u)]
+    missing = [u for u in expanded if is_local(u) and not os.path.exists(u)]
     if missing:
         raise ConfigError(f"{len(missing)} {split} shard files do not exist, e.g. {missing[0]}.")
-    return ShardSet(tuple(expanded), tuple(samples), tuple(idx["classes"]))
+    return ShardSet(tuple(expanded), tuple(samples), classes, listed.fields)
 
 
 # ---------------------------------------------------------------- decoding one sample
@@ -182,8 +233,10 @@ class ImageTransform:
     the permuted CHW views that ToTensor/PILToTensor return.
     """
 
-    def __init__(self, train: bool, image_size: int, eval_resize: int, recipe: str) -> None:
+    def __init__(self, train: bool, image_size: int, eval_resize: int, recipe: str,
+                 policy: Callable | None = None) -> None:
         self.train, self.size, self.eval_resize, self.recipe = train, image_size, eval_resize, recipe
+        self.policy = policy if train else None  # RandAugment / TrivialAugmentWide (deepres.data.recipes)
         self.min_side: int | None = None
         if recipe == "imagenet":
             # Decode JPEGs at reduced scale only while even the smallest crop keeps >= image_size pixels.
@@ -201,7 +254,8 @@ class ImageTransform:
             img = F.crop(img, random.randint(0, img.height - s), random.randint(0, img.width - s), s, s)
         else:
             return F.center_crop(img, [s, s])
-        return F.horizontal_flip(img) if random.random() < 0.5 else img
+        img = F.horizontal_flip(img) if random.random() < 0.5 else img
+        return img if self.policy is None else self.policy(img)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         # np.array copies, as torchvision's pil_to_tensor does: PIL's buffer is read-only
@@ -218,7 +272,7 @@ def _share(total: int, parts: int, part: int) -> int:
     return total // parts + (part < total % parts)
 
 
-def _shard_items(url: str, count: int) -> Iterator[dict[str, Any] | str]:
+def _shard_items(url: str, count: int, reader: str = "deepres") -> Iterator[dict[str, Any] | str]:
     """Exactly `count` items for a shard the index says holds `count` samples.
 
     Each is a sample in tar order, or a string saying why the sample at that position is missing (the
@@ -227,7 +281,7 @@ def _shard_items(url: str, count: int) -> Iterator[dict[str, Any] | str]:
     """
     n, reason = 0, "shard ended early"
     try:
-        for sample in read_shard(url):
+        for sample in read_shard(url, reader):
             if n == count:
                 break
             yield sample
@@ -241,14 +295,16 @@ def _shard_items(url: str, count: int) -> Iterator[dict[str, Any] | str]:
 class _Decoder:
     """Turns shard items into (image, label), or a description of why the sample was skipped."""
 
-    def __init__(self, transform: ImageTransform, num_classes: int) -> None:
-        self.transform, self.num_classes = transform, num_classes
+    def __init__(self, transform: ImageTransform, classes: tuple[str, ...], fields: SampleFields) -> None:
+        self.transform, self.num_classes, self.fields = transform, len(classes), fields
+        self.class_index = {c: i for i, c in enumerate(classes)}
 
     def __call__(self, item: dict[str, Any] | str) -> tuple[torch.Tensor, int] | str:
         if isinstance(item, str):
             return item
         try:
-            return self.transform(sample_image(item)), sample_label(item, self.num_classes)
+            label = self.fields.label_index(item, self.num_classes, self.class_index)
+            return self.transform(self.fields.image_bytes(item)), label
         except Exception as exc:  # any decoder error: skip the sample, never stop training
             return f"{item.get('__key__')} in {item.get('__url__')}: {describe_error(exc)}"
 
@@ -284,13 +340,15 @@ class TrainShardStream(IterableDataset):
     """Yields exactly `steps` full batches per pass on this rank, split exactly across its workers."""
 
     def __init__(self, shards: ShardSet, batch_size: int, steps: int, rank: int, world_size: int,
-                 transform: ImageTransform, shuffle_buffer: int, seed: int, image_size: int) -> None:
+                 transform: ImageTransform, shuffle_buffer: int, seed: int, image_size: int,
+                 fields: SampleFields | None = None) -> None:
         super().__init__()
         self.shards = shards.nonempty()
         if not self.shards.urls:
             raise ConfigError("the training shards hold no samples; check them with `deepres shard --verify`.")
         self.batch_size, self.steps, self.rank, self.world_size = batch_size, steps, rank, world_size
-        self.decode = _Decoder(transform, len(shards.classes))
+        self.decode = _Decoder(transform, shards.classes, fields or SampleFields.of(None, None, shards.fields))
+        self.tar_reader = "deepres"  # shard_format.TAR_READERS; scripts/bench_shards.py compares them
         self.shuffle_buffer, self.seed, self.shape = shuffle_buffer, seed, (3, image_size, image_size)
         # set by ShardLoader before the workers start: the epoch, and the batches of it that a resumed
         # checkpoint already trained on (the rest of that epoch reads a fresh shard order)
@@ -302,7 +360,7 @@ class TrainShardStream(IterableDataset):
         unreadable, give_up = 0, 2 * len(self.shards.urls) + 20
         for i in shard_order(len(self.shards.urls), slot, slots, f"{self.seed}:{self.skip}", self.epoch):
             readable = False
-            with contextlib.closing(_shard_items(self.shards.urls[i], self.shards.samples[i])) as items:
+            with contextlib.closing(_shard_items(self.shards.urls[i], self.shards.samples[i], self.tar_reader)) as items:
                 for item in items:
                     readable = readable or not isinstance(item, str)
                     yield item
@@ -351,10 +409,11 @@ class ValShardStream(IterableDataset):
     """This rank's contiguous range of the samples, in `num_batches` batches (equal on every rank)."""
 
     def __init__(self, shards: ShardSet, batch_size: int, rank: int, world_size: int,
-                 transform: ImageTransform, image_size: int) -> None:
+                 transform: ImageTransform, image_size: int, fields: SampleFields | None = None) -> None:
         super().__init__()
         self.shards, self.rank, self.world_size = shards, rank, world_size
-        self.decode = _Decoder(transform, len(shards.classes))
+        self.decode = _Decoder(transform, shards.classes, fields or SampleFields.of(None, None, shards.fields))
+        self.tar_reader = "deepres"
         self.shape = (3, image_size, image_size)
         per_rank = -(-shards.num_samples // world_size)
         self.num_batches = -(-per_rank // batch_size)
@@ -366,7 +425,7 @@ class ValShardStream(IterableDataset):
         for url, count in zip(self.shards.urls, self.shards.samples, strict=True):
             lo, hi = max(start - offset, 0), min(stop - offset, count)
             if lo < hi:
-                with contextlib.closing(_shard_items(url, count)) as items:
+                with contextlib.closing(_shard_items(url, count, self.tar_reader)) as items:
                     yield from itertools.islice(items, lo, hi)
             offset += count
 
@@ -443,16 +502,34 @@ class ShardLoader:
 
 
 class ShardDataModule(DeepresDataModule):
-    """ImageNet-style classification from `deepres shard` output, local or streamed.
+    """ImageNet-style classification from webdataset shards, local or streamed.
+
+    The shards may come from `deepres shard` or from any other webdataset writer (webdataset's
+    ShardWriter, img2dataset, the public ImageNet copies); the loader needs a list of the samples in
+    each shard: the index.json of `deepres shard` or `deepres shard --index`, a wids shard list, or a
+    timm `_info.json`.
 
     Args:
-        root: the OUT directory of `deepres shard` (holds train/ and val/ with their index.json).
+        root: the folder holding <split>/index.json (the OUT of `deepres shard`), or a timm _info.json.
         train_urls: shard URLs for training instead of those in the index: a path or brace pattern
             (`/data/train-{000000..001281}.tar`), `pipe:` commands for object stores; `::` joins lists.
         val_urls: the same for validation.
-        train_index: where the training index.json is (path or `pipe:` URL); default ROOT/train/index.json
-            or beside local train_urls.
+        train_index: the training shard list (path or URL): a deepres index.json, a wids shard list or a
+            timm _info.json; default ROOT/train/index.json, ROOT/_info.json, or index.json beside local train_urls.
         val_index: the same for validation.
+        label_field: the sample field holding the label: an extension (`cls`, `label`, `txt`) or
+            `json:KEY` for a key of the .json sidecar; default: what the index recorded, else `cls`.
+        image_fields: image extensions tried in order; default: what the index recorded, else
+            jpg, jpeg, png, webp.
+        num_classes: the number of classes, for shard lists that do not name them (wids, timm).
+        auto_augment: per-image policy after crop and flip in training: none, randaugment
+            (`randaugment_ops` ops of `randaugment_magnitude`) or trivialaugment (deepres.data.recipes).
+        randaugment_ops: RandAugment's N (Cubuk et al. 2020, ImageNet: 2).
+        randaugment_magnitude: RandAugment's M (ImageNet: 9).
+        mixup_alpha: MixUp's Beta(α, α) on training batches, on the device (0 = off; Zhang et al. 2018
+            ImageNet: 0.2).
+        cutmix_alpha: CutMix's Beta(α, α) (0 = off; Yun et al. 2019: 1.0). With both on, each batch
+            gets one of the two.
         batch_size: samples per batch on each rank (the global batch is batch_size * world size).
         num_workers: data-loader processes per rank.
         shuffle_buffer: samples held per worker for shuffling (the shards are already class-shuffled).
@@ -481,6 +558,14 @@ class ShardDataModule(DeepresDataModule):
         steps_per_epoch: int | None = None,
         seed: int = 0,
         worker_start_method: Literal["forkserver", "spawn", "fork"] = "forkserver",
+        label_field: str | None = None,
+        image_fields: list[str] | None = None,
+        num_classes: int | None = None,
+        auto_augment: AutoAugmentName = "none",
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, worker_start_method)
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
@@ -499,6 +584,14 @@ class ShardDataModule(DeepresDataModule):
         self.train_index, self.val_index = train_index, val_index
         self.shuffle_buffer, self.image_size, self.eval_resize = shuffle_buffer, image_size, eval_resize
         self.recipe, self.steps_per_epoch = recipe, steps_per_epoch
+        if num_classes is not None and num_classes < 1:
+            raise ConfigError(f"data.num_classes={num_classes}: must be at least 1 (or unset).")
+        SampleFields.of(image_fields, label_field)  # refuses malformed fields now, not in a worker
+        self.label_field, self.image_fields, self._num_classes = label_field, image_fields, num_classes
+        self.auto_augment, self.randaugment = auto_augment, (randaugment_ops, randaugment_magnitude)
+        auto_augment_policy(auto_augment, *self.randaugment)  # refuses a bad name now
+        self.mix_alphas = (mixup_alpha, cutmix_alpha)
+        BatchMix(2, mixup_alpha, cutmix_alpha)  # refuses bad alphas now; built with num_classes in setup
         self._steps = 0  # training steps per epoch on this rank, fixed in train_dataloader
         self._sets: dict[str, ShardSet | None] = {}
         self._loaders: list[ShardLoader] = []
@@ -510,8 +603,7 @@ class ShardDataModule(DeepresDataModule):
     def num_classes(self) -> int:
         shards = self._shards("train") or self._shards("val")
         if shards is None:
-            raise ConfigError(f"no shards under {self.root}: expected {self.root}/train/{INDEX_NAME} "
-                              "as written by `deepres shard SRC OUT` (pass OUT as data.root).")
+            raise ConfigError(_no_list_message("train", str(self.root)))
         return len(shards.classes)
 
     @property
@@ -528,8 +620,11 @@ class ShardDataModule(DeepresDataModule):
     def _shards(self, split: str) -> ShardSet | None:
         if split not in self._sets:
             urls, index = (self.train_urls, self.train_index) if split == "train" else (self.val_urls, self.val_index)
-            self._sets[split] = resolve_shards(split, urls, index, self.root)
+            self._sets[split] = resolve_shards(split, urls, index, self.root, self._num_classes)
         return self._sets[split]
+
+    def _fields(self, shards: ShardSet) -> SampleFields:
+        return SampleFields.of(self.image_fields, self.label_field, shards.fields)
 
     def _train_position(self) -> tuple[int, int] | None:
         """(epoch, batches of it already trained) from the trainer, restored on resume; None without one."""
@@ -542,11 +637,14 @@ class ShardDataModule(DeepresDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         train, val = self._shards("train"), self._shards("val")
+        if train is not None and any(self.mix_alphas):
+            self.batch_mix = BatchMix(len(train.classes), *self.mix_alphas)
         if train is None and stage in (None, "fit"):
-            raise ConfigError(f"no training shards found: {self.root}/train/{INDEX_NAME} does not exist.")
+            raise ConfigError(_no_list_message("train", str(self.root)))
         if train is not None and val is not None and val.classes != train.classes:
-            raise ConfigError("the train and val indexes list different classes; convert both splits "
-                              "with one `deepres shard` run so that their labels agree.")
+            raise ConfigError("the train and val shard lists name different classes; convert both splits "
+                              "with one `deepres shard` run (or index them with the same --num-classes) so "
+                              "that their labels agree.")
 
     # -- loaders
 
@@ -564,12 +662,13 @@ class ShardDataModule(DeepresDataModule):
     def train_dataloader(self) -> ShardLoader:
         shards = self._shards("train")
         if shards is None:
-            raise ConfigError(f"no training shards found: {self.root}/train/{INDEX_NAME} does not exist.")
+            raise ConfigError(_no_list_message("train", str(self.root)))
         rank, world = rank_and_world()
         self._steps = self.train_steps(world)
-        transform = ImageTransform(True, self.image_size, self.eval_resize, self.recipe)
+        policy = auto_augment_policy(self.auto_augment, *self.randaugment)
+        transform = ImageTransform(True, self.image_size, self.eval_resize, self.recipe, policy)
         stream = TrainShardStream(shards, self.batch_size, self._steps, rank, world, transform,
-                                  self.shuffle_buffer, self.seed, self.image_size)
+                                  self.shuffle_buffer, self.seed, self.image_size, self._fields(shards))
         return self._track(ShardLoader(stream, self._steps, self.num_workers, rank, self._train_position,
                                        self.worker_start_method))
 
@@ -579,7 +678,8 @@ class ShardDataModule(DeepresDataModule):
             return []  # Lightning skips validation
         rank, world = rank_and_world()
         transform = ImageTransform(False, self.image_size, self.eval_resize, self.recipe)
-        stream = ValShardStream(shards, self.batch_size, rank, world, transform, self.image_size)
+        stream = ValShardStream(shards, self.batch_size, rank, world, transform, self.image_size,
+                                self._fields(shards))
         return self._track(ShardLoader(stream, stream.num_batches, self.num_workers, rank,
                                        worker_start_method=self.worker_start_method))
 
@@ -610,4 +710,4 @@ class ShardDataModule(DeepresDataModule):
         images, labels = batch
         if images.dtype == torch.uint8:
             images = self.normalize(images)
-        return images, labels
+        return self.mix_batch(images, labels)  # MixUp/CutMix in training, after normalisation
