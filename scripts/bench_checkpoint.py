@@ -14,6 +14,7 @@ in % of a step, and what it costs at deepres's default interval (every epoch end
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def measure(mode: str, args: argparse.Namespace, root: Path) -> dict:
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         accelerator="cpu", devices=1, use_distributed_sampler=False)
     trainer.fit(model, data)
-    steps = [b - a for a, b in zip(clock.ends, clock.ends[1:])]  # steps[i]: from the end of step i+1 to i+2
+    steps = [b - a for a, b in itertools.pairwise(clock.ends)]  # steps[i]: from the end of step i+1 to i+2
     saving = {i for i in range(len(steps)) if (i + 1) % args.every == 0}
     plain = statistics.median(s for i, s in enumerate(steps) if i not in saving and i > 0)
     stalls = [steps[i] - plain for i in sorted(saving)]
