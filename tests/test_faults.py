@@ -91,6 +91,7 @@ def test_sigkill_after_a_few_epochs_loses_at_most_one_epoch_and_resumes_to_the_p
     trained = max(train_steps(run_dir))  # the last step logged before the kill
     saved = find_resume_checkpoint(run_dir)[1]
     assert 0 <= trained + 1 - saved <= 22  # lost: at most one epoch (the checkpoint interval here)
+    print(f"FAULT sigkill: {trained + 1 - saved} steps lost (interval: one epoch = 22 steps)")
     rc, _, err = run(tmp_path, "--trainer.max_epochs", "8", "--ckpt_path", "last")
     assert rc == 0, err[-3000:]
     assert f"resuming from {run_dir / 'checkpoints'}" in err and f"(step {saved})" in err
@@ -113,6 +114,7 @@ def test_a_stop_signal_saves_at_the_next_step_and_exits_cleanly(tmp_path, sig):
     stopped_at = last_step(run_dir)
     assert f"{sig.name}: saved {run_dir / 'checkpoints' / 'last.ckpt'} at step {stopped_at}; stopping" in out
     assert stopped_at > 22 and stopped_at >= max(train_steps(run_dir)) + 1  # nothing trained is lost
+    print(f"FAULT {sig.name}: 0 steps lost, exited {time.monotonic() - sent:.1f} s after the signal")
     rc, _, err = run(tmp_path, "--trainer.max_epochs", "4", "--ckpt_path", "last")
     assert rc == 0 and f"(step {stopped_at})" in err, err[-3000:]
     assert last_step(run_dir) == max(4 * 22, stopped_at)
@@ -136,6 +138,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so_in_o
     assert "Traceback" not in err
     assert last_step(run_dir) == 5
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]  # nothing partial
+    print(f"FAULT disk full: {max(train_steps(run_dir)) + 1 - 5} steps lost (the run stops at the failed save)")
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path):
@@ -149,6 +152,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one_with_a_warning
     assert f"skipped {last}: not a complete archive" in err
     assert f"resuming from {run_dir / 'checkpoints' / 'previous.ckpt'} (step 22)" in err
     assert last_step(run_dir) == 66 and val_epochs(run_dir) == [0, 1, 2]
+    print("FAULT corrupt last.ckpt: 22 steps lost (one interval: resumed from previous.ckpt)")
 
 
 def test_four_runs_started_at_once_with_one_name_get_four_directories_with_intact_metrics(tmp_path):
@@ -198,6 +202,8 @@ def test_ddp_sigkill_of_one_rank_ends_the_job_naming_the_rank_and_the_checkpoint
     assert (run_dir / "crash-rank-0.log").is_file()
     newest = find_resume_checkpoint(run_dir)[1]
     assert newest >= saved
+    print(f"FAULT ddp sigkill: detected in {detected_s:.1f} s, {max(train_steps(run_dir)) + 1 - newest} steps lost "
+          "(interval: 5 steps)")
     rc, _, err = run(tmp_path, *planned, "--ckpt_path", "last")
     assert rc == 0, err[-3000:]
     assert f"(step {newest})" in err and last_step(run_dir) == 150
@@ -223,3 +229,6 @@ def test_ddp_rank_that_stops_answering_times_out_after_the_configured_limit_with
     report = [line for line in err.splitlines() if line.startswith("deepres: rank 0: a collective operation failed")]
     assert len(report) == 1, err[-3000:]
     assert f"rank 1 (pid {rank1} " in report[0] and "is stopped" in report[0]
+    newest = find_resume_checkpoint(run_dir)[1]
+    print(f"FAULT ddp sigstop: detected in {detected_s:.1f} s (timeout 15 s), "
+          f"{max(train_steps(run_dir)) + 1 - newest} steps lost (interval: 5 steps)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -77,11 +78,16 @@ def test_fit_probe_times_steps_and_reads_what_the_trainer_ran(tmp_path):
     argv = gpu_check.fit_argv(["--model.arch", "resnet20_cifar", "--trainer.strategy", "ddp"], batch=8,
                               shape=(3, 32, 32), num_classes=10, warmup=1, steps=2, root=str(tmp_path),
                               name="probe", accelerator="cpu")
+    environment = dict(os.environ)
     try:
         record = gpu_check.fit_probe(argv)
-    finally:  # Lightning leaves the one-rank process group up; later tests in this process must not see it
+    finally:
+        # Lightning leaves the one-rank process group up and its rendezvous variables (LOCAL_RANK, MASTER_PORT,
+        # WORLD_SIZE, ...) in the environment: a later test's subprocess would take itself for an external rank.
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
     assert record["strategy"] == "DDPStrategy" and record["backend"] == "gloo"
     assert record["optimizer"] == "SGD" and record["fused"] is True  # deepres picks torch's fused kernel
     assert record["s_per_step"] > 0 and record["images_per_s"] == pytest.approx(8 / record["s_per_step"])

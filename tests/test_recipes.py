@@ -205,7 +205,9 @@ if __name__ == "__main__":
 def test_ema_under_ddp_is_the_same_on_both_ranks_and_saved(tmp_path: Path) -> None:
     script = tmp_path / "ddp_ema.py"
     script.write_text(textwrap.dedent(DDP_EMA))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")  # no rank variables: Lightning launches rank 1
     proc = procs.run([sys.executable, str(script), str(tmp_path)], 240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
