@@ -2,7 +2,7 @@
 
 `DepthDiagnostics` answers the question a very deep net raises: does the error still reach the
 first block, and what are the gates doing? Every `every_n_steps` optimizer steps it measures, for
-each block of `pl_module.net.blocks` (SCIENCE §1–2):
+each block of `pl_module.net.blocks` (docs/science.md#measuring-error-flow):
 
     depth/grad_norm/block_017        ‖∂L/∂θ‖ over the block's parameters (after backward, before the step)
     depth/act_rms/block_017          root-mean-square of the block's output
@@ -52,7 +52,7 @@ from deepres.models.blocks import Gate, GateActivation
 
 DEPTH_FILE = "depth.jsonl"
 
-# Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x) (SCIENCE §2). A `Gate` is
+# Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x) (docs/science.md#one-family-of-blocks). A `Gate` is
 # hooked itself rather than its `act` (σ): a pinned gate skips σ and must still report its value.
 GATE_ROLES = {
     "transform_gate": "transform",

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from deepres.models import create_model
 
-TARGET = 0.5  # issue 8: at least half the matmul peak
+TARGET = 0.5  # at least half the matmul peak
 JOBS = {
     # name: (deepres fit arguments, create_model arguments, sample shape, batch)
     "default job (highway_mlp depth 100, batch 64)": ([], ("highway_mlp", {"in_features": 64}), (64,), 64),
@@ -95,7 +95,7 @@ def write_summary(path: Path, summary: dict[str, dict], peaks: list[float]) -> N
     peak = statistics.median(peaks)
     path.write_text("".join(
         f"| CPU efficiency, {job}: training FLOP/s ÷ fp32 matmul peak | {s['flops'] / s['seconds'] / peak:.2f} | "
-        f"≥ {TARGET} | A100 ResNet-50 best trainers: ≈ 0.19 of bf16 peak (SCIENCE §4) | "
+        f"≥ {TARGET} | A100 ResNet-50 best trainers: ≈ 0.19 of bf16 peak ([science.md](science.md#compute-costs)) | "
         f"{'met' if s['flops'] / s['seconds'] / peak >= TARGET else '**not met**'} |\n" for job, s in summary.items()))
 
 
