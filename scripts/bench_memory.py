@@ -9,7 +9,7 @@ run timed steps, and report activation memory = peak RSS during the steps − RS
 (with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave RSS at once); step time
 from a separate process with the default allocator.
 Modes: no checkpointing, every block (k = 1), and k = √L. Baselines are named in every ratio.
-Targets (issue 5): with √L, activation memory ≤ 0.15 × none at ≤ 1.35 × the step time; activation
+Targets: with √L, activation memory ≤ 0.15 × none at ≤ 1.35 × the step time; activation
 memory at 2000 blocks ≤ 1.5 × that at 1000.
 """
 
