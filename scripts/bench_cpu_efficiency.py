@@ -19,18 +19,16 @@ median peak. Writes cpu_efficiency.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from bench_overhead import InMemoryData, environment, make_tensors, time_deepres  # scripts/ is on sys.path
-from evidence import command_line, write_csv
+from evidence import command_line, quiet_lightning, save_figure, write_csv
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepres.models import create_model
@@ -116,9 +114,7 @@ def plot(path: Path, summary: dict[str, dict], peaks: list[float]) -> None:
     ax.set_xlabel("achieved training FLOP/s ÷ matmul peak")
     ax.set_xlim(0, 1.05)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +170,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    quiet_lightning()
     sys.exit(main())

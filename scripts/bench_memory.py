@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -114,7 +113,9 @@ def main() -> None:
 
     import torch
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    from deepres.training.run_dir import cpu_model
+
+    print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}, {args.trials} alternating trials x {args.steps} steps "
           f"(median step), {args.warmup} warm-up step(s) excluded")
     for model in args.models:

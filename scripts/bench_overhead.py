@@ -27,12 +27,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -50,7 +48,7 @@ JOBS = {
     "resnet20_cifar": (["--model.arch", "resnet20_cifar"], (3, 32, 32)),
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
-from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import command_line, quiet_lightning, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -201,9 +199,7 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,7 +249,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    quiet_lightning()
     sys.exit(main())

@@ -38,7 +38,7 @@ NETS: dict[str, dict] = {
     "Highway, bias −ln(L−1)−1 (default)": {"gate": "highway", "gate_bias": "auto"},
 }
 WIDTH = 50
-from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import command_line, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -218,9 +218,7 @@ def plot(path: Path, rows: list[dict], depths: list[int]) -> None:
     axes[1].set_title("zoom: 1 down to 1e-70")
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("Error flow at initialisation, highway_mlp width 50, float64 block by block")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
