@@ -7,6 +7,8 @@
                            never the command line (deepres.cli, deepres.training.cli) that wires them
     deepres.wandb_logging, deepres.diagnostics
                            not the CLI either; diagnostics not the `deepres report` command
+    deepres.depth_figures  shared by diagnostics and report, so it imports neither (nor training)
+    deepres.files, .errors the bottom: standard library only
 
 Every import counts, also one inside a function, because a lazy import is still a dependency.
 """
@@ -29,6 +31,9 @@ RULES = [
     (("deepres.data", "deepres.strategies", "deepres.training"), CLI),
     (("deepres.wandb_logging", "deepres.diagnostics"), ("deepres.training.cli",)),
     (("deepres.diagnostics",), ("deepres.report",)),
+    # the pieces both sides share sit below them
+    (("deepres.depth_figures",), ("deepres.diagnostics", "deepres.report", "deepres.training", "lightning", "wandb")),
+    (("deepres.files", "deepres.errors"), ("deepres", "torch", "lightning", "numpy")),
 ]
 
 
