@@ -2,7 +2,7 @@
 
 `DepthDiagnostics` answers the question a very deep net raises: does the error still reach the
 first block, and what are the gates doing? Every `every_n_steps` optimizer steps it measures, for
-each block of `pl_module.net.blocks` (SCIENCE §1–2):
+each block of `pl_module.net.blocks` (docs/science.md#measuring-error-flow):
 
     depth/grad_norm/block_017        ‖∂L/∂θ‖ over the block's parameters (after backward, before the step)
     depth/act_rms/block_017          root-mean-square of the block's output
@@ -47,13 +47,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from deepres.depth_figures import DEPTH_FILE, DepthHistory, gate_figure, grad_norm_figure, read_depth_file
 from deepres.errors import ConfigError
 from deepres.models.blocks import Gate, GateActivation
 
-DEPTH_FILE = "depth.jsonl"
-
-# Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x) (SCIENCE §2). A `Gate` is
-# hooked itself rather than its `act` (σ): a pinned gate skips σ and must still report its value.
+# Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x)
+# (docs/science.md#one-family-of-blocks). A `Gate` is hooked itself rather than its `act` (σ): a
+# pinned gate skips σ and must still report its value.
 GATE_ROLES = {
     "transform_gate": "transform",
     "input_gate": "transform",  # LSTM: c_t = f ⊙ c_{t−1} + i ⊙ z_t
@@ -314,8 +314,6 @@ class DepthDiagnostics(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After a resume the heatmaps continue from what the depth file already holds.
         if self.enabled and self.depth_path.exists():
-            from deepres.report import read_depth_file
-
             for record in read_depth_file(self.depth_path):
                 if record["step"] < trainer.global_step:
                     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in record.items() if isinstance(v, list)}
@@ -419,8 +417,6 @@ class DepthDiagnostics(Callback):
             return
         import wandb
         from PIL import Image
-
-        from deepres.report import DepthHistory, gate_figure, grad_norm_figure
 
         history = DepthHistory.from_records(self._history.records())
         figures = {"depth/heatmap/grad_norm": grad_norm_figure(history),

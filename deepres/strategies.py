@@ -303,9 +303,8 @@ def nccl_watchdog_environment(timeout: timedelta) -> dict[str, str]:
 def _processes(trainer: TrainerSettings) -> int:
     """How many processes the Trainer's arguments ask for (devices x nodes; 1 if unknown)."""
     devices = trainer.get("devices", "auto")
-    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
-    if isinstance(devices, str) and "," in devices:
-        count = len([d for d in devices.split(",") if d.strip()])
+    indices = _device_indices(devices)
+    count = len(indices) if indices is not None else int(devices) if str(devices).isdigit() else 1
     return max(count, 1) * int(trainer.get("num_nodes") or 1)
 
 

@@ -33,7 +33,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from deepres.errors import ConfigError
-from deepres.training.run_dir import atomic_write_bytes, run_info
+from deepres.files import atomic_write_bytes
+from deepres.training.run_dir import run_info
 
 RUN_ID_FILE = "wandb_run_id"
 WandbMode = Literal["auto", "online", "offline", "disabled"]

@@ -19,23 +19,21 @@ median peak. Writes cpu_efficiency.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from bench_overhead import InMemoryData, environment, make_tensors, time_deepres  # scripts/ is on sys.path
-from evidence import command_line, write_csv
+from evidence import command_line, quiet_lightning, save_figure, write_csv
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepres.models import create_model
 
-TARGET = 0.5  # issue 8: at least half the matmul peak
+TARGET = 0.5  # at least half the matmul peak
 JOBS = {
     # name: (deepres fit arguments, create_model arguments, sample shape, batch)
     "default job (highway_mlp depth 100, batch 64)": ([], ("highway_mlp", {"in_features": 64}), (64,), 64),
@@ -95,7 +93,7 @@ def write_summary(path: Path, summary: dict[str, dict], peaks: list[float]) -> N
     peak = statistics.median(peaks)
     path.write_text("".join(
         f"| CPU efficiency, {job}: training FLOP/s ÷ fp32 matmul peak | {s['flops'] / s['seconds'] / peak:.2f} | "
-        f"≥ {TARGET} | A100 ResNet-50 best trainers: ≈ 0.19 of bf16 peak (SCIENCE §4) | "
+        f"≥ {TARGET} | A100 ResNet-50 best trainers: ≈ 0.19 of bf16 peak ([science.md](science.md#compute-costs)) | "
         f"{'met' if s['flops'] / s['seconds'] / peak >= TARGET else '**not met**'} |\n" for job, s in summary.items()))
 
 
@@ -116,9 +114,7 @@ def plot(path: Path, summary: dict[str, dict], peaks: list[float]) -> None:
     ax.set_xlabel("achieved training FLOP/s ÷ matmul peak")
     ax.set_xlim(0, 1.05)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +170,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    quiet_lightning()
     sys.exit(main())

@@ -24,21 +24,21 @@ paired-step estimate.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import statistics
 import tempfile
 import time
-import warnings
 
 import lightning.pytorch as pl
 import torch
+from evidence import quiet_lightning  # scripts/ is on sys.path
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from deepres.diagnostics import DepthDiagnostics, PerfMonitor
 from deepres.models import create_model
+from deepres.training.run_dir import cpu_model
 
 HOOKS = ("setup", "on_train_start", "on_train_batch_start", "on_before_backward", "on_before_optimizer_step",
          "on_train_batch_end", "on_train_end", "on_validation_start", "on_validation_end")
@@ -116,13 +116,7 @@ class Windows(pl.Callback):
 
 
 def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}; {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}; load average "
+    return (f"{cpu_model()}; {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}; load average "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; python {platform.python_version()}, "
             f"torch {torch.__version__}, lightning {pl.__version__}")
 
@@ -195,6 +189,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_lightning()
     main()

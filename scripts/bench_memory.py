@@ -9,7 +9,7 @@ run timed steps, and report activation memory = peak RSS during the steps − RS
 (with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave RSS at once); step time
 from a separate process with the default allocator.
 Modes: no checkpointing, every block (k = 1), and k = √L. Baselines are named in every ratio.
-Targets (issue 5): with √L, activation memory ≤ 0.15 × none at ≤ 1.35 × the step time; activation
+Targets: with √L, activation memory ≤ 0.15 × none at ≤ 1.35 × the step time; activation
 memory at 2000 blocks ≤ 1.5 × that at 1000.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -114,7 +113,9 @@ def main() -> None:
 
     import torch
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    from deepres.training.run_dir import cpu_model
+
+    print(f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}, {args.trials} alternating trials x {args.steps} steps "
           f"(median step), {args.warmup} warm-up step(s) excluded")
     for model in args.models:

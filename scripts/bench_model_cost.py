@@ -34,6 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from deepres.models import create_model, load_torchvision_weights
 
 TARGETS = {"deepres ResNet-50 ÷ torchvision ResNet-50": 1.00, "Highway-ResNet-50 ÷ deepres ResNet-50": 1.15}
+from evidence import save_figure  # noqa: E402  (scripts/ is on sys.path)
+
 from deepres.training.run_dir import environment  # noqa: E402
 
 
@@ -123,9 +125,7 @@ def plot(path: Path, times: dict[str, list[float]]) -> None:
     ax.set_title("ResNet-50 training step cost")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,8 @@ with everything it does by default (progress bar, per-step logging of loss/accur
 the hand loop is forward, cross-entropy, zero_grad, backward, step, scheduler step over a plain
 `DataLoader(shuffle=True)`.
 
-Timing: the clock is read at the start of every step (deepres: the data module's
-`on_before_batch_transfer`, called once per step right before `on_train_batch_start`; hand loop:
-the top of the loop body), both after the batch is fetched, so the interval from step
+Timing: the clock is read at the start of every step (deepres: a `--trainer.callbacks` callback's
+`on_train_batch_start`; hand loop: the top of the loop body), both after the batch is fetched, so the interval from step
 `warmup` to step `warmup + steps` covers `steps` whole iterations (data loading, forward, backward,
 optimiser, hooks, logging) and excludes setup, warm-up, validation and checkpointing (the training
 set is larger than warm-up + timed steps, so no epoch ends inside the window). Trials alternate
@@ -28,21 +27,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from deepres.data.base import DeepresDataModule
 
-TARGET = 1.03  # issue 8: deepres fit within 3 % of a hand-written loop
+TARGET = 1.03  # deepres fit within 3 % of a hand-written loop
 WEIGHT_DECAY = 5e-4
 LR = 0.05
 JOBS = {
@@ -50,41 +48,43 @@ JOBS = {
     "resnet20_cifar": (["--model.arch", "resnet20_cifar"], (3, 32, 32)),
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
-from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import command_line, quiet_lightning, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
 
 class InMemoryData(DeepresDataModule):
-    """deepres's data path (rank-aware resumable sampler + DataLoader) over tensors already in memory.
-
-    It also holds the clock: Lightning calls `on_before_batch_transfer` once per training step,
-    after the batch is fetched and right before `on_train_batch_start`. (A `--trainer.callbacks`
-    timer would be the obvious place, but `deepres fit` currently drops user callbacks; see the
-    report of issue 8.) The result goes to the class attribute `seconds`, because jsonargparse
-    builds the instance inside `deepres fit`."""
+    """deepres's data path (rank-aware resumable sampler + DataLoader) over tensors already in memory."""
 
     tensors: tuple[torch.Tensor, torch.Tensor] | None = None  # set by the benchmark before each fit
-    seconds: list[float] = []
 
-    def __init__(self, batch_size: int = 64, first: int = 0, last: int = 1):
+    def __init__(self, batch_size: int = 64):
         super().__init__(batch_size, 0, 0)
         x, _ = self.tensors
         self.num_classes = 10
         self.input_shape = tuple(x.shape[1:])
-        self.first, self.last, self.start = first, last, 0.0
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = TensorDataset(*self.tensors)
         self.val_set = TensorDataset(*(t[: self.batch_size] for t in self.tensors))
 
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        if self.trainer.training:
-            if self.trainer.global_step == self.first:
-                self.start = time.perf_counter()
-            elif self.trainer.global_step == self.last:
-                InMemoryData.seconds.append(time.perf_counter() - self.start)
-        return batch
+
+class StepClock(Callback):
+    """Seconds from the start of training step `first` to the start of step `last`, read in
+    `on_train_batch_start` (after the batch is fetched, as the hand loop's clock). Given to
+    `deepres fit` as `--trainer.callbacks`; the result goes to the class attribute `seconds`, because
+    jsonargparse builds the instance inside `deepres fit`."""
+
+    seconds: list[float] = []
+
+    def __init__(self, first: int = 0, last: int = 1):
+        self.first, self.last, self.start = first, last, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.first:
+            self.start = time.perf_counter()
+        elif trainer.global_step == self.last:
+            StepClock.seconds.append(time.perf_counter() - self.start)
 
 
 def make_tensors(shape: tuple[int, ...], n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,18 +104,19 @@ def time_deepres(job_args: list[str], args: argparse.Namespace, root: str) -> fl
     """Seconds for `args.steps` steps of `deepres fit`."""
     from deepres.training.cli import main as deepres_main
 
-    data = {"class_path": f"{InMemoryData.__module__}.InMemoryData",
-            "init_args": {"batch_size": args.batch_size, "first": args.warmup, "last": args.warmup + args.steps}}
-    argv = ["fit", *job_args, "--data", json.dumps(data),
+    data = {"class_path": f"{InMemoryData.__module__}.InMemoryData", "init_args": {"batch_size": args.batch_size}}
+    clock = {"class_path": f"{StepClock.__module__}.StepClock",
+             "init_args": {"first": args.warmup, "last": args.warmup + args.steps}}
+    argv = ["fit", *job_args, "--data", json.dumps(data), "--trainer.callbacks", json.dumps([clock]),
             "--model.weight_decay", str(WEIGHT_DECAY), "--model.lr", str(LR),
             "--trainer.max_steps", str(args.warmup + args.steps + 1), "--trainer.max_epochs", "1",
             "--trainer.limit_val_batches", "0", "--run.root", root, "--run.name", "deepres"]
-    InMemoryData.seconds.clear()
+    StepClock.seconds.clear()
     with open(Path(root) / "fit.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         code = deepres_main(argv)
-    if code != 0 or len(InMemoryData.seconds) != 1:
+    if code != 0 or len(StepClock.seconds) != 1:
         raise RuntimeError(f"deepres fit {' '.join(argv)} failed (exit {code}); see {root}/fit.log")
-    return InMemoryData.seconds[0]
+    return StepClock.seconds[0]
 
 
 def time_hand_loop(job_args: list[str], args: argparse.Namespace) -> float:
@@ -198,9 +199,7 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +249,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    quiet_lightning()
     sys.exit(main())

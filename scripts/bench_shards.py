@@ -45,6 +45,7 @@ from torchvision import datasets, transforms
 
 from deepres.data import shard_writer
 from deepres.data.shards import ImageTransform, ShardDataModule
+from deepres.training.run_dir import cpu_model
 
 WDS = "b'"  # the shard loader with webdataset's tar reader
 
@@ -147,12 +148,9 @@ def imagefolder_rate(folder: Path, workers: int, batch_size: int, stock: bool) -
 
 
 def describe_machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
     turbo = "libjpeg-turbo " + str(features.version("jpg")) if features.check_feature("libjpeg_turbo") else \
         "libjpeg " + str(features.version("jpg"))
-    return (f"hardware: {model}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start\n"
+    return (f"hardware: {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start\n"
             f"versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
             f"{torchvision.__version__}, pillow {PIL.__version__} ({turbo}), webdataset {webdataset.__version__}")
 

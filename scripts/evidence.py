@@ -13,15 +13,21 @@ from pathlib import Path
 from typing import Any
 
 
-def init_worker(threads: int) -> None:
-    """One torch thread count per process, and quiet loggers (many short fits share one terminal)."""
+def quiet_lightning(*more: str) -> None:
+    """Warnings off and Lightning's loggers (and `more`) at ERROR: many short fits share one terminal."""
     import lightning.pytorch  # noqa: F401  (sets its loggers to INFO on import: quiet them after)
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", *more):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_worker(threads: int) -> None:
+    """One torch thread count per process, and quiet loggers."""
     import torch
 
     torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "deepres"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_lightning("deepres")
 
 
 def run_all(run_one: Callable[[dict], dict], jobs: list[dict], workers: int, threads: int) -> Iterator[dict]:
@@ -46,3 +52,12 @@ def write_csv(path: Path, rows: list[dict[str, Any]], skip: Iterable[str] = ()) 
 def command_line(script: str, argv: list[str] | None) -> str:
     """How this run was started, as RESULTS.md shows it."""
     return " ".join(["python", f"scripts/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write at the resolution every figure in docs/results has, and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

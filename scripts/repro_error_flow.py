@@ -3,7 +3,8 @@
     .venv/bin/python scripts/repro_error_flow.py            # depths 10 … 3000, 3 seeds: ~1 min on 2 quiet cores
     .venv/bin/python scripts/repro_error_flow.py --quick    # smoke test: depths 10 and 30, one seed
 
-SCIENCE §1–2: only a carry weight of exactly 1.0 keeps the error constant at any depth. For each
+Only a carry weight of exactly 1.0 keeps the error constant at any depth (docs/science.md#constant-error-flow,
+docs/science.md#measuring-error-flow). For each
 depth L (hidden layers: 1 plain layer + L − 1 blocks, width 50, ReLU, digits inputs) and each of
   plain (g = 0), ResNet (gate=residual: g = 1, zero-initialised branch), Highway with the classic
   fixed transform bias −3, Highway with deepres's depth-aware default (−ln(L − 1) − 1),
@@ -37,7 +38,7 @@ NETS: dict[str, dict] = {
     "Highway, bias −ln(L−1)−1 (default)": {"gate": "highway", "gate_bias": "auto"},
 }
 WIDTH = 50
-from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import command_line, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -133,8 +134,8 @@ def write_table(path: Path, rows: list[dict], depths: list[int], seeds: list[int
         "its carry product (1 − σ(b))^(L−1), the predicted rows, which count the carry path only. The",
         "transform path adds to it (t·∂h/∂x, and the gate's own derivative (h − x)·∂t/∂x): with the",
         "He-initialised h of deepres's dense layers the bias −3 net keeps far more than the carry product",
-        "at depth ≥ 300, yet its error has still vanished by L = 1000. SCIENCE §2 measured 1e-2 (L=100) and",
-        "2e-20 (L=1000) for bias −3, with PyTorch's default Linear init, and 0.66 for the default.",
+        "at depth ≥ 300, yet its error has still vanished by L = 1000. With PyTorch's default Linear init",
+        "instead, the bias −3 net measured 1e-2 (L=100) and 2e-20 (L=1000), and the default 0.66.",
         "",
         "| net | " + " | ".join(f"L = {d}" for d in depths) + " |",
         "| --- | " + " | ".join("---:" for _ in depths) + " |",
@@ -171,14 +172,14 @@ def write_summary(path: Path, rows: list[dict], depths: list[int]) -> None:
     plain = summary["plain", max(depths)][0]
     lines = [
         f"| Error flow at init, Highway with the default bias, {span} | {_span(default)} | "
-        f"≥ 0.5 at every depth | SCIENCE §2: 0.66 | {'met' if min(default) >= 0.5 else '**not met**'} |",
+        f"≥ 0.5 at every depth | 0.66 (default Linear init); carry product e^(−1/e) ≈ 0.69 | {'met' if min(default) >= 0.5 else '**not met**'} |",
         f"| Error flow at init, ResNet (zero-initialised branch), {span} | {_span(resnet)} | "
-        f"exactly 1 | 1 (SCIENCE §2) | {'met' if max(abs(r - 1) for r in resnet) < 1e-4 else '**not met**'} |",
+        f"exactly 1 | 1 (identity blocks at init) | {'met' if max(abs(r - 1) for r in resnet) < 1e-4 else '**not met**'} |",
         f"| Error flow at init, Highway with fixed bias −3, L = {deep} | {fmt_log10(fixed)} | "
         f"vanishes (< 1e-3); carry path alone (1 − σ(−3))^(L−1) = {fmt_log10(predicted)} | "
-        f"SCIENCE §2: 2e-20 at L = 1000 | {'vanishes, as SCIENCE §2' if fixed < -3 else '**differs**'} |",
+        f"2e-20 at L = 1000 (default Linear init) | {'vanishes, as expected' if fixed < -3 else '**differs**'} |",
         f"| Error flow at init, plain, L = {max(depths)} | {fmt_log10(plain)} | vanishes | "
-        f"0 in fp32 at depth 100 (SCIENCE §2) | {'as paper' if plain < -6 else '**differs**'} |",
+        f"0 in fp32 at depth 100 (default Linear init) | {'as paper' if plain < -6 else '**differs**'} |",
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -217,9 +218,7 @@ def plot(path: Path, rows: list[dict], depths: list[int]) -> None:
     axes[1].set_title("zoom: 1 down to 1e-70")
     axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("Error flow at initialisation, highway_mlp width 50, float64 block by block")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

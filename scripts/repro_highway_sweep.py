@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
-from evidence import command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import command_line, run_all, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -166,9 +166,7 @@ def plot(path: Path, rows: list[dict], depths: list[int]) -> None:
     ax.set_title("Depth sweep on the digits (faint: each lr of the grid)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throw-away SLURM cluster on this machine, for the tests and for trying `deepres submit`.
+# A throw-away SLURM cluster on the local machine, for the tests and for trying `deepres submit`.
 #
 #   scripts/slurm_local.sh install   install the Debian packages (slurmctld slurmd slurm-client munge)
 #   scripts/slurm_local.sh start     install if missing, write the config, start munged, slurmctld and

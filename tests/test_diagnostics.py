@@ -369,48 +369,9 @@ def test_offline_without_credentials_resumes_the_same_run(tmp_path, no_credentia
     assert [r["step"] for r in depth_records(run_dir)] == [0, 2, 4, 6, 8]
 
 
-# `deepres fit` with the `diagnostics:` and `wandb:` sections. Until deepres.training.cli adds them itself,
-# this driver adds them to DeepresCLI exactly as the integration note for issue 7 says.
-DRIVER = """
-import sys
-import yaml
-import deepres.training.cli as cli
-from deepres.diagnostics import DiagnosticsConfig, diagnostics_callbacks
-from deepres.wandb_logging import WandbConfig, make_wandb_logger
-
-class CLI(cli.DeepresCLI):
-    def add_arguments_to_parser(self, parser):
-        super().add_arguments_to_parser(parser)
-        parser.add_class_arguments(WandbConfig, "wandb")
-        parser.add_class_arguments(DiagnosticsConfig, "diagnostics")
-
-    def instantiate_trainer(self, **kwargs):
-        cfg = self.config_init[self.subcommand]
-        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))[self.subcommand]
-        kwargs["logger"] = make_wandb_logger(cfg.wandb, self.run_dir, resolved)
-        kwargs["callbacks"] = diagnostics_callbacks(cfg.diagnostics, self.run_dir)
-        return super().instantiate_trainer(**kwargs)
-
-cli.DeepresCLI = CLI
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
-def cli_has_dashboards() -> bool:
-    import deepres.training.cli
-
-    source = Path(deepres.training.cli.__file__).read_text()
-    return "DiagnosticsConfig" in source and "make_wandb_logger" in source
-
-
 def deepres_fit(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 900):
-    """Run `deepres fit ARGS` in a fresh process (through DRIVER until the CLI has the sections)."""
-    if cli_has_dashboards():
-        command = [str(Path(sys.executable).with_name("deepres")), "fit", *args]
-    else:
-        driver = tmp_path / "deepres_fit.py"
-        driver.write_text(DRIVER)
-        command = [sys.executable, str(driver), "fit", *args]
+    """Run `deepres fit ARGS` in a fresh process, with the `diagnostics:` and `wandb:` sections the CLI has."""
+    command = [sys.executable, "-m", "deepres", "fit", *args]
     env = {**os.environ, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     return procs.run(command, timeout, env=env, cwd=tmp_path)
 

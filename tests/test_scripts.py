@@ -1,4 +1,4 @@
-"""The evidence scripts of issue 8 run end to end with tiny settings (`--quick`) and write their
+"""The evidence scripts run end to end with tiny settings (`--quick`) and write their
 table (CSV + Markdown) and figure (PNG); the real numbers come from scripts/make_results.sh.
 
 Each script's `main(argv)` runs in this process (scripts/ on sys.path, as when a script is run

@@ -57,6 +57,7 @@ from deepres.data.shard_format import (
     sha256_file,
 )
 from deepres.errors import ConfigError
+from deepres.files import atomic_write_bytes
 
 PLAN_NAME = ".deepres-shard-plan.json"
 PROGRESS_NAME = ".deepres-shard-progress.jsonl"
@@ -222,9 +223,7 @@ def plan_fingerprint(split: SplitSource, plan: list[list[SourceItem]], opts: Enc
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def _existing_records(out: Path) -> dict[str, ShardRecord]:

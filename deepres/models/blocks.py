@@ -11,7 +11,7 @@ the gate kind is orthogonal to the body, so `ResNet-50` becomes `Highway-ResNet-
 one argument. Where a block changes the shape (stride or channels) the carry path goes through a
 `shortcut` projection, the only place where the carry weight is not exactly 1.0.
 
-Initialisation follows SCIENCE.md §2: every block starts close to the identity.
+Every block starts close to the identity (docs/science.md#the-highway-transform-gate-bias):
   - residual/gated bodies end in a zero-initialised norm or layer;
   - the Highway transform bias defaults to −ln(L) − 1 for L blocks, so the carry product
     (1 − σ(b))^L ≈ exp(−1/e) ≈ 0.69 at any depth (a fixed −3 gives 0.953^L: 1e-21 at L = 1000);

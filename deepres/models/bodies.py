@@ -2,7 +2,8 @@
 
 Post-activation bodies (He et al. 2015) end in a norm; pre-activation bodies (He et al. 2016)
 start with norm → activation and end in a conv or linear layer. `zero_init` zeroes that last
-norm/layer so that a residual or gated block starts as the identity (Goyal et al. 2017; SCIENCE §2).
+norm/layer so that a residual or gated block starts as the identity (Goyal et al. 2017;
+docs/science.md#one-family-of-blocks).
 Pre-activation bodies expose `preact` and `branch` (body = branch ∘ preact) because a shape-changing
 shortcut takes the pre-activated input.
 """

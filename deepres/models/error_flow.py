@@ -1,5 +1,5 @@
 """Error flow through depth: ‖∂L/∂x₀‖ ÷ ‖∂L/∂x_L‖ for x₀ the input of the first block and x_L the
-output of the last one (SCIENCE §1). 1.0 means the error reaches the bottom of the stack undiminished."""
+output of the last one (docs/science.md#measuring-error-flow). 1.0 means the error reaches the bottom of the stack undiminished."""
 
 from __future__ import annotations
 

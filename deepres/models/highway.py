@@ -57,7 +57,8 @@ def highway_mlp(
         width: units per layer (paper: 50 highway, 71 plain).
         gate: plain | residual | highway | gated.
         gate_bias: transform gate bias; "auto" = −ln(L) − 1 for L = depth − 1 blocks
-            (paper: −1 … −3; a fixed −3 stops error flow beyond ~100 layers, see SCIENCE §2).
+            (paper: −1 … −3; a fixed −3 stops error flow beyond ~100 layers, see
+            docs/science.md#the-highway-transform-gate-bias).
         carry_bias: carry gate bias of "gated" blocks; "auto" = ln(L) + 1.
         activation: relu | tanh | gelu | silu | sigmoid.
         body: "post" = act(W x + b) (the paper's layer); "pre" = W·act(LN(x)) with W zero-initialised,
@@ -98,7 +99,7 @@ class HighwayCNN(nn.Module):
 
 class Transition(nn.Module):
     """Between stages: 2x2 max-pool, then a plain conv layer that changes the width. The only
-    places in the net without a carry path (once per stage, SCIENCE §2)."""
+    places in the net without a carry path (once per stage, as He et al. 2015 do)."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()

@@ -1,8 +1,9 @@
 """One public way to build a model: `create_model(name, **overrides)` (as timm's `create_model`).
 
-Each registered name is a small function that fixes a family's arguments (`resnet50` =
-`ResNet(Bottleneck, [3, 4, 6, 3])`); overrides are passed to it, so any argument of the family
-(`depth=`, `gate=`, `width=`, …) can be changed by name, and a misspelt one is refused.
+Each registered name is a small function that fixes a family's arguments (`resnet50` is
+`imagenet_resnet(layers=[3, 4, 6, 3], body="bottleneck")`, declared with `@register_variant`);
+overrides are passed to it, so any argument of the family (`depth=`, `gate=`, `width=`, …) can be
+changed by name, and a misspelt one is refused.
 """
 
 from __future__ import annotations
@@ -65,20 +66,32 @@ def _did_you_mean(key: str, choices: list[str]) -> str:
     return f"did you mean {close[0]!r} for {key!r}?" if close else f"{key!r} is not an argument"
 
 
-def register_variant(name: str, family: Callable[..., nn.Module], doc: str, **defaults) -> Callable[..., nn.Module]:
-    """Register `name` as `family` with some defaults changed, keeping the family's signature
-    (so every family argument stays overridable and `model_arguments` can list it)."""
+def register_variant(family: Callable[..., nn.Module], **defaults) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator (timm's style, one short function per named model): register the decorated function
+    as `family` with `defaults` changed.
+
+        @register_variant(imagenet_resnet, layers=[3, 4, 6, 3], body="bottleneck")
+        def resnet50(**kwargs) -> ResNet:
+            \"\"\"ImageNet ResNet-50 (He et al. 2015).\"\"\"
+            return imagenet_resnet(**kwargs)
+
+    The function is called with the defaults merged under the caller's overrides, and shows the
+    family's signature with the new defaults, so every family argument stays overridable by name and
+    `model_arguments` lists it."""
     sig = inspect.signature(family)
     unknown = set(defaults) - set(sig.parameters)
     if unknown:
         raise TypeError(f"{family.__name__} has no parameter(s) {sorted(unknown)}")
 
-    def build(**overrides):
-        return family(**{**defaults, **overrides})
+    def decorate(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        def build(**overrides):
+            return fn(**{**defaults, **overrides})
 
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = doc
-    build.__signature__ = sig.replace(
-        parameters=[p.replace(default=defaults.get(p.name, p.default)) for p in sig.parameters.values()]
-    )
-    return register_model(build)
+        build.__name__, build.__qualname__, build.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        build.__module__ = fn.__module__
+        build.__signature__ = sig.replace(
+            parameters=[p.replace(default=defaults.get(p.name, p.default)) for p in sig.parameters.values()]
+        )
+        return register_model(build)
+
+    return decorate

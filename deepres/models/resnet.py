@@ -119,6 +119,7 @@ def build_blocks(
 # ----------------------------------------------------------------------------------------------
 # ImageNet ResNets
 # ----------------------------------------------------------------------------------------------
+@register_model
 def imagenet_resnet(
     layers: list[int] = (3, 4, 6, 3),
     body: BodyKind = "bottleneck",
@@ -157,12 +158,40 @@ def imagenet_resnet(
     return model
 
 
-for _name, _layers, _body in [
-    ("resnet18", [2, 2, 2, 2], "basic"), ("resnet34", [3, 4, 6, 3], "basic"),
-    ("resnet50", [3, 4, 6, 3], "bottleneck"), ("resnet101", [3, 4, 23, 3], "bottleneck"),
-    ("resnet152", [3, 8, 36, 3], "bottleneck"), ("resnet200", [3, 24, 36, 3], "bottleneck"),
-]:
-    register_variant(_name, imagenet_resnet, f"ImageNet {_name} (He et al. 2015).", layers=_layers, body=_body)
+@register_variant(imagenet_resnet, layers=[2, 2, 2, 2], body="basic")
+def resnet18(**kwargs) -> ResNet:
+    """ImageNet ResNet-18 (He et al. 2015, Table 1)."""
+    return imagenet_resnet(**kwargs)
+
+
+@register_variant(imagenet_resnet, layers=[3, 4, 6, 3], body="basic")
+def resnet34(**kwargs) -> ResNet:
+    """ImageNet ResNet-34 (He et al. 2015, Table 1)."""
+    return imagenet_resnet(**kwargs)
+
+
+@register_variant(imagenet_resnet, layers=[3, 4, 6, 3], body="bottleneck")
+def resnet50(**kwargs) -> ResNet:
+    """ImageNet ResNet-50 (He et al. 2015, Table 1)."""
+    return imagenet_resnet(**kwargs)
+
+
+@register_variant(imagenet_resnet, layers=[3, 4, 23, 3], body="bottleneck")
+def resnet101(**kwargs) -> ResNet:
+    """ImageNet ResNet-101 (He et al. 2015, Table 1)."""
+    return imagenet_resnet(**kwargs)
+
+
+@register_variant(imagenet_resnet, layers=[3, 8, 36, 3], body="bottleneck")
+def resnet152(**kwargs) -> ResNet:
+    """ImageNet ResNet-152 (He et al. 2015, Table 1)."""
+    return imagenet_resnet(**kwargs)
+
+
+@register_variant(imagenet_resnet, layers=[3, 24, 36, 3], body="bottleneck")
+def resnet200(**kwargs) -> ResNet:
+    """ImageNet ResNet-200 (He et al. 2016, "Identity Mappings in Deep Residual Networks")."""
+    return imagenet_resnet(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +210,7 @@ def _blocks_per_stage(depth: int, per_block: int, name: str) -> int:
     return (depth - 2) // step
 
 
+@register_model
 def cifar_resnet(
     depth: int = 20,
     gate: GateKind = "residual",
@@ -204,6 +234,7 @@ def cifar_resnet(
     return model
 
 
+@register_model
 def preact_resnet_cifar(
     depth: int = 164,
     gate: GateKind = "residual",
@@ -230,15 +261,49 @@ def preact_resnet_cifar(
     return model
 
 
-for _depth in (20, 32, 44, 56, 110, 1202):
-    register_variant(f"resnet{_depth}_cifar", cifar_resnet, f"CIFAR ResNet-{_depth} (He et al. 2015).", depth=_depth)
-for _depth in (164, 1001):
-    register_variant(
-        f"preact_resnet{_depth}_cifar", preact_resnet_cifar, f"CIFAR PreAct-ResNet-{_depth} (He et al. 2016).",
-        depth=_depth,
-    )
-register_model(cifar_resnet)
-register_model(preact_resnet_cifar)
-register_model(imagenet_resnet)
+@register_variant(cifar_resnet, depth=20)
+def resnet20_cifar(**kwargs) -> ResNet:
+    """CIFAR ResNet-20 (He et al. 2015, Sec. 4.2)."""
+    return cifar_resnet(**kwargs)
 
-del _name, _layers, _body, _depth
+
+@register_variant(cifar_resnet, depth=32)
+def resnet32_cifar(**kwargs) -> ResNet:
+    """CIFAR ResNet-32 (He et al. 2015, Sec. 4.2)."""
+    return cifar_resnet(**kwargs)
+
+
+@register_variant(cifar_resnet, depth=44)
+def resnet44_cifar(**kwargs) -> ResNet:
+    """CIFAR ResNet-44 (He et al. 2015, Sec. 4.2)."""
+    return cifar_resnet(**kwargs)
+
+
+@register_variant(cifar_resnet, depth=56)
+def resnet56_cifar(**kwargs) -> ResNet:
+    """CIFAR ResNet-56 (He et al. 2015, Sec. 4.2)."""
+    return cifar_resnet(**kwargs)
+
+
+@register_variant(cifar_resnet, depth=110)
+def resnet110_cifar(**kwargs) -> ResNet:
+    """CIFAR ResNet-110 (He et al. 2015, Sec. 4.2)."""
+    return cifar_resnet(**kwargs)
+
+
+@register_variant(cifar_resnet, depth=1202)
+def resnet1202_cifar(**kwargs) -> ResNet:
+    """CIFAR ResNet-1202 (He et al. 2015, Sec. 4.2)."""
+    return cifar_resnet(**kwargs)
+
+
+@register_variant(preact_resnet_cifar, depth=164)
+def preact_resnet164_cifar(**kwargs) -> ResNet:
+    """CIFAR PreAct-ResNet-164 (He et al. 2016)."""
+    return preact_resnet_cifar(**kwargs)
+
+
+@register_variant(preact_resnet_cifar, depth=1001)
+def preact_resnet1001_cifar(**kwargs) -> ResNet:
+    """CIFAR PreAct-ResNet-1001 (He et al. 2016)."""
+    return preact_resnet_cifar(**kwargs)

@@ -244,7 +244,8 @@ class SequenceModule(DeepresModule):
                 Jozefowicz et al. 2015: +1), or "auto" = ln(T) + 1 for sequences of T steps. Unfolded over
                 T steps the cell state is a T-block residual stream with the forget gate as its carry
                 gate; +1 keeps σ(1)^T of it (2e-14 at T = 100), "auto" keeps about e^(-1/e) ≈ 0.69,
-                the same rule as the carry bias of `gated` blocks (SCIENCE §2).
+                the same rule as the carry bias of `gated` blocks
+                (docs/science.md#the-lstm-cell-state-is-a-residual-stream).
             num_classes: 0 for regression, else classes; linked from the data module.
             input_shape: (T, features); linked from the data module.
             optimizer: adam | adamw | sgd.

@@ -2,7 +2,7 @@
 
 Weight decay applies to weight matrices and conv kernels only: norms, biases and gate biases are
 excluded (a decayed gate bias would drift from its depth-aware initial value toward 0, i.e. toward
-closing the carry path, which is exactly what SCIENCE §2 warns about).
+closing the carry path: docs/science.md#the-highway-transform-gate-bias).
 """
 
 from __future__ import annotations

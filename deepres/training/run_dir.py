@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from deepres.errors import ConfigError
+from deepres.files import atomic_write_bytes
 
 PACKAGES = ("deepres", "torch", "torchvision", "lightning", "torchmetrics", "deepspeed", "webdataset", "wandb",
             "numpy", "jsonargparse")
@@ -230,16 +231,19 @@ def run_info() -> dict[str, Any]:
     }
 
 
-def environment(threads: int) -> str:
-    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC 7B13"), from /proc/cpuinfo where there is one."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def environment(threads: int) -> str:
+    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
     v = package_versions()
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
             f"python {platform.python_version()}, torch {v.get('torch')}, lightning {v.get('lightning')}, "
             f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
 
@@ -250,28 +254,6 @@ def write_run_info(run_dir: Path) -> None:
     starts = json.loads(path.read_text()).get("starts", []) if path.exists() else []
     starts.append(run_info())
     atomic_write_bytes(path, json.dumps({**starts[0], "starts": starts}, indent=2).encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`: a crash at
-    any point leaves either the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class _ResumingWriter(ExperimentWriter):

@@ -1,0 +1,114 @@
+"""The package's layers, checked from the imports of every module under deepres/ (parsed, not run).
+
+    deepres.models         single-device torch code: no training loop, data, strategies, SLURM, CLI,
+                           lightning, deepspeed, wandb or torch.distributed (parallelism, checkpointing
+                           and compilation are applied to models from outside)
+    deepres.data, .strategies, .training
+                           never the command line (deepres.cli, deepres.training.cli) that wires them
+    deepres.wandb_logging, deepres.diagnostics
+                           not the CLI either; diagnostics not the `deepres report` command
+    deepres.depth_figures  shared by diagnostics and report, so it imports neither (nor training)
+    deepres.files, .errors the bottom: standard library only
+
+Every import counts, also one inside a function, because a lazy import is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "deepres"
+CLI = ("deepres.cli", "deepres.training.cli")
+
+# (modules the rule is about, imports they must not have)
+RULES = [
+    (("deepres.models",),
+     ("deepres.training", "deepres.data", "deepres.strategies", "deepres.slurm", "deepres.cli",
+      "lightning", "pytorch_lightning", "deepspeed", "wandb", "torch.distributed")),
+    (("deepres.data", "deepres.strategies", "deepres.training"), CLI),
+    (("deepres.wandb_logging", "deepres.diagnostics"), ("deepres.training.cli",)),
+    (("deepres.diagnostics",), ("deepres.report",)),
+    # the pieces both sides share sit below them
+    (("deepres.depth_figures",), ("deepres.diagnostics", "deepres.report", "deepres.training", "lightning", "wandb")),
+    (("deepres.files", "deepres.errors"), ("deepres", "torch", "lightning", "numpy")),
+]
+
+
+def within(name: str, prefixes: tuple[str, ...]) -> bool:
+    """`name` is one of `prefixes` or inside one (dotted: deepres.data.shards is in deepres.data)."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, root: Path) -> list[tuple[int, str]]:
+    """(line, imported module) for every import in the file. `from a import b` yields a and a.b, as
+    b may be a module; relative imports are resolved against the file's package."""
+    module = module_name(path, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            found.append((node.lineno, source))
+            found += [(node.lineno, f"{source}.{alias.name}") for alias in node.names if alias.name != "*"]
+    return found
+
+
+def violations(root: Path = PACKAGE) -> list[str]:
+    """One line per forbidden import statement and rule: `file:line: module imports name (rule)`."""
+    lines = {}
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(path, root)
+        for rule, (subjects, forbidden) in enumerate(RULES):
+            if not within(module, subjects):
+                continue
+            for lineno, name in imports(path, root):
+                if within(name, forbidden) and not within(name, (module,)):
+                    lines.setdefault((str(path), lineno, rule), (
+                        f"{path.relative_to(root.parent)}:{lineno}: {module} imports {name} "
+                        f"({' / '.join(subjects)} must not import {' / '.join(forbidden)})"))
+    return sorted(lines.values())
+
+
+def test_every_layer_keeps_to_its_imports():
+    found = violations()
+    assert not found, "forbidden imports:\n" + "\n".join(found)
+
+
+def test_the_check_names_the_offending_import(tmp_path):
+    """The rules do catch a violation, including a lazy or relative one, and say where it is."""
+    pkg = tmp_path / "deepres"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "models" / "__init__.py").write_text("")
+    (pkg / "models" / "net.py").write_text("import torch\n\n\ndef f():\n    from ..training import module\n")
+    (pkg / "diagnostics.py").write_text("from deepres import report\n")
+    found = violations(pkg)
+    assert any(line.startswith("deepres/models/net.py:5: deepres.models.net imports deepres.training")
+               for line in found), found
+    assert any(line.startswith("deepres/diagnostics.py:1: deepres.diagnostics imports deepres.report")
+               for line in found), found
+    assert len(found) == 2, found  # `import torch` in deepres.models is allowed
+
+
+def test_models_import_no_distributed_stack_at_runtime():
+    """What the models import transitively (which parsing one file cannot see) holds the same line."""
+    forbidden = ("lightning", "pytorch_lightning", "deepspeed", "wandb", "torch.distributed")
+    code = (
+        "import sys, torch; before = set(sys.modules); import deepres.models; "
+        f"new = sorted(m for m in set(sys.modules) - before if m.startswith({forbidden!r})); print(new); assert not new"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
