@@ -37,6 +37,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from deepres.errors import ConfigError
+from deepres.files import fsync_dir
 
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"
@@ -170,14 +171,6 @@ def describe_checkpoints_dir(run_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
