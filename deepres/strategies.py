@@ -46,7 +46,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpee
 from typing_extensions import override
 
 from deepres.errors import ConfigError
-from deepres.training.checkpoints import load_checkpoint
+from deepres.training.checkpoints import deepspeed_checkpoint_globals, load_checkpoint
 
 # Precisions the DeepSpeed strategy understands (Lightning's DeepSpeedPrecision).
 _DEEPSPEED_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
@@ -500,8 +500,9 @@ def convert_zero_checkpoint(checkpoint_dir: str | Path, output_file: str | Path,
     if not trusted:
         # DeepSpeed's converter unpickles every file with weights_only=False: check each one first with the
         # loader that cannot run code, so a crafted file is refused before DeepSpeed opens it.
+        allow = deepspeed_checkpoint_globals()
         for file in sorted(checkpoint_dir.rglob("*.pt")):
-            load_checkpoint(file, mmap=True, option="--trust (deepres convert-zero)")
+            load_checkpoint(file, mmap=True, option="--trust (deepres convert-zero)", allow=allow)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file)
     return output_file

@@ -416,11 +416,13 @@ def submitters_wandb_service(slurm_cluster):
     """The environment of a process that has a wandb-core service running (a notebook, a test session that used
     wandb): WANDB_SERVICE names it, and sbatch would export it to the job."""
     wandb = str(Path(PYTHON).with_name("wandb"))
+    # (This test session's own, if an in-process fit used wandb, is not the one to start from.)
+    clean = {k: v for k, v in slurm_cluster.items() if k != "WANDB_SERVICE"}
     started = subprocess.run([wandb, "beta", "core", "start", "--idle-timeout", "10m"], capture_output=True,
-                             text=True, timeout=120, env=slurm_cluster)
+                             text=True, timeout=120, env=clean)
     assert started.returncode == 0, started.stderr
     token = started.stdout.strip().splitlines()[-1]
-    env = {**slurm_cluster, "WANDB_SERVICE": token, "WANDB_MODE": "offline"}
+    env = {**clean, "WANDB_SERVICE": token, "WANDB_MODE": "offline"}
     yield env
     subprocess.run([wandb, "beta", "core", "stop"], capture_output=True, timeout=60, env=env)
 

@@ -65,13 +65,14 @@ class CheckpointWriteError(OSError):
 
 # ------------------------------------------------------------------------------------------------- reading
 def load_checkpoint(path: str | Path, *, trusted: bool = False, map_location: Any = "cpu", mmap: bool = False,
-                    option: str = TRUST_OPTION) -> Any:
-    """``torch.load`` that only builds tensors, containers and ``SAFE_GLOBALS`` unless ``trusted``.
+                    option: str = TRUST_OPTION, allow: list[Any] | tuple[Any, ...] = ()) -> Any:
+    """``torch.load`` that only builds tensors, containers, ``SAFE_GLOBALS`` and ``allow`` unless ``trusted``.
 
     ``mmap=True`` maps tensor data instead of reading it (for looking at the step of a large checkpoint).
     Raises ``UnsafeCheckpointError`` (one line, naming the global it asked for and ``option``)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trusted, mmap=mmap)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=not trusted, mmap=mmap)
     except pickle.UnpicklingError as err:
         asked = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"`{asked[1]}`" if asked else "an object outside the allowed types"
@@ -79,6 +80,16 @@ def load_checkpoint(path: str | Path, *, trusted: bool = False, map_location: An
             f"refused to load {path}: unpickling it would call {what}, which no deepres checkpoint contains "
             f"(loading it could run code). If you trust the file, pass {option}."
         ) from None
+
+
+def deepspeed_checkpoint_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into a ZeRO checkpoint's optimizer-state files (its loss scalers, the ZeRO
+    stage enum, the address of a parameter's fragment): plain records, built without running other code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def zero_model_states(path: Path) -> Path:
