@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "fit":
         # Before the slow torch/Lightning imports: a SLURM requeue signal that arrives now must
         # requeue the job, not end it as COMPLETED with no work done (deepres.slurm.requeue).
-        from deepres.slurm import requeue
+        from deepres.slurm.job import prepare_process
 
-        requeue.install_early_signal_handler()
+        prepare_process(cmd)
     if cmd in ("fit", "validate", "test", "submit"):
         from deepres.config_names import resolve_config_args
         from deepres.errors import ConfigError

@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from lightning.fabric.connector import _convert_precision_to_unified_args
-from lightning.fabric.utilities.device_parser import _select_auto_accelerator
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
@@ -46,6 +44,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpee
 from typing_extensions import override
 
 from deepres.errors import ConfigError
+from deepres.lightning_compat import (
+    auto_accelerator,
+    deepspeed_available,
+    is_deepspeed_checkpoint,
+    unified_precision,
+)
 from deepres.training.checkpoints import deepspeed_checkpoint_globals, load_checkpoint
 
 # Precisions the DeepSpeed strategy understands (Lightning's DeepSpeedPrecision).
@@ -336,9 +340,7 @@ def _strategy_object(strategy: str | Strategy, *, timeout: timedelta | None = No
 
 
 def _require_deepspeed(name: str) -> None:
-    from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE
-
-    if not _DEEPSPEED_AVAILABLE:
+    if not deepspeed_available():
         raise ConfigError(
             f"--trainer.strategy {name} needs DeepSpeed, which is not installed. "
             "Run scripts/install.sh (or `pip install --no-build-isolation deepspeed`), or use --trainer.strategy ddp."
@@ -352,7 +354,7 @@ def _accelerator(trainer: TrainerSettings) -> str:
         return {CPUAccelerator: "cpu", CUDAAccelerator: "cuda"}.get(type(accelerator), type(accelerator).__name__)
     name = str(accelerator).lower()
     if name == "auto":
-        return _select_auto_accelerator()
+        return auto_accelerator()
     if name == "gpu":
         return "cuda" if torch.cuda.is_available() else "mps"
     return name
@@ -361,7 +363,7 @@ def _accelerator(trainer: TrainerSettings) -> str:
 def _precision(trainer: TrainerSettings) -> str:
     precision = trainer.get("precision")
     try:
-        return str(_convert_precision_to_unified_args(precision) or "32-true")
+        return str(unified_precision(precision) or "32-true")
     except ValueError as err:
         raise ConfigError(f"--trainer.precision {precision!r}: {err}") from None
 
@@ -486,11 +488,10 @@ def _check_deepspeed_json(config: Mapping[str, Any], *, flag: str, precision: st
 def convert_zero_checkpoint(checkpoint_dir: str | Path, output_file: str | Path, *, trusted: bool = False) -> Path:
     """Write a ZeRO checkpoint directory (as Lightning's DeepSpeed strategy saves it) as one Lightning .ckpt
     with fp32 weights, loadable with `torch.load` or `LightningModule.load_from_checkpoint`, no DeepSpeed."""
-    from lightning.fabric.strategies.deepspeed import _is_deepspeed_checkpoint
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
     checkpoint_dir, output_file = Path(checkpoint_dir), Path(output_file)
-    if not checkpoint_dir.is_dir() or not _is_deepspeed_checkpoint(checkpoint_dir):
+    if not checkpoint_dir.is_dir() or not is_deepspeed_checkpoint(checkpoint_dir):
         raise ConfigError(
             f"{checkpoint_dir} is not a DeepSpeed ZeRO checkpoint directory (one holding a `latest` file and a "
             "`checkpoint/` folder, e.g. runs/NAME/checkpoints/last.ckpt/ of a deepspeed_stage_* run)."

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from lightning.fabric.loggers.logger import _DummyExperiment as DummyExperiment
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from deepres.errors import ConfigError
 from deepres.files import atomic_write_bytes
+from deepres.lightning_compat import DummyExperiment, wandb_init_arguments
 from deepres.training.run_dir import run_info
 
 RUN_ID_FILE = "wandb_run_id"
@@ -129,8 +129,9 @@ class DeepresWandbLogger(WandbLogger):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         # Lightning always passes `anonymous`; wandb >= 0.19 warns that it has no effect.
-        if self._wandb_init.get("anonymous") is None:
-            self._wandb_init.pop("anonymous", None)
+        init = wandb_init_arguments(self)
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)
 
     @property
     def experiment(self):

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deepres.data.recipes import BatchMix
 from deepres.errors import ConfigError
+from deepres.lightning_compat import batches_done_in_epoch
 
 WORKER_START_METHODS = ("forkserver", "spawn", "fork")
 # imported once by the fork server, so that every worker forked from it starts without importing them
@@ -129,9 +130,7 @@ class DeepresDataModule(L.LightningDataModule):
         """Batches of the current epoch a restored checkpoint has already trained on (`processed`:
         a checkpoint written in on_train_batch_end has processed, not yet completed, its batch)."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.fit_loop.restarting:
-            return 0
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return 0 if trainer is None else batches_done_in_epoch(trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

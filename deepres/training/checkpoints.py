@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from deepres.errors import ConfigError
 from deepres.files import fsync_dir
+from deepres.lightning_compat import PathLike
 
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"
@@ -237,7 +237,7 @@ class CheckpointFiles(TorchCheckpointIO):
     """Lightning's checkpoint I/O, writing to a temporary file, fsyncing, then installing it (see
     ``install_checkpoint``). Object-store paths (``s3://…``) go to Lightning's own writer."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
@@ -290,7 +290,7 @@ class BackgroundCheckpointFiles(CheckpointFiles):
         self._executor: Any = None
         self._pending: Any = None
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from lightning_utilities.core.apply_func import apply_to_collection

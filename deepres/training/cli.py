@@ -23,17 +23,14 @@ from pathlib import Path
 import lightning as L
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from deepres.diagnostics import DiagnosticsConfig, diagnostics_callbacks
+from deepres.diagnostics import DiagnosticsConfig
 from deepres.errors import ConfigError
-from deepres.slurm import requeue
-from deepres.slurm.callback import slurm_requeue_and_plugins
+from deepres.slurm.job import SlurmJob, prepare_process
 from deepres.strategies import resolve_strategy
+from deepres.training.assembly import trainer_parts
 from deepres.training.checkpoints import (
-    BackgroundCheckpointFiles,
-    CheckpointFiles,
     CheckpointWriteError,
     checkpoint_global_step,
     damage,
@@ -42,13 +39,9 @@ from deepres.training.checkpoints import (
     load_checkpoint,
     remove_stale_temporaries,
 )
-from deepres.training.faults import FaultReport
-from deepres.training.progress import ThrottledProgressBar
-from deepres.training.run_checkpoint import RunCheckpoint
 from deepres.training.run_dir import (
     ENV_RESUME,
     ENV_RUN_DIR,
-    RunCSVLogger,
     await_run_dir,
     claim_new_run_dir,
     launch_rank,
@@ -59,7 +52,7 @@ from deepres.training.run_dir import (
     truncate_metrics,
     write_run_info,
 )
-from deepres.wandb_logging import WandbConfig, make_wandb_logger
+from deepres.wandb_logging import WandbConfig
 
 DEFAULT_MODEL = "deepres.training.Classifier"
 DEFAULT_DATA = "deepres.data.DigitsDataModule"
@@ -166,8 +159,9 @@ class DeepresCLI(LightningCLI):
             run_dir, resume_from = await_run_dir(Path(run.root))
             return run_dir, resume_from or _explicit(ckpt)
 
-        restarted = requeue.restart_count() > 0
-        submitted = requeue.submitted_run_dir(run.root, run.name)
+        job = SlurmJob.current()
+        restarted = job is not None and job.restarted
+        submitted = job.prepared_run_dir(run.root, run.name) if job else None
         resuming = ckpt is not None or restarted
         run_dir = submitted or resolve_run_dir(run.root, run.name, resuming=resuming)
         resume_from = None
@@ -182,7 +176,7 @@ class DeepresCLI(LightningCLI):
         lock_run_dir(run_dir, wait_s=60.0 if restarted else 0.0)
         remove_stale_temporaries(run_dir / "checkpoints")
         if restarted:
-            print(requeue.restart_message(resume_from), file=sys.stderr)
+            print(job.restart_message(resume_from), file=sys.stderr)
         if ckpt == "auto" and resume_from is None and (run_dir / "metrics.csv").exists():
             # Starting over in the same directory: the earlier attempt's rows stay, beside, not mixed in.
             kept = run_dir / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.csv"
@@ -229,36 +223,14 @@ class DeepresCLI(LightningCLI):
             timeout=timedelta(minutes=run.collective_timeout_minutes),
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        trainer_cfg = cfg.trainer
-        # LightningCLI builds the Trainer from {**config.trainer, **kwargs}: start from what the user
-        # configured (trainer.logger / trainer.callbacks), or setting kwargs would drop it.
-        user_logger = trainer_cfg.get("logger")
-        loggers = [RunCSVLogger(self.run_dir)]  # always: metrics.csv is what `deepres report` reads
-        if user_logger not in (None, True, False):
-            loggers += _as_list(user_logger)
-        if user_logger is not False:  # `trainer.logger: false` turns wandb off, CSV stays
-            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-            resolved = resolved.get(self.subcommand, resolved) if self.subcommand else resolved
-            wandb_logger = make_wandb_logger(cfg.wandb, self.run_dir, resolved)
-            loggers += [wandb_logger] if wandb_logger else []
-        kwargs["logger"] = loggers
-        callbacks = _as_list(trainer_cfg.get("callbacks"))
-        requeue_policy, slurm_plugins = slurm_requeue_and_plugins()
-        # Always, beside any ModelCheckpoint of the user's (top-k by a metric): last.ckpt is what resumes.
-        self.run_checkpoint = RunCheckpoint(
-            self.run_dir / "checkpoints", every_n_steps=run.checkpoint_every_n_steps,
-            every_minutes=run.checkpoint_every_minutes, requeue=requeue_policy,
-        )
-        callbacks.append(self.run_checkpoint)
-        callbacks.append(FaultReport(self.run_dir, newest_checkpoint=lambda: find_resume_checkpoint(self.run_dir)[:2]))
-        callbacks += diagnostics_callbacks(cfg.diagnostics, self.run_dir)
-        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(ThrottledProgressBar())
-        kwargs["callbacks"] = callbacks
-        plugins = _as_list(trainer_cfg.get("plugins"))
-        plugins.append(BackgroundCheckpointFiles() if run.async_checkpoint else CheckpointFiles())
-        plugins += slurm_plugins  # Lightning's SLURM environment (ranks, addresses), its own requeue off
-        kwargs["plugins"] = plugins
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        resolved = resolved.get(self.subcommand, resolved) if self.subcommand else resolved
+        # LightningCLI builds the Trainer from {**config.trainer, **kwargs}: the parts start from what the user
+        # configured (trainer.logger / callbacks / plugins), or setting kwargs would drop it.
+        parts = trainer_parts(run=run, wandb=cfg.wandb, diagnostics=cfg.diagnostics, trainer=cfg.trainer,
+                              run_dir=self.run_dir, resolved_config=resolved, slurm_job=SlurmJob.current())
+        kwargs.update(logger=parts.loggers, callbacks=parts.callbacks, plugins=parts.plugins)
+        self.run_checkpoint = parts.run_checkpoint
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.is_global_zero:
             write_run_info(self.run_dir)
@@ -300,14 +272,8 @@ def _explicit(ckpt: str | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # First thing, so a requeue signal before training requeues the job (deepres.slurm.requeue).
-    if argv[:1] == ["fit"]:
-        requeue.install_early_signal_handler()
-    if requeue.in_slurm_job():
-        # sbatch exports the submitting shell's environment, and with it the address of the wandb service of
-        # whatever process submitted the job (a notebook, a test session): on another machine, or serving a
-        # killed attempt's run. This job starts its own.
-        os.environ.pop("WANDB_SERVICE", None)
+    # First thing: inside a SLURM job a requeue signal now requeues it (deepres.slurm.job).
+    prepare_process(argv[0] if argv else None)
     # Called from Python (tests, scripts) with its own argv: that is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     DeepresCLI.user_class_paths = sections_with_class_path(argv)
@@ -344,10 +310,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         release_run_dir_locks()
     return 0
-
-
-def _as_list(value) -> list:
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _config_error_in(exc: BaseException) -> ConfigError | None:

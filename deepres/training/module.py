@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from deepres.data.sequence import ADDING_TOLERANCE
 from deepres.errors import ConfigError
+from deepres.lightning_compat import should_update_logs
 from deepres.models import create_model, model_arguments
 from deepres.models.pretrained import load_weights_file
 from deepres.parallelize import parallelize
@@ -93,7 +94,7 @@ class DeepresModule(L.LightningModule):
         for values no logger ever sees (Lightning keeps only the step it writes)."""
         if self._trainer is None:
             return True
-        return self._trainer._logger_connector.should_update_logs  # Lightning's own test, not copied
+        return should_update_logs(self._trainer)  # Lightning's own test, not copied
 
     def configure_optimizers(self):
         opt = build_optimizer(self.net, **self.optim_settings)

@@ -1,0 +1,96 @@
+"""Everything deepres takes from Lightning beyond its public API, in one place.
+
+Each entry names the internal, why no public way does the job, and where deepres uses it.
+``tests/test_lightning_compat.py`` checks every one against the installed Lightning and fails naming the
+Lightning version when one has moved; ``pyproject.toml`` pins Lightning to the minor version those tests ran
+on (``TESTED_WITH``). Anything not listed here uses Lightning's public API only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning
+from lightning.fabric.connector import _convert_precision_to_unified_args
+from lightning.fabric.loggers.logger import _DummyExperiment
+from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE, _is_deepspeed_checkpoint
+from lightning.fabric.utilities.device_parser import _select_auto_accelerator
+from lightning.fabric.utilities.types import _PATH
+
+TESTED_WITH = "2.6"
+VERSION = lightning.__version__
+
+# ------------------------------------------------------------------------------------ names and helpers
+#: Type of a checkpoint path as Lightning's CheckpointIO takes it (str, Path, or a remote URL).
+PathLike = _PATH
+#: What a logger's ``experiment`` returns on ranks other than 0 (deepres.wandb_logging falls back to it when
+#: wandb cannot start, so that training goes on).
+DummyExperiment = _DummyExperiment
+
+
+def unified_precision(precision: Any) -> str | None:
+    """"bf16" → "bf16-mixed", 16 → "16-mixed", …: Lightning's own normalisation of ``trainer.precision``, so that
+    deepres's checks (deepres.strategies) see what the Trainer will run."""
+    return _convert_precision_to_unified_args(precision)
+
+
+def auto_accelerator() -> str:
+    """The accelerator ``accelerator="auto"`` resolves to on this machine (cuda, mps, tpu or cpu)."""
+    return _select_auto_accelerator()
+
+
+def deepspeed_available() -> bool:
+    return bool(_DEEPSPEED_AVAILABLE)
+
+
+def is_deepspeed_checkpoint(path: Any) -> bool:
+    """Whether a directory is a ZeRO checkpoint as Lightning's DeepSpeed strategy writes it."""
+    return bool(_is_deepspeed_checkpoint(path))
+
+
+def should_update_logs(trainer: Any) -> bool:
+    """Whether Lightning writes step-level logs after this training step (``log_every_n_steps``, the last step).
+    deepres computes step metrics only then (deepres.training.module); Lightning exposes the test only on its
+    logger connector."""
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+def batches_done_in_epoch(trainer: Any) -> int:
+    """Batches of the current epoch that a restored checkpoint has already trained on (0 unless restarting).
+    deepres's data modules skip them on resume (deepres.data.base); the loop progress is Lightning's record."""
+    loop = trainer.fit_loop
+    if not loop.restarting:
+        return 0
+    return int(loop.epoch_loop.batch_progress.current.processed)
+
+
+def wandb_init_arguments(logger: Any) -> dict[str, Any]:
+    """The keyword arguments Lightning's WandbLogger will pass to ``wandb.init`` (deepres drops ``anonymous``,
+    which wandb >= 0.19 warns about)."""
+    return logger._wandb_init
+
+
+# ------------------------------------------------------------------------------------------- overrides
+#: Private methods and attributes deepres subclasses override or reads on its own subclasses:
+#: (class, attribute, its parameters or None for an attribute, where and why).
+OVERRIDES: list[tuple[str, str, tuple[str, ...] | None, str]] = [
+    ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path", ("self",),
+     "deepres.training.cli: check an explicit --ckpt_path file with deepres's loader before Lightning reads its "
+     "hyper-parameters"),
+    ("lightning.pytorch.callbacks.TQDMProgressBar", "_should_update", ("self", "current", "total"),
+     "deepres.training.progress: redraw by time, not by step count"),
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "_check_log_dir_exists", ("self",),
+     "deepres.training.run_dir: keep metrics.csv across resumes (Lightning's writer deletes it)"),
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "_fs", None, "deepres.training.run_dir: the same"),
+    ("lightning.pytorch.loggers.CSVLogger", "_experiment", None, "deepres.training.run_dir: the same"),
+    ("lightning.pytorch.loggers.WandbLogger", "_experiment", None,
+     "deepres.wandb_logging: the run, to finish it and print the sync command"),
+    ("lightning.pytorch.strategies.DeepSpeedStrategy", "_setup_model_and_optimizer",
+     ("self", "model", "optimizer", "lr_scheduler"),
+     "deepres.strategies: Lightning's body with a CPU device argument (DeepSpeed on CPU processes)"),
+    ("lightning.pytorch.strategies.DeepSpeedStrategy", "_initialize_deepspeed_inference", ("self", "model"),
+     "deepres.strategies: the same, for validation"),
+    ("lightning.pytorch.strategies.DeepSpeedStrategy", "_init_deepspeed_distributed", ("self",),
+     "deepres.strategies: the process group on CPU processes, without Lightning's device-index check"),
+    ("lightning.pytorch.loggers.CSVLogger", "_fs", None, "deepres.training.run_dir: create the run directory"),
+]

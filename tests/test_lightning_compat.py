@@ -1,0 +1,87 @@
+"""Every Lightning internal deepres relies on (deepres.lightning_compat) still exists and behaves as deepres
+expects. A failure names the internal and the Lightning version: raise Lightning's pin only once this passes."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from deepres import lightning_compat as compat
+
+PACKAGE = Path(compat.__file__).parent
+MOVED = f"Lightning {compat.VERSION} (deepres was tested with {compat.TESTED_WITH}.x)"
+
+
+def test_the_installed_lightning_is_the_minor_version_the_pin_names():
+    assert compat.VERSION.startswith(compat.TESTED_WITH + "."), MOVED
+
+
+@pytest.mark.parametrize(("path", "attribute", "params", "why"), compat.OVERRIDES,
+                         ids=[f"{c.rsplit('.', 1)[1]}.{a}" for c, a, _, _ in compat.OVERRIDES])
+def test_each_overridden_internal_is_still_there(path, attribute, params, why):
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    if params is None:  # an instance attribute set in __init__: look for the assignment in Lightning's source
+        source = "".join(inspect.getsource(c) for c in cls.__mro__ if c.__module__.startswith("lightning"))
+        assert f"self.{attribute} =" in source or f"self.{attribute}:" in source, \
+            f"{path}.{attribute} ({why}) is gone in {MOVED}"
+        return
+    assert hasattr(cls, attribute), f"{path}.{attribute} ({why}) is gone in {MOVED}"
+    found = tuple(inspect.signature(getattr(cls, attribute)).parameters)
+    assert found == params, f"{path}.{attribute} ({why}) now takes {found}, not {params}, in {MOVED}"
+
+
+def test_the_helpers_work_on_this_lightning():
+    assert compat.unified_precision("bf16") == "bf16-mixed" and compat.unified_precision(16) == "16-mixed", MOVED
+    assert compat.auto_accelerator() == ("cuda" if torch.cuda.is_available() else "cpu"), MOVED
+    assert isinstance(compat.deepspeed_available(), bool)
+    assert compat.is_deepspeed_checkpoint(PACKAGE) is False
+
+
+class _Probe(LightningModule):
+    """Records what the trainer-reading helpers say during a real fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.logs: list[bool] = []
+        self.done: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.logs.append(compat.should_update_logs(self.trainer))
+        self.done.append(compat.batches_done_in_epoch(self.trainer))
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_trainer_readers_follow_a_real_fit(tmp_path):
+    probe = _Probe()
+    data = DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=2)
+    trainer = Trainer(max_steps=6, log_every_n_steps=3, default_root_dir=tmp_path, logger=True,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      accelerator="cpu", devices=1)
+    trainer.fit(probe, data)
+    # Lightning writes step logs on steps 3 and 6 (global_step 2 and 5 at training_step time) and the last one.
+    assert probe.logs == [False, False, True, False, False, True], f"should_update_logs moved in {MOVED}"
+    assert probe.done == [0] * 6, f"batches_done_in_epoch outside a restart in {MOVED}"
+
+
+def test_no_module_outside_lightning_compat_imports_a_private_lightning_name():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "lightning_compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning"):
+                offenders += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.module}.{a.name}"
+                              for a in node.names if a.name.startswith("_")]
+    assert not offenders, "private Lightning names belong in deepres/lightning_compat.py:\n" + "\n".join(offenders)
