@@ -216,6 +216,7 @@ class SequenceModule(DeepresModule):
         warmup_steps: int = 0,
         tolerance: float = ADDING_TOLERANCE,
         activation_checkpointing: int | str = 0,
+        time_checkpoint: int | Literal["sqrt"] = 0,
     ):
         """
         Args:
@@ -233,13 +234,16 @@ class SequenceModule(DeepresModule):
             optimizer: adam | adamw | sgd.
             lr: learning rate.
             tolerance: regression success criterion, |prediction − target| < tolerance (1997 paper: 0.04).
+            time_checkpoint: keep the recurrent state only every k time steps and recompute in backward
+                (0: off, k, or "sqrt" ≈ √T): O(√T) activation memory for about one extra forward pass.
         """
         if forget_bias == "auto":
             forget_bias = math.log(input_shape[0]) + 1
         elif isinstance(forget_bias, str):
             raise ConfigError(f"model.forget_bias={forget_bias!r}: give a number or 'auto' (= ln(T) + 1).")
         super().__init__(
-            arch, {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias},
+            arch, {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias,
+                   **({"time_checkpoint": time_checkpoint} if time_checkpoint else {})},
             num_classes, input_shape, optimizer, lr, 0.9, False, betas, weight_decay, schedule, warmup_steps, None,
             0.1, 0.0, activation_checkpointing, False, False,
         )
