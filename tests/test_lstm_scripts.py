@@ -56,3 +56,17 @@ def test_stopping_rule_needs_the_whole_window_right():
     assert rule.stopped_at_sequences == 128
     rule.on_train_end(trainer, module)
     assert not module.net._forward_hooks
+
+
+def test_bench_lstm_script(tmp_path):
+    assert script("bench_lstm").main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    with open(tmp_path / "bench_lstm.csv") as f:
+        rows = list(csv.DictReader(f))
+    speed = [r for r in rows if r["ratio"]]
+    assert {(r["cell"], int(r["seq_len"])) for r in speed} == {(c, t) for c in ("1997", "1999") for t in (20, 50)}
+    assert all(0.2 < float(r["ratio"]) < 5 for r in speed)  # the same kernel on both sides
+    memory = {r["time_checkpoint"]: int(r["peak_bytes"]) for r in rows if r["time_checkpoint"]}
+    assert memory["sqrt"] < memory["none"]  # T = 200: the state every 14 steps instead of every step
+    assert (tmp_path / "bench_lstm.png").read_bytes().startswith(b"\x89PNG")
+    for row in (tmp_path / "bench_lstm_summary.md").read_text().splitlines():
+        assert row.startswith("| ") and row.endswith(" |") and row.count(" | ") == 4, row

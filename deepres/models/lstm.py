@@ -145,7 +145,9 @@ def time_checkpoint_interval(seq_len: int, every: TimeCheckpoint) -> int:
 
 
 class RecurrentLayer(nn.Module):
-    """A cell unfolded over a whole sequence: (B, T, input) → (B, T, H).
+    """A cell unfolded over a whole sequence: (B, T, input) → (B, T, H), or (B, 1, H) (the last step)
+    with `last_step_only`, which SequenceModel sets on its top layer: only h_T is read there, so the
+    other T − 1 outputs need not be kept (with time checkpointing they are never stored at all).
 
     `fused`: run the sequence through torch's fused kernel (False: the reference loop over `cell.step`).
     `time_checkpoint`: keep the state only every k steps in forward, recompute in backward."""
@@ -156,6 +158,7 @@ class RecurrentLayer(nn.Module):
         self.fused = fused
         time_checkpoint_interval(1, time_checkpoint)  # fail at build time, not at the first step
         self.time_checkpoint = time_checkpoint
+        self.last_step_only = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape[:2]
@@ -163,17 +166,27 @@ class RecurrentLayer(nn.Module):
         c = torch.zeros_like(h)
         k = time_checkpoint_interval(T, self.time_checkpoint)
         if k <= 0 or k >= T or not torch.is_grad_enabled():
-            return self.unfold(x, h, c)[0]
+            y = self.unfold(x, h, c)[0]
+            return y[:, -1:].contiguous() if self.last_step_only else y
         out = []
         # split, not x[:, t0:t1]: a slice's backward zero-fills a whole (B, T, ·) gradient per segment
         segments = x.split(k, dim=1)
         for segment in segments[:-1]:
-            y, h, c = checkpoint(self.unfold, segment, h, c, use_reentrant=False)
-            out.append(y)
+            if self.last_step_only:  # nothing but the state leaves the segment: O(√T) memory in all
+                h, c = checkpoint(self._state_after, segment, h, c, use_reentrant=False)
+            else:
+                y, h, c = checkpoint(self.unfold, segment, h, c, use_reentrant=False)
+                out.append(y)
         # The last segment is not checkpointed: backward needs its activations first.
         y, _, _ = self.unfold(segments[-1], h, c)
+        if self.last_step_only:
+            return y[:, -1:].contiguous()
         out.append(y)
         return torch.cat(out, dim=1)
+
+    def _state_after(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, h, c = self.unfold(x, h, c)
+        return h, c
 
     def unfold(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, input) from state (h, c), each (B, H) → outputs (B, T, H) and the final (h, c)."""
@@ -201,11 +214,13 @@ class SequenceModel(nn.Module):
     def __init__(self, blocks: BlockStack, head: nn.Module):
         super().__init__()
         self.blocks, self.head = blocks, head
+        if isinstance(blocks[-1], RecurrentLayer):
+            blocks[-1].last_step_only = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # contiguous(): a copy of the last step, so that the head does not keep the whole (B, T, F) output
+        # contiguous(): a copy of the last step, so that the head does not keep a whole (B, T, F) output
         # alive for backward (its saved input would otherwise be a view of it: O(T) memory)
-        return self.head(self.blocks(x)[:, -1].contiguous())  # (B, T, F) -> (B, output_size)
+        return self.head(self.blocks(x)[:, -1].contiguous())  # (B, T or 1, F) -> (B, output_size)
 
 
 @register_model
