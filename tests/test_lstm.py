@@ -179,3 +179,17 @@ def test_adding_sequence_zeroes_a_marked_first_value():
             hits += 1
             assert x[0, 0] == 0
     assert hits > 10  # the first of ten positions is marked in about 10 % of sequences
+
+
+def test_gpu_weight_layout_is_one_buffer_with_the_same_values():
+    """On GPUs the fused weights are views of one contiguous buffer (cuDNN's layout); same values."""
+    from deepres.models.lstm import _flat_weights
+
+    W, U, b = torch.randn(12, 3), torch.randn(12, 4), torch.randn(12)
+    params = [[W[:4], W[4:]], [U[:4], U[4:]], [b], [torch.zeros(12)]]
+    separate, flat = _flat_weights(params, one_buffer=False), _flat_weights(params, one_buffer=True)
+    for a, c in zip(separate, flat, strict=True):
+        assert torch.equal(a, c)
+    ptrs = [t.data_ptr() for t in flat]
+    assert len({t.untyped_storage().data_ptr() for t in flat}) == 1
+    assert all(p1 == p0 + t.numel() * 4 for p0, p1, t in zip(ptrs, ptrs[1:], flat, strict=False))

@@ -83,12 +83,12 @@ class LSTMCell(nn.Module):
         W, U, b = self.input_proj.weight, self.recurrent_proj.weight, self.input_proj.bias
         i, z, o, f = (slice(k * H, (k + 1) * H) for k in range(4))
         if self.forget_gate is not None:
-            w_ih, w_hh, b_ih = (torch.cat([t[i], t[f], t[z], t[o]]) for t in (W, U, b))
+            w_ih, w_hh, b_ih = ([t[i], t[f], t[z], t[o]] for t in (W, U, b))
         else:
-            w_ih = torch.cat([W[i], W.new_zeros(H, W.shape[1]), W[z], W[o]])
-            w_hh = torch.cat([U[i], U.new_zeros(H, H), U[z], U[o]])
-            b_ih = torch.cat([b[i], b.new_full((H,), PINNED_GATE_BIAS), b[z], b[o]])
-        return [w_ih, w_hh, b_ih, b.new_zeros(4 * H)]
+            w_ih = [W[i], W.new_zeros(H, W.shape[1]), W[z], W[o]]
+            w_hh = [U[i], U.new_zeros(H, H), U[z], U[o]]
+            b_ih = [b[i], b.new_full((H,), PINNED_GATE_BIAS), b[z], b[o]]
+        return _flat_weights([w_ih, w_hh, b_ih, [b.new_zeros(4 * H)]])
 
     def fused_step(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`step(input_proj(x), h, c)` through torch's fused LSTM cell (one fused pointwise kernel on GPUs)."""
@@ -115,10 +115,23 @@ class RNNCell(nn.Module):
     def fused_weights(self) -> list[torch.Tensor]:
         """[w_ih, w_hh, b_ih, b_hh] in torch.nn.RNN's layout."""
         b = self.input_proj.bias
-        return [self.input_proj.weight, self.recurrent_proj.weight, b, torch.zeros_like(b)]
+        return _flat_weights([[self.input_proj.weight], [self.recurrent_proj.weight], [b], [torch.zeros_like(b)]])
 
     def gates_hooked(self) -> bool:
         return False
+
+
+def _flat_weights(params: list[list[torch.Tensor]], one_buffer: bool | None = None) -> list[torch.Tensor]:
+    """Each list of row blocks stacked into one weight. On GPUs (`one_buffer`) all of them are views
+    of one contiguous buffer in order: the layout cuDNN takes as it is (otherwise it copies the
+    weights into one and warns). On CPUs that costs more than it saves (about 0.3 ms a call), so
+    each weight is concatenated on its own there."""
+    if not (params[0][0].is_cuda if one_buffer is None else one_buffer):
+        return [blocks[0] if len(blocks) == 1 else torch.cat(blocks) for blocks in params]
+    flat = torch.cat([t.reshape(-1) for blocks in params for t in blocks])
+    sizes = [sum(t.numel() for t in blocks) for blocks in params]
+    shapes = [(sum(t.shape[0] for t in blocks), *blocks[0].shape[1:]) for blocks in params]
+    return [v.view(shape) for v, shape in zip(flat.split(sizes), shapes, strict=True)]
 
 
 def _hooked(*modules: nn.Module | None) -> bool:
