@@ -193,3 +193,31 @@ def test_gpu_weight_layout_is_one_buffer_with_the_same_values():
     ptrs = [t.data_ptr() for t in flat]
     assert len({t.untyped_storage().data_ptr() for t in flat}) == 1
     assert all(p1 == p0 + t.numel() * 4 for p0, p1, t in zip(ptrs, ptrs[1:], flat, strict=False))
+
+
+@pytest.mark.parametrize("cell", ["1997", "1999"])
+def test_time_checkpointing_on_a_measured_step(tmp_path, cell):
+    """Diagnostics hook the gates for one forward and unhook them before backward: the
+    recomputation in backward must take the forward's path (the reference loop) again."""
+    from test_diagnostics import depth_records, fit, loader  # the diagnostics tests' small training loop
+
+    from deepres.diagnostics import DepthDiagnostics
+
+    torch.manual_seed(0)
+    net = create_model("lstm", cell=cell, hidden_size=8, output_size=10, time_checkpoint=4)
+    fit(tmp_path, net, [DepthDiagnostics(every_n_steps=2)], steps=3, data=loader(shape=(12, 2)))
+    records = depth_records(tmp_path)
+    assert [r["step"] for r in records] == [0, 2] and len(records[0]["gate/transform"]) == 1
+
+
+def test_activation_checkpointed_depth_lstm_on_a_measured_step(tmp_path):
+    from test_diagnostics import depth_records, fit, loader
+
+    from deepres.activation_checkpoint import apply_activation_checkpointing
+    from deepres.diagnostics import DepthDiagnostics
+
+    torch.manual_seed(0)
+    net = create_model("depth_lstm", depth=6, width=8, in_features=64)
+    apply_activation_checkpointing(net, every=2)
+    fit(tmp_path, net, [DepthDiagnostics(every_n_steps=2)], steps=3, data=loader())
+    assert len(depth_records(tmp_path)[0]["gate/carry"]) == 6

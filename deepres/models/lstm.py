@@ -178,32 +178,39 @@ class RecurrentLayer(nn.Module):
         h = x.new_zeros(B, self.cell.hidden_size)
         c = torch.zeros_like(h)
         k = time_checkpoint_interval(T, self.time_checkpoint)
+        # Decided once per forward and handed to the recomputation: diagnostics remove their gate
+        # hooks before backward, and a recomputation on the other path would save other tensors.
+        fused = self.fused and not self.cell.gates_hooked()
         if k <= 0 or k >= T or not torch.is_grad_enabled():
-            y = self.unfold(x, h, c)[0]
+            y = self.unfold(x, h, c, fused)[0]
             return y[:, -1:].contiguous() if self.last_step_only else y
         out = []
         # split, not x[:, t0:t1]: a slice's backward zero-fills a whole (B, T, ·) gradient per segment
         segments = x.split(k, dim=1)
         for segment in segments[:-1]:
             if self.last_step_only:  # nothing but the state leaves the segment: O(√T) memory in all
-                h, c = checkpoint(self._state_after, segment, h, c, use_reentrant=False)
+                h, c = checkpoint(self._state_after, segment, h, c, fused, use_reentrant=False)
             else:
-                y, h, c = checkpoint(self.unfold, segment, h, c, use_reentrant=False)
+                y, h, c = checkpoint(self.unfold, segment, h, c, fused, use_reentrant=False)
                 out.append(y)
         # The last segment is not checkpointed: backward needs its activations first.
-        y, _, _ = self.unfold(segments[-1], h, c)
+        y, _, _ = self.unfold(segments[-1], h, c, fused)
         if self.last_step_only:
             return y[:, -1:].contiguous()
         out.append(y)
         return torch.cat(out, dim=1)
 
-    def _state_after(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _, h, c = self.unfold(x, h, c)
+    def _state_after(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        _, h, c = self.unfold(x, h, c, fused)
         return h, c
 
-    def unfold(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, input) from state (h, c), each (B, H) → outputs (B, T, H) and the final (h, c)."""
-        if self.fused and not self.cell.gates_hooked():
+    def unfold(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, fused: bool | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, input) from state (h, c), each (B, H) → outputs (B, T, H) and the final (h, c).
+        `fused`: the kernel (True) or the reference loop; None: the kernel unless a gate is hooked."""
+        if fused is None:
+            fused = self.fused and not self.cell.gates_hooked()
+        if fused:
             params = self.cell.fused_weights()
             train = self.training
             if isinstance(self.cell, RNNCell):  # (input, hx, params, has_biases, layers, dropout, train, bidir, batch_first)
@@ -278,10 +285,11 @@ class DepthStep(nn.Module):
         super().__init__()
         self.cell = cell
         self.fused = fused
+        self.fused_now = fused  # this forward's choice, set by DepthLSTM (kept for a recomputation)
 
     def forward(self, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         u, h, c = state
-        if self.fused and u.is_cuda and not self.cell.gates_hooked():
+        if self.fused_now and u.is_cuda:
             h, c = self.cell.fused_step(u, h, c)
         else:
             h, c = self.cell.step(self.cell.input_proj(u), h, c)
@@ -304,6 +312,10 @@ class DepthLSTM(nn.Module):
             _, h_n, _ = torch.lstm(seq, (h0[None], torch.zeros_like(h0)[None]), cell.fused_weights(), True, 1, 0.0,
                                    self.training, False, True)
             return self.head(h_n[0])
+        # Decided here, once per forward, not in each step: activation checkpointing recomputes the
+        # steps in backward, after diagnostics removed their gate hooks, and must take the same path.
+        for step in self.blocks:
+            step.fused_now = step.fused and not step.cell.gates_hooked()
         _, h, _ = self.blocks((u, h0, torch.zeros_like(u)))
         return self.head(h)
 
