@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -300,9 +302,16 @@ def main(argv: list[str] | None = None, script: str = "repro_lstm_adding.py", sh
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     parser.add_argument("--quick", action="store_true", help="smoke test: T = 20, 4 steps, one seed, one job")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                        help="train nothing: one table, summary and figure from the --out-dir of earlier runs "
+                             "(same --task and --seq-len), each with its own command line")
+    parser.add_argument("--stem", help="output file stem (default lstm_<task>_T<seq-len>)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seq_len, args.steps, args.val_every, args.seeds, args.jobs = 20, 4, 2, [0], 1
+    stem = args.stem or f"lstm_{args.task}_T{args.seq_len}"
+    if args.merge:
+        return merge(args.merge, args.out_dir, stem, args.task, args.seq_len)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the workers
     # dozens of short runs: no wandb run for each unless asked for (WANDB_MODE=offline/online)
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -322,9 +331,9 @@ def main(argv: list[str] | None = None, script: str = "repro_lstm_adding.py", sh
                   f"{row['seconds']:.0f} s ({row['cpu_seconds']:.0f} s CPU)", flush=True)
     seconds = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"lstm_{args.task}_T{args.seq_len}"
-    write_csv(args.out_dir / f"{stem}.csv", rows, skip=["curve"])  # the curves are in the figure
-    command = command_line(script, shown_argv if shown_argv is not None else argv)
+    write_csv(args.out_dir / f"{stem}.csv", [{**r, "curve": json.dumps(r["curve"])} for r in rows])
+    shown = shown_argv if shown_argv is not None else (argv if argv is not None else sys.argv[1:])
+    command = command_line(script, [shlex.quote(a) for a in shown])
     per_run = statistics.mean(r["cpu_seconds"] for r in rows)
     rule = "the paper's stopping rule" if args.stop == "paper" else "no stopping rule"
     header = (f"`{command}` — {len(rows)} runs of `deepres fit` (T = {args.seq_len}, at most {args.steps} steps of batch 32 "
@@ -335,6 +344,37 @@ def main(argv: list[str] | None = None, script: str = "repro_lstm_adding.py", sh
     write_summary(args.out_dir / f"{stem}_summary.md", rows, args.task, args.seq_len)
     plot(args.out_dir / f"{stem}.png", rows, args.task, args.seq_len)
     print(f"wrote {args.out_dir}/{stem}.csv, {stem}.md, {stem}.png in {seconds / 60:.1f} min")
+    return 0
+
+
+INT_FIELDS = ("seq_len", "seed", "max_steps", "steps", "training_sequences", "test_sequences", "solved", "deepres_val_step")
+FLOAT_FIELDS = ("success_rate", "mean_abs_error", "deepres_val_success_rate", "seconds", "cpu_seconds")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier run's CSV with their types back (a CSV without curves gives empty ones)."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.update({k: int(r[k]) for k in INT_FIELDS}, **{k: float(r[k]) for k in FLOAT_FIELDS})
+        r["stopped_by_rule"] = r["stopped_by_rule"] == "True"
+        r["curve"] = [tuple(p) for p in json.loads(r["curve"])] if r.get("curve") else []
+    return rows
+
+
+def merge(dirs: list[Path], out_dir: Path, stem: str, task: str, seq_len: int) -> int:
+    """One table from several runs of this script: their rows in order, their headers one per line."""
+    rows, headers = [], []
+    for d in dirs:
+        source = d / f"lstm_{task}_T{seq_len}"
+        rows += read_rows(source.with_suffix(".csv"))
+        headers.append("- " + source.with_suffix(".md").read_text().splitlines()[2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / f"{stem}.csv", [{**r, "curve": json.dumps(r["curve"])} for r in rows])
+    write_table(out_dir / f"{stem}.md", rows, task, seq_len, "Runs:\n\n" + "\n".join(headers))
+    write_summary(out_dir / f"{stem}_summary.md", rows, task, seq_len)
+    plot(out_dir / f"{stem}.png", rows, task, seq_len)
+    print(f"wrote {out_dir}/{stem}.csv, {stem}.md, {stem}.png from {len(rows)} runs")
     return 0
 
 

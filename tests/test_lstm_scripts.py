@@ -70,3 +70,17 @@ def test_bench_lstm_script(tmp_path):
     assert (tmp_path / "bench_lstm.png").read_bytes().startswith(b"\x89PNG")
     for row in (tmp_path / "bench_lstm_summary.md").read_text().splitlines():
         assert row.startswith("| ") and row.endswith(" |") and row.count(" | ") == 4, row
+
+
+def test_runs_merge_into_one_table(tmp_path):
+    repro = script("repro_lstm_adding")
+    for name, cell, stop in (("a", "LSTM 1997 (no forget gate)", "paper"), ("b", "plain tanh RNN", "steps")):
+        assert repro.main(["--quick", "--cells", cell, "--stop", stop, "--out-dir", str(tmp_path / name)]) == 0
+    assert repro.main(["--seq-len", "20", "--merge", str(tmp_path / "a"), str(tmp_path / "b"),
+                       "--stem", "merged", "--out-dir", str(tmp_path / "m")]) == 0
+    rows = repro.read_rows(tmp_path / "m" / "merged.csv")
+    assert [r["cell"] for r in rows] == ["LSTM 1997 (no forget gate)", "plain tanh RNN"]
+    assert all(len(r["curve"]) == 2 for r in rows)  # validation every 2 of 4 steps, carried through the CSV
+    markdown = (tmp_path / "m" / "merged.md").read_text()
+    assert "--cells 'LSTM 1997 (no forget gate)'" in markdown and "--stop steps" in markdown
+    assert "](results/merged.png)" in markdown
