@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -221,3 +223,15 @@ def test_activation_checkpointed_depth_lstm_on_a_measured_step(tmp_path):
     apply_activation_checkpointing(net, every=2)
     fit(tmp_path, net, [DepthDiagnostics(every_n_steps=2)], steps=3, data=loader())
     assert len(depth_records(tmp_path)[0]["gate/carry"]) == 6
+
+
+def test_input_bias_auto_closes_the_input_gates_by_ln_T():
+    from deepres.training import SequenceModule
+
+    module = SequenceModule(cell="1997", hidden_size=4, input_bias="auto", input_shape=(1000, 2))
+    bias = module.net.blocks[0].cell.input_proj.bias
+    torch.testing.assert_close(bias[:4], torch.full((4,), -math.log(1000)))
+    assert not torch.allclose(bias[4:], bias[:4].mean())  # only the input gate's rows
+    assert torch.sigmoid(bias[0]).item() * 1000 == pytest.approx(1.0, rel=2e-3)  # σ(−ln T)·T ≈ one input over T steps
+    with pytest.raises(ConfigError, match="model.input_bias='closed'"):
+        SequenceModule(input_bias="closed")

@@ -49,7 +49,8 @@ class LSTMCell(nn.Module):
     """One LSTM step. Gates are computed from [x, h] in one matmul; `input_proj` lets a caller
     precompute W_x·x for a whole sequence at once (the expensive part of a time loop)."""
 
-    def __init__(self, input_size: int, hidden_size: int, forget_gate: bool = True, forget_bias: float = 1.0):
+    def __init__(self, input_size: int, hidden_size: int, forget_gate: bool = True, forget_bias: float = 1.0,
+                 input_bias: float | None = None):
         super().__init__()
         self.hidden_size = hidden_size
         self.has_forget_gate = forget_gate
@@ -62,6 +63,11 @@ class LSTMCell(nn.Module):
         if forget_gate:
             with torch.no_grad():
                 self.input_proj.bias[3 * hidden_size :].fill_(forget_bias)
+        if input_bias is not None:
+            # A closed input gate at the start keeps the cell state from drifting into tanh's
+            # saturation over long sequences (Hochreiter & Schmidhuber 1997, "internal state drift").
+            with torch.no_grad():
+                self.input_proj.bias[:hidden_size].fill_(input_bias)
 
     def step(self, xw: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """xw: input_proj(x_t), (B, n·H); h, c: (B, H)."""
@@ -138,13 +144,13 @@ def _hooked(*modules: nn.Module | None) -> bool:
     return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
-def make_cell(cell: str, input_size: int, hidden_size: int, forget_bias: float) -> nn.Module:
+def make_cell(cell: str, input_size: int, hidden_size: int, forget_bias: float, input_bias: float | None = None) -> nn.Module:
     if cell not in CELLS:
         raise ConfigError(f"unknown cell {cell!r}. Valid cells: {', '.join(CELLS)} "
                           "('1997' = no forget gate, '1999' = forget gate, 'rnn' = plain tanh RNN).")
     if cell == "rnn":
         return RNNCell(input_size, hidden_size)
-    return LSTMCell(input_size, hidden_size, forget_gate=cell == "1999", forget_bias=forget_bias)
+    return LSTMCell(input_size, hidden_size, forget_gate=cell == "1999", forget_bias=forget_bias, input_bias=input_bias)
 
 
 def time_checkpoint_interval(seq_len: int, every: TimeCheckpoint) -> int:
@@ -251,6 +257,7 @@ def lstm(
     num_layers: int = 1,
     cell: CellKind = "1999",
     forget_bias: float = 1.0,
+    input_bias: float | None = None,
     fused: bool = True,
     time_checkpoint: TimeCheckpoint = 0,
 ) -> SequenceModel:
@@ -260,6 +267,7 @@ def lstm(
         input_size: features per time step (adding problem: 2 = value, marker).
         output_size: 1 for regression, else number of classes.
         cell: "1997" (f ≡ 1), "1999" (forget gate, bias `forget_bias`), "rnn" (plain tanh RNN).
+        input_bias: initial input-gate bias of the LSTM cells (None: PyTorch's default init, ≈ 0).
         fused: run each layer through torch's fused recurrent kernel (cuDNN on GPUs); False: the
             reference loop over time steps (same parameters, same results to float rounding).
         time_checkpoint: 0 (off), k (keep the state every k steps, recompute in backward) or "sqrt".
@@ -267,7 +275,7 @@ def lstm(
     if num_layers < 1:
         raise ConfigError(f"lstm needs num_layers >= 1; got {num_layers}.")
     layers = [
-        RecurrentLayer(make_cell(cell, input_size if i == 0 else hidden_size, hidden_size, forget_bias),
+        RecurrentLayer(make_cell(cell, input_size if i == 0 else hidden_size, hidden_size, forget_bias, input_bias),
                        fused=fused, time_checkpoint=time_checkpoint)
         for i in range(num_layers)
     ]
