@@ -10,8 +10,8 @@ baseline that fails at long lags.
 `depth_lstm` unfolds LSTM steps over depth, the cell state carried from layer to layer.
 
 Fast paths. A time loop of small ops is slow (one autograd node per op and step), so a layer runs
-its whole sequence through PyTorch's fused recurrent kernels (`torch.lstm` / `torch.rnn_tanh`:
-cuDNN on GPUs, the fused CPU kernel otherwise). The kernels take weights in torch.nn.LSTM's gate
+its whole sequence through PyTorch's recurrent kernels (`torch.lstm` / `torch.rnn_tanh`, the
+functions behind torch.nn.LSTM / RNN: cuDNN on GPUs, PyTorch's own CPU implementation otherwise). The kernels take weights in torch.nn.LSTM's gate
 order (i, f, g, o); `LSTMCell.fused_weights` builds them from the cell's own parameters on every
 call, so parameter names, checkpoints and optimizer state are those of the reference loop. The 1997
 cell has no forget-gate parameters: its rows are constant zeros with bias `PINNED_GATE_BIAS`, where
