@@ -320,7 +320,7 @@ class DepthLSTM(nn.Module):
             _, h_n, _ = torch.lstm(seq, (h0[None], torch.zeros_like(h0)[None]), cell.fused_weights(), True, 1, 0.0,
                                    self.training, False, True)
             return self.head(h_n[0])
-        # Decided here, once per forward, not in each step: activation checkpointing recomputes the
+        # Decided in this forward, not in each step: activation checkpointing recomputes the
         # steps in backward, after diagnostics removed their gate hooks, and must take the same path.
         for step in self.blocks:
             step.fused_now = step.fused and not step.cell.gates_hooked()
