@@ -63,6 +63,7 @@ TARGET_RATE = {("adding", 100): 0.999, ("adding", 1000): 0.99}
 STOP_WINDOW = 2000  # "the 2000 most recent sequences were processed correctly"
 STOP_MEAN_ERROR = {"adding": 0.01, "temporal_order": 0.1}
 from evidence import command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from lightning.pytorch import Callback  # noqa: E402
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -73,13 +74,7 @@ def config_for(task: str, seq_len: int, cell: str) -> Path:
     return path if path.exists() else REPO / "configs" / f"lstm_{task}_T100_{cell}.yaml"
 
 
-def _callback_base():
-    from lightning.pytorch import Callback
-
-    return Callback
-
-
-class PaperStoppingRule(_callback_base()):
+class PaperStoppingRule(Callback):
     """Stop once the last 2,000 training sequences were all correct and their mean error is low enough.
 
     The network's training outputs are read with a forward hook (no extra forward pass); every
@@ -138,7 +133,7 @@ def run_one(job: dict) -> dict:
             "--seed_everything", str(job["seed"]), "--data.seed", str(job["seed"]),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--run.root", job["root"], "--run.name", job["name"]]
-    if job["stop"] == "paper":
+    if job["stop"] == "paper":  # by class path: scripts/ is on sys.path, in the workers too (spawn copies it)
         argv += ["--trainer.callbacks+=repro_lstm_adding.PaperStoppingRule",
                  f"--trainer.callbacks.max_mean_error={STOP_MEAN_ERROR[job['task']]}"]
     start = time.perf_counter()
