@@ -2,7 +2,8 @@
 
 adding (Experiment 4): pairs (value ∈ [−1, 1], marker ∈ {−1, 0, 1}); exactly two pairs are marked
 with 1 — one of the first ten, one of the first T/2 − 1 — the first and last pair carry marker −1
-(if the first pair is marked, X1 = 0). Target at the sequence end: 0.5 + (X1 + X2)/4 ∈ [0, 1]. A
+(if the first pair is marked, its value is set to 0, so the target is still the sum of the marked
+values). Target at the sequence end: 0.5 + (X1 + X2)/4 ∈ [0, 1]. A
 sequence counts as solved when the absolute error is below 0.04.
 
 temporal_order (Experiment 6a): one-hot symbols from {a, b, c, d, X, Y, E, B}; the sequence starts
@@ -34,7 +35,9 @@ def adding_sequence(T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     candidates = [i for i in range(max(T // 2 - 1, 2)) if i != first]
     second = candidates[int(torch.randint(0, len(candidates), (), generator=g))]
     markers[first] = markers[second] = 1.0
-    x1 = 0.0 if first == 0 else float(values[first])
+    if 0 in (first, second):  # "In the rare case where the first pair of the sequence gets marked, we set X1
+        values[0] = 0.0       # to zero": its value, so that the target stays the sum of the marked values
+    x1 = float(values[first])
     x2 = float(values[second])
     return torch.stack([values, markers], dim=1), torch.tensor([0.5 + (x1 + x2) / 4.0])
 

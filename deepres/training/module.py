@@ -224,6 +224,7 @@ class SequenceModule(DeepresModule):
         hidden_size: int = 64,
         num_layers: int = 1,
         forget_bias: float | Literal["auto"] = 1.0,
+        input_bias: float | Literal["auto"] | None = None,
         num_classes: int = 0,
         input_shape: tuple[int, ...] = (100, 2),
         optimizer: OptimizerName = "adam",
@@ -234,6 +235,7 @@ class SequenceModule(DeepresModule):
         warmup_steps: int = 0,
         tolerance: float = ADDING_TOLERANCE,
         activation_checkpointing: int | str = 0,
+        time_checkpoint: int | Literal["sqrt"] = 0,
     ):
         """
         Args:
@@ -247,18 +249,30 @@ class SequenceModule(DeepresModule):
                 gate; +1 keeps σ(1)^T of it (2e-14 at T = 100), "auto" keeps about e^(-1/e) ≈ 0.69,
                 the same rule as the carry bias of `gated` blocks
                 (docs/science.md#the-lstm-cell-state-is-a-residual-stream).
+            input_bias: initial input-gate bias of the LSTM cells: None (PyTorch's default, ≈ 0), a number,
+                or "auto" = −ln(T): the gates start closed so that the cell state sums about one input
+                over T steps instead of drifting into tanh's saturation (Hochreiter & Schmidhuber 1997
+                start their input gates closed for the same reason).
             num_classes: 0 for regression, else classes; linked from the data module.
             input_shape: (T, features); linked from the data module.
             optimizer: adam | adamw | sgd.
             lr: learning rate.
             tolerance: regression success criterion, |prediction − target| < tolerance (1997 paper: 0.04).
+            time_checkpoint: keep the recurrent state only every k time steps and recompute in backward
+                (0: off, k, or "sqrt" ≈ √T): O(√T) activation memory for about one extra forward pass.
         """
         if forget_bias == "auto":
             forget_bias = math.log(input_shape[0]) + 1
         elif isinstance(forget_bias, str):
             raise ConfigError(f"model.forget_bias={forget_bias!r}: give a number or 'auto' (= ln(T) + 1).")
+        if input_bias == "auto":
+            input_bias = -math.log(input_shape[0])
+        elif isinstance(input_bias, str):
+            raise ConfigError(f"model.input_bias={input_bias!r}: give a number, 'auto' (= −ln(T)) or null.")
         super().__init__(
-            arch, {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias},
+            arch, {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias,
+                   **({"time_checkpoint": time_checkpoint} if time_checkpoint else {}),
+                   **({"input_bias": input_bias} if input_bias is not None else {})},
             num_classes, input_shape, optimizer, lr, 0.9, False, betas, weight_decay, schedule, warmup_steps, None,
             0.1, 0.0, activation_checkpointing, False, False,
         )
