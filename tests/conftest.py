@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU, and this machine has none (README: "What the CPU tests run and what is only written for GPUs")")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU, and this machine has none (README: 'What the CPU tests run and what is only written for GPUs')")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
