@@ -108,7 +108,7 @@ def time_deepres(job_args: list[str], args: argparse.Namespace, root: str) -> fl
     clock = {"class_path": f"{StepClock.__module__}.StepClock",
              "init_args": {"first": args.warmup, "last": args.warmup + args.steps}}
     argv = ["fit", *job_args, "--data", json.dumps(data), "--trainer.callbacks", json.dumps([clock]),
-            "--model.weight_decay", str(WEIGHT_DECAY), "--model.lr", str(LR),
+            "--model.optim.weight_decay", str(WEIGHT_DECAY), "--model.optim.lr", str(LR),
             "--trainer.max_steps", str(args.warmup + args.steps + 1), "--trainer.max_epochs", "1",
             "--trainer.limit_val_batches", "0", "--run.root", root, "--run.name", "deepres"]
     StepClock.seconds.clear()

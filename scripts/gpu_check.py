@@ -344,7 +344,7 @@ def run_peak(s: dict, prepared: dict) -> dict:
 
 def image_fit_args(gate: str | None, channels_last: bool, compile: bool) -> list[str]:
     args = ["--model.arch", "resnet50", "--trainer.precision", "bf16-mixed",
-            "--model.channels_last", str(channels_last).lower(), "--model.compile", str(compile).lower()]
+            "--model.memory.channels_last", str(channels_last).lower(), "--model.memory.compile", str(compile).lower()]
     return args + (["--model.gate", gate] if gate else [])
 
 

@@ -10,7 +10,7 @@ with a training loss more than two orders of magnitude (> 100x) below the plain 
 
 Here every run is `deepres fit --config configs/highway_sweep_digits.yaml` (1,437 training digits,
 batch 64, SGD with Nesterov momentum 0.9, constant lr, 20 epochs = 440 steps) with overrides
-`--model.depth D --model.lr LR --seed_everything S --data.seed S`, and for the plain net
+`--model.depth D --model.optim.lr LR --seed_everything S --data.seed S`, and for the plain net
 `--model.gate plain --model.width 71`. The highway net keeps deepres's default gate bias
 (depth-aware −ln(L − 1) − 1). Both nets get the same optimiser budget: the same lr grid and the
 same number of steps; as in the paper, the lr is then chosen per net type and depth (the grid point
@@ -51,7 +51,7 @@ def run_one(job: dict) -> dict:
     from deepres.training.cli import main as deepres_main
 
     argv = ["fit", "--config", str(CONFIG), *NETS[job["net"]],
-            "--model.depth", str(job["depth"]), "--model.lr", str(job["lr"]),
+            "--model.depth", str(job["depth"]), "--model.optim.lr", str(job["lr"]),
             "--seed_everything", str(job["seed"]), "--data.seed", str(job["seed"]),
             "--trainer.max_epochs", str(job["epochs"]),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

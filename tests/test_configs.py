@@ -39,7 +39,7 @@ def test_config_parses_and_builds_its_model(config):
 
     data_cls = cfg.data.class_path
     assert data_cls.startswith("deepres.data.")
-    init_args = dict(model_cfg.init_args)
+    init_args = model_cfg.init_args.as_dict()
     # what the data module would link in
     if "Sequence" in data_cls:
         init_args.update(num_classes=0 if cfg.data.init_args.task == "adding" else 4,
@@ -68,6 +68,6 @@ def test_default_yaml_is_the_builtin_default():
         from deepres.training import Classifier
 
         io = {"num_classes": 10, "input_shape": (64,)}
-        a = Classifier(**{**dict(builtin.model.init_args), **io})
-        b = Classifier(**{**dict(written.model.init_args), **io})
+        a = Classifier(**{**builtin.model.init_args.as_dict(), **io})
+        b = Classifier(**{**written.model.init_args.as_dict(), **io})
     assert [(n, p.shape) for n, p in a.named_parameters()] == [(n, p.shape) for n, p in b.named_parameters()]

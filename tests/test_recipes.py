@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from deepres.data.recipes import BatchMix, auto_augment
 from deepres.data.synthetic import SyntheticDataModule
 from deepres.errors import ConfigError
-from deepres.training import Classifier
+from deepres.training import Classifier, OptimizerConfig, ScheduleConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def _fit(tmp_path: Path, steps: int, ckpt: str | None = None, decay: float = 0.8
     torch.manual_seed(0)
     dm = _Mixing(image_size=4, channels=1, num_classes=3, train_size=32, val_size=8, batch_size=8)
     model = Classifier(arch="highway_mlp", depth=2, width=8, num_classes=3, input_shape=(1, 4, 4),
-                       lr=0.2, schedule="constant", ema_decay=decay)
+                       optim=OptimizerConfig(lr=0.2), schedule=ScheduleConfig(name="constant"), ema_decay=decay)
     recorder = _Recorder()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[recorder],
@@ -180,14 +180,14 @@ import json, sys
 import lightning as L
 import torch
 from deepres.data.synthetic import SyntheticDataModule
-from deepres.training import Classifier
+from deepres.training import Classifier, OptimizerConfig, ScheduleConfig
 
 if __name__ == "__main__":
     out = sys.argv[1]
     torch.manual_seed(0)
     dm = SyntheticDataModule(image_size=4, channels=1, num_classes=3, train_size=64, val_size=16, batch_size=8)
-    model = Classifier(arch="highway_mlp", depth=2, width=8, num_classes=3, input_shape=(1, 4, 4), lr=0.2,
-                       schedule="constant", ema_decay=0.7)
+    model = Classifier(arch="highway_mlp", depth=2, width=8, num_classes=3, input_shape=(1, 4, 4),
+                       optim=OptimizerConfig(lr=0.2), schedule=ScheduleConfig(name="constant"), ema_decay=0.7)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                         num_sanity_val_steps=0, use_distributed_sampler=False, enable_checkpointing=False)

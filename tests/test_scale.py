@@ -14,7 +14,7 @@ import torch
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 COMMON = [
-    "--model.depth", "9", "--model.width", "16", "--model.schedule", "constant", "--model.lr", "0.05",
+    "--model.depth", "9", "--model.width", "16", "--model.schedule.name", "constant", "--model.optim.lr", "0.05",
     "--data.batch_size", "16", "--trainer.max_steps", "6", "--trainer.max_epochs", "-1",
     "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
@@ -49,11 +49,11 @@ def assert_same(a: dict, b: dict) -> None:
 def test_checkpointing_with_ddp_zero_and_torchrun_changes_nothing(tmp_path):
     reference = fit(tmp_path, "ddp", "--trainer.strategy", "ddp")
     assert_same(reference, fit(tmp_path, "ddp-ac", "--trainer.strategy", "ddp",
-                               "--model.activation_checkpointing", "2"))
+                               "--model.memory.activation_checkpointing", "2"))
     assert_same(reference, fit(tmp_path, "zero2-ac", "--trainer.strategy", "deepspeed_stage_2",
-                               "--model.activation_checkpointing", "sqrt"))
+                               "--model.memory.activation_checkpointing", "sqrt"))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun is installed with torch"
     assert_same(reference, fit(tmp_path, "torchrun-ac", "--trainer.strategy", "ddp",
-                               "--model.activation_checkpointing", "3",
+                               "--model.memory.activation_checkpointing", "3",
                                launcher=[torchrun, "--standalone", "--nproc_per_node", "2", "-m", "deepres"]))

@@ -134,7 +134,7 @@ def test_two_step_fit(tmp_path, args):
 # ---------------------------------------------------------------- exact resume
 def test_resume_is_exact(tmp_path):
     """2N steps in one go == N steps, then resumed for N more (N = 30 is mid-epoch: 22 steps/epoch)."""
-    common = ["--model.depth", "6", "--model.schedule", "step", "--model.milestones", "[40]",
+    common = ["--model.depth", "6", "--model.schedule.name", "step", "--model.schedule.milestones", "[40]",
               "--trainer.max_epochs", "-1", "--data.batch_size", "64"]
     whole = fit(tmp_path, *common, "--trainer.max_steps", "60", name="whole")
     fit(tmp_path, *common, "--trainer.max_steps", "30", name="split")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import yaml
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from deepres.diagnostics import DiagnosticsConfig
@@ -278,9 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     DeepresCLI.user_class_paths = sections_with_class_path(argv)
     try:
+        # the help text of a config group's field is the docstring under it (deepres.training.config)
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
         DeepresCLI(
             L.LightningModule, L.LightningDataModule,
             subclass_mode_model=True, subclass_mode_data=True,
+            # the optimizer and schedule are the module's `model.optim` / `model.schedule` groups
+            auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
             # None: LightningCLI reads sys.argv itself (passing both makes it warn)

@@ -23,44 +23,41 @@ from deepres.models import create_model, model_arguments
 from deepres.models.pretrained import load_weights_file
 from deepres.parallelize import parallelize
 from deepres.training.ema import WeightEMA
-from deepres.training.optim import OptimizerName, ScheduleName, build_optimizer, lr_lambda
+from deepres.training.config import MemoryConfig, OptimizerConfig, ScheduleConfig, as_hparams, coerce
+from deepres.training.optim import build_optimizer, lr_lambda
 
 
 class DeepresModule(L.LightningModule):
-    """Shared by every task: building the net, optimiser and schedule, parallelisation."""
+    """Shared by every task: building the net, optimiser and schedule, parallelisation.
+
+    Subclasses take the hyper-parameter groups of deepres.training.config (`optim`, `schedule`,
+    `memory`) as keyword arguments and save their own arguments with `_save_hparams(locals())`.
+    """
 
     def __init__(
         self,
+        *,
         arch: str,
         arch_args: dict[str, Any] | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, ...] = (64,),
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        schedule: ScheduleName = "cosine",
-        warmup_steps: int = 0,
-        milestones: list[int] | None = None,
-        gamma: float = 0.1,
-        min_lr_ratio: float = 0.0,
-        activation_checkpointing: int | str = 0,
-        compile: bool = False,
-        channels_last: bool = False,
+        optim: OptimizerConfig | None = None,
+        schedule: ScheduleConfig | None = None,
+        memory: MemoryConfig | None = None,
     ):
         super().__init__()
-        # Subclasses call save_hyperparameters() with their own (user-facing) arguments; the base
-        # keeps what it needs as plain attributes.
+        self.optim = coerce(OptimizerConfig, optim, flag="model.optim")
+        self.schedule = coerce(ScheduleConfig, schedule, flag="model.schedule")
+        self.memory = coerce(MemoryConfig, memory, flag="model.memory")
         self.net = create_model(arch, **self._net_overrides(arch, arch_args or {}, num_classes, input_shape))
-        self.optim_settings = dict(name=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                   nesterov=nesterov, betas=tuple(betas))
-        self.schedule_settings = dict(schedule=schedule, warmup_steps=warmup_steps, milestones=list(milestones or []),
-                                      gamma=gamma, min_lr_ratio=min_lr_ratio)
-        self.parallel_settings = dict(activation_checkpointing=activation_checkpointing, compile=compile,
-                                      channels_last=channels_last)
         self._parallelized = False
+
+    def _save_hparams(self, init_locals: dict[str, Any]) -> None:
+        """Save a subclass's `__init__` arguments (pass `locals()` as its first statement) as
+        hyper-parameters, with the groups as plain dicts: checkpoints then hold only built-in types
+        (they load with weights_only=True) and loggers show `optim.lr`-style keys."""
+        self.save_hyperparameters(
+            {k: as_hparams(v) for k, v in init_locals.items() if k not in ("self", "__class__")})
 
     def _net_overrides(self, arch: str, args: dict, num_classes: int, input_shape: tuple[int, ...]) -> dict:
         accepted = model_arguments(arch)
@@ -79,11 +76,12 @@ class DeepresModule(L.LightningModule):
     def configure_model(self) -> None:
         if self._parallelized:
             return
-        parallelize(self.net, **self.parallel_settings)
+        parallelize(self.net, activation_checkpointing=self.memory.activation_checkpointing,
+                    compile=self.memory.compile, channels_last=self.memory.channels_last)
         self._parallelized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.parallel_settings["channels_last"] and x.ndim == 4:
+        if self.memory.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
@@ -97,9 +95,8 @@ class DeepresModule(L.LightningModule):
         return should_update_logs(self._trainer)  # Lightning's own test, not copied
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.net, **self.optim_settings)
-        total = int(self.trainer.estimated_stepping_batches)
-        factor = lr_lambda(total_steps=total, **self.schedule_settings)
+        opt = build_optimizer(self.net, self.optim)
+        factor = lr_lambda(self.schedule, total_steps=int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -109,30 +106,24 @@ class Classifier(DeepresModule):
 
     def __init__(
         self,
+        *,
         arch: str = "highway_mlp",
         depth: int | None = None,
         width: int | None = None,
         gate: str | None = None,
         gate_bias: float | str | None = None,
         activation: str | None = None,
+        init: str | None = None,
+        norm: str | None = None,
+        drop_path: float | None = None,
+        reversible: bool | None = None,
         arch_args: dict[str, Any] | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, ...] = (64,),
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        schedule: ScheduleName = "cosine",
-        warmup_steps: int = 0,
-        milestones: list[int] | None = None,
-        gamma: float = 0.1,
-        min_lr_ratio: float = 0.0,
+        optim: OptimizerConfig = OptimizerConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        memory: MemoryConfig = MemoryConfig(),
         label_smoothing: float = 0.0,
-        activation_checkpointing: int | str = 0,
-        compile: bool = False,
-        channels_last: bool = False,
         init_from: str | None = None,
         ema_decay: float | None = None,
     ):
@@ -144,37 +135,32 @@ class Classifier(DeepresModule):
             gate: plain | residual | highway | gated.
             gate_bias: transform gate bias, or "auto" (= −ln(L) − 1 for L blocks).
             activation: activation of dense layers (relu, tanh, …).
+            init: initialisation preset of the blocks (default, fixup, rezero, skipinit, layerscale,
+                deepnorm; orthogonal and delta_orthogonal for plain nets), where the architecture has it.
+            norm: normalisation of conv bodies (batch, group, layer, none), where the architecture has it.
+            drop_path: stochastic depth, the drop rate of the last block (linear in the block index).
+            reversible: reversible blocks (inputs recomputed from outputs in backward), where the
+                architecture has them.
             arch_args: any other argument of the architecture (e.g. {layers: [3, 24, 36, 3]}).
             num_classes: classes; linked from the data module.
             input_shape: one sample's shape; linked from the data module.
-            optimizer: sgd (momentum, Nesterov) | adamw | adam.
-            lr: peak learning rate.
-            momentum: SGD momentum.
-            nesterov: Nesterov momentum for SGD.
-            betas: Adam(W) betas.
-            weight_decay: L2 on weights only (norms, biases and gate biases are never decayed).
-            schedule: constant | cosine | step (after `warmup_steps` of linear warm-up).
-            warmup_steps: optimizer steps of linear warm-up.
-            milestones: optimizer steps at which the step schedule multiplies the lr by `gamma`.
-            gamma: step-schedule factor.
-            min_lr_ratio: cosine floor, as a fraction of lr.
+            optim: the optimizer: name, lr, momentum, nesterov, betas, weight_decay.
+            schedule: the learning-rate schedule: name, warmup_steps, milestones, gamma, min_lr_ratio.
+            memory: how the net runs: activation_checkpointing, compile, channels_last.
             label_smoothing: cross-entropy label smoothing.
-            activation_checkpointing: recompute every k blocks in backward (k >= 1, "sqrt", "all"; 0 = off).
-            compile: torch.compile each block.
-            channels_last: NHWC memory layout for conv nets.
             init_from: start from these weights: a torchvision or timm ResNet state dict (.pth,
                 .safetensors; loaded by name, gates left at init, the head too if the class count
                 differs) or a deepres checkpoint (deepres.models.pretrained.load_weights_file).
             ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.9999),
                 validate with it and save it in checkpoints (deepres.training.ema); unset = off.
         """
-        arch_args = {**(arch_args or {}), **{k: v for k, v in dict(
-            depth=depth, width=width, gate=gate, gate_bias=gate_bias, activation=activation).items() if v is not None}}
-        super().__init__(
-            arch, arch_args, num_classes, input_shape, optimizer, lr, momentum, nesterov, betas, weight_decay,
-            schedule, warmup_steps, milestones, gamma, min_lr_ratio, activation_checkpointing, compile, channels_last,
-        )
-        self.save_hyperparameters()
+        self_args = dict(locals())  # first: the arguments as given
+        shortcuts = dict(depth=depth, width=width, gate=gate, gate_bias=gate_bias, activation=activation,
+                         init=init, norm=norm, drop_path=drop_path, reversible=reversible)
+        arch_args = {**(arch_args or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
+        super().__init__(arch=arch, arch_args=arch_args, num_classes=num_classes, input_shape=input_shape,
+                         optim=optim, schedule=schedule, memory=memory)
+        self._save_hparams(self_args)
         if init_from:
             rank_zero_info(f"deepres: model.init_from {init_from}: {load_weights_file(self.net, init_from)}")
         self.label_smoothing = label_smoothing
@@ -219,6 +205,7 @@ class SequenceModule(DeepresModule):
 
     def __init__(
         self,
+        *,
         arch: str = "lstm",
         cell: str = "1999",
         hidden_size: int = 64,
@@ -227,14 +214,10 @@ class SequenceModule(DeepresModule):
         input_bias: float | Literal["auto"] | None = None,
         num_classes: int = 0,
         input_shape: tuple[int, ...] = (100, 2),
-        optimizer: OptimizerName = "adam",
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        schedule: ScheduleName = "constant",
-        warmup_steps: int = 0,
+        optim: OptimizerConfig = OptimizerConfig(name="adam", lr=1e-3, nesterov=False),
+        schedule: ScheduleConfig = ScheduleConfig(name="constant"),
+        memory: MemoryConfig = MemoryConfig(),
         tolerance: float = ADDING_TOLERANCE,
-        activation_checkpointing: int | str = 0,
         time_checkpoint: int | Literal["sqrt"] = 0,
     ):
         """
@@ -255,12 +238,15 @@ class SequenceModule(DeepresModule):
                 start their input gates closed for the same reason).
             num_classes: 0 for regression, else classes; linked from the data module.
             input_shape: (T, features); linked from the data module.
-            optimizer: adam | adamw | sgd.
-            lr: learning rate.
+            optim: the optimizer (default Adam, lr 1e-3): name, lr, momentum, nesterov, betas, weight_decay.
+            schedule: the learning-rate schedule (default constant): name, warmup_steps, milestones, gamma,
+                min_lr_ratio.
+            memory: how the net runs: activation_checkpointing (over the stacked layers), compile.
             tolerance: regression success criterion, |prediction − target| < tolerance (1997 paper: 0.04).
             time_checkpoint: keep the recurrent state only every k time steps and recompute in backward
                 (0: off, k, or "sqrt" ≈ √T): O(√T) activation memory for about one extra forward pass.
         """
+        self_args = dict(locals())  # first: the arguments as given
         if forget_bias == "auto":
             forget_bias = math.log(input_shape[0]) + 1
         elif isinstance(forget_bias, str):
@@ -269,14 +255,12 @@ class SequenceModule(DeepresModule):
             input_bias = -math.log(input_shape[0])
         elif isinstance(input_bias, str):
             raise ConfigError(f"model.input_bias={input_bias!r}: give a number, 'auto' (= −ln(T)) or null.")
-        super().__init__(
-            arch, {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias,
-                   **({"time_checkpoint": time_checkpoint} if time_checkpoint else {}),
-                   **({"input_bias": input_bias} if input_bias is not None else {})},
-            num_classes, input_shape, optimizer, lr, 0.9, False, betas, weight_decay, schedule, warmup_steps, None,
-            0.1, 0.0, activation_checkpointing, False, False,
-        )
-        self.save_hyperparameters()
+        arch_args = {"cell": cell, "hidden_size": hidden_size, "num_layers": num_layers, "forget_bias": forget_bias,
+                     **({"time_checkpoint": time_checkpoint} if time_checkpoint else {}),
+                     **({"input_bias": input_bias} if input_bias is not None else {})}
+        super().__init__(arch=arch, arch_args=arch_args, num_classes=num_classes, input_shape=input_shape,
+                         optim=optim, schedule=schedule, memory=memory)
+        self._save_hparams(self_args)
         self.regression = num_classes == 0
         self.tolerance = tolerance
         self.val_success = torchmetrics.MeanMetric()

@@ -8,13 +8,10 @@ closing the carry path: docs/science.md#the-highway-transform-gate-bias).
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 from torch import nn
 
-OptimizerName = Literal["sgd", "adamw", "adam"]
-ScheduleName = Literal["constant", "cosine", "step"]
+from deepres.training.config import OptimizerConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -43,26 +40,24 @@ def implementation(model: nn.Module) -> dict[str, bool]:
     return {"fused": True} if ok else {}
 
 
-def build_optimizer(
-    model: nn.Module, name: OptimizerName, lr: float, weight_decay: float, momentum: float, nesterov: bool,
-    betas: tuple[float, float],
-) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
     impl = implementation(model)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **impl)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **impl)
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, **impl)
-    raise ValueError(f"unknown optimizer {name!r}")
+    betas = tuple(cfg.betas)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, **impl)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, **impl)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, **impl)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def lr_lambda(
-    *, schedule: ScheduleName, total_steps: int, warmup_steps: int, milestones: list[int], gamma: float,
-    min_lr_ratio: float,
-):
+def lr_lambda(cfg: ScheduleConfig, *, total_steps: int):
     """Multiplier of the base lr at optimizer step s: linear warm-up, then the schedule."""
+    schedule, warmup_steps, milestones = cfg.name, cfg.warmup_steps, list(cfg.milestones)
+    gamma, min_lr_ratio = cfg.gamma, cfg.min_lr_ratio
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
