@@ -19,7 +19,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import sys
@@ -43,6 +42,7 @@ from deepres.data.shard_format import (
 )
 from deepres.data.shard_jobs import completed, log_progress, read_progress, write_json
 from deepres.errors import ConfigError
+from deepres.files import atomic_open
 
 PLAN_NAME = ".deepres-shard-plan.json"
 PROGRESS_NAME = ".deepres-shard-progress.jsonl"
@@ -125,26 +125,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(task: ShardTask) -> ShardRecord:
-    """Write one shard to `<name>.tmp`, fsync, then rename: a shard file that exists is complete."""
+    """Write one shard through deepres.files.atomic_open: a shard file that exists is complete."""
     final = Path(task.path)
-    tmp = final.with_name(final.name + ".tmp")
     root = Path(task.root)
     skipped, samples = [], 0
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for item in task.items:
-                try:
-                    fieldname, data = encode_item(item, root, task.opts)
-                except Exception as exc:  # any decoder error: a bad image is skipped, never fatal
-                    skipped.append({"source": item.path if item.row < 0 else f"{item.path}[{item.row}]",
-                                    "error": describe_error(exc)})
-                    continue
-                _add_member(tar, f"{item.key}.{fieldname}", data)
-                _add_member(tar, f"{item.key}.{LABEL_FIELD}", str(item.label).encode())
-                samples += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with atomic_open(final) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for item in task.items:
+            try:
+                fieldname, data = encode_item(item, root, task.opts)
+            except Exception as exc:  # any decoder error: a bad image is skipped, never fatal
+                skipped.append({"source": item.path if item.row < 0 else f"{item.path}[{item.row}]",
+                                "error": describe_error(exc)})
+                continue
+            _add_member(tar, f"{item.key}.{fieldname}", data)
+            _add_member(tar, f"{item.key}.{LABEL_FIELD}", str(item.label).encode())
+            samples += 1
     return ShardRecord(final.name, samples, final.stat().st_size, sha256_file(final), skipped)
 
 
@@ -258,7 +253,7 @@ def convert_split(split: SplitSource, out_root: Path, opts: ConvertOptions,
         print(f"{out}: already complete", file=sys.stderr)
         return json.loads((out / INDEX_NAME).read_text())
     write_json(out / PLAN_NAME, {"fingerprint": fingerprint})
-    for tmp in out.glob("*.tmp"):  # partial shards of an interrupted run
+    for tmp in out.glob(".*.tmp-*"):  # partial shards of an interrupted run (deepres.files.temporary_path)
         tmp.unlink()
 
     logged = read_progress(out / PROGRESS_NAME, ShardRecord)
