@@ -136,23 +136,25 @@ def test_the_check_catches_a_loader_importing_the_writer(tmp_path):
     assert len(found) == 2, found  # the writer may read the format
 
 
-def test_shard_command_imports_neither_lightning_nor_torch_at_runtime():
-    """`deepres shard` (and the format it shares with the loader) pulls in no training stack transitively."""
-    forbidden = ("lightning", "pytorch_lightning", "torch", "deepres.data.shards", "deepres.data.base")
+def imported_at_runtime(module: str, forbidden: tuple[str, ...], preload: str = "") -> list[str]:
+    """The modules named by `forbidden` (or inside them) that importing `module` loads, in a fresh
+    interpreter that has imported `preload` first (those count as already there)."""
     code = (
-        "import sys; before = set(sys.modules); import deepres.data.shard_writer; "
-        f"new = sorted(m for m in set(sys.modules) - before if m.startswith({forbidden!r})); print(new); assert not new"
+        f"import sys{', ' + preload if preload else ''}; before = set(sys.modules); import {module}; "
+        f"print(sorted(m for m in set(sys.modules) - before if m.startswith({forbidden!r})))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_shard_command_imports_neither_lightning_nor_torch_at_runtime():
+    """`deepres shard` (and the format it shares with the loader) pulls in no training stack transitively."""
+    forbidden = ("lightning", "pytorch_lightning", "torch", "deepres.data.shards", "deepres.data.base")
+    assert imported_at_runtime("deepres.data.shard_writer", forbidden) == []
 
 
 def test_models_import_no_distributed_stack_at_runtime():
     """What the models import transitively (which parsing one file cannot see) holds the same line."""
     forbidden = ("lightning", "pytorch_lightning", "deepspeed", "wandb", "torch.distributed")
-    code = (
-        "import sys, torch; before = set(sys.modules); import deepres.models; "
-        f"new = sorted(m for m in set(sys.modules) - before if m.startswith({forbidden!r})); print(new); assert not new"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert imported_at_runtime("deepres.models", forbidden, preload="torch") == []
