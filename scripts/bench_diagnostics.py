@@ -24,8 +24,6 @@ paired-step estimate.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,7 +36,7 @@ from torch import nn
 
 from deepres.diagnostics import DepthDiagnostics, PerfMonitor
 from deepres.models import create_model
-from deepres.training.run_dir import cpu_model
+from deepres.training.run_dir import environment
 
 HOOKS = ("setup", "on_train_start", "on_train_batch_start", "on_before_backward", "on_before_optimizer_step",
          "on_train_batch_end", "on_train_end", "on_validation_start", "on_validation_end")
@@ -115,12 +113,6 @@ class Windows(pl.Callback):
         self.start, self.active = now, True
 
 
-def describe_machine() -> str:
-    return (f"{cpu_model()}; {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}; load average "
-            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; python {platform.python_version()}, "
-            f"torch {torch.__version__}, lightning {pl.__version__}")
-
-
 def summarise(times: list[tuple[bool, float, float]], interval: int) -> None:
     for k, clock in ((1, "wall"), (2, "CPU")):
         means = {}
@@ -168,7 +160,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     diagnostics = [DepthDiagnostics(), PerfMonitor()]  # default intervals
     interval = diagnostics[0].every_n_steps
-    print(describe_machine())
+    print(environment(torch.get_num_threads()))
     print(f"highway_mlp depth={args.depth} width={args.width} batch={args.batch_size}; diagnostics every "
           f"{interval} steps; {args.windows} windows per side after a {interval}-step warm-up, then "
           f"{args.pairs} measured steps between plain ones")

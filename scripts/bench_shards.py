@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -34,10 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import PIL
 import torch
-import torchvision
-import webdataset
 from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
 from PIL import Image, features
 from torch.utils.data import DataLoader
@@ -45,7 +41,7 @@ from torchvision import datasets, transforms
 
 from deepres.data import shard_writer
 from deepres.data.shards import ImageTransform, ShardDataModule
-from deepres.training.run_dir import cpu_model
+from deepres.training.run_dir import environment
 
 WDS = "b'"  # the shard loader with webdataset's tar reader
 
@@ -148,11 +144,9 @@ def imagefolder_rate(folder: Path, workers: int, batch_size: int, stock: bool) -
 
 
 def describe_machine() -> str:
-    turbo = "libjpeg-turbo " + str(features.version("jpg")) if features.check_feature("libjpeg_turbo") else \
-        "libjpeg " + str(features.version("jpg"))
-    return (f"hardware: {cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start\n"
-            f"versions: python {platform.python_version()}, torch {torch.__version__}, torchvision "
-            f"{torchvision.__version__}, pillow {PIL.__version__} ({turbo}), webdataset {webdataset.__version__}")
+    jpeg = f"libjpeg-turbo {features.version('jpg')}" if features.check_feature("libjpeg_turbo") else \
+        f"libjpeg {features.version('jpg')}"
+    return environment(torch.get_num_threads(), ("torchvision", "webdataset", "pillow")) + f" ({jpeg})"
 
 
 def _mean_std(xs: list[float], digits: int = 1) -> str:
@@ -255,7 +249,7 @@ def write_results(args, names, rates, cpu_ms, summary, machine: str, data_line: 
              for label in ("images/s", "CPU efficiency") for den in ("c*", WDS) if (label, "b", den) in summary]
     (args.out_dir / "shards.md").write_text(f"""### Shard loader: images/s against the decode ceiling and ImageFolder
 
-`{command_line("bench_shards.py", args.argv)}` — {machine.replace(chr(10), "; ")}. {data_line}.
+`{command_line("bench_shards.py", args.argv)}` — {machine}. {data_line}.
 
 All runs do the same per-image work (JPEG decode, random-resized crop to 224, flip, uint8 tensor)
 with the same number of worker processes: (a) each process decodes its share from memory in a tight

@@ -516,7 +516,7 @@ def run_shards(s: dict, prepared: dict) -> dict:
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
-    from deepres.data.shards import random_resized_crop_box
+    from deepres.data.shard_stream import random_resized_crop_box
 
     batch, size, device = s["shard_batch"], 224, s["device"]
     dm = ShardDataModule(root=prepared["shards"], batch_size=batch, num_workers=s["workers"], image_size=size,

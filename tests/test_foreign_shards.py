@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from deepres.data import shard_format, shard_index
 from deepres.data import shard_writer as sw
 from deepres.data.shards import ShardDataModule
 from deepres.errors import ConfigError
@@ -69,7 +70,7 @@ def test_index_tool_counts_samples_classes_and_checksums(writer_shards: Path, tm
     assert index["num_samples"] == 200 and index["classes"] == ["0", "1", "2", "3", "4"]
     assert index["indexed"]["samples_per_class"] == {str(c): 40 for c in range(5)}
     first = writer_shards / "train" / "train-000000.tar"
-    assert index["shards"][0]["sha256"] == sw.sha256_file(first)
+    assert index["shards"][0]["sha256"] == shard_format.sha256_file(first)
     assert index["shards"][0]["name"] == os.path.relpath(first, tmp_path)
     assert "200 samples, 5 classes" in capsys.readouterr().out
     # the index it wrote is one --verify accepts
@@ -79,7 +80,7 @@ def test_index_tool_counts_samples_classes_and_checksums(writer_shards: Path, tm
 def test_index_tool_resumes_without_rereading_finished_shards(writer_shards: Path, tmp_path: Path,
                                                               monkeypatch) -> None:
     out = tmp_path / "index.json"
-    real, scanned = sw.scan_shard, []
+    real, scanned = shard_index.scan_shard, []
 
     def interrupted(task):
         if task.name.endswith("000002.tar"):
@@ -87,7 +88,7 @@ def test_index_tool_resumes_without_rereading_finished_shards(writer_shards: Pat
         scanned.append(task.name)
         return real(task)
 
-    monkeypatch.setattr(sw, "scan_shard", interrupted)
+    monkeypatch.setattr(shard_index, "scan_shard", interrupted)
     assert _index(writer_shards / "train", "--out", out, "--workers", "1") == 130
     assert not out.exists() and len(scanned) == 2
 
@@ -95,7 +96,7 @@ def test_index_tool_resumes_without_rereading_finished_shards(writer_shards: Pat
         scanned.append(task.name)
         return real(task)
 
-    monkeypatch.setattr(sw, "scan_shard", counted)
+    monkeypatch.setattr(shard_index, "scan_shard", counted)
     assert _index(writer_shards / "train", "--out", out, "--workers", "1") == 0
     assert [Path(n).name for n in scanned[2:]] == ["train-000002.tar", "train-000003.tar"]
     assert json.loads(out.read_text())["num_samples"] == 200

@@ -8,6 +8,10 @@
     deepres.wandb_logging, deepres.diagnostics
                            not the CLI either; diagnostics not the `deepres report` command
     deepres.depth_figures  shared by diagnostics and report, so it imports neither (nor training)
+    the shard loader       (deepres.data.shards, .shard_stream, .shard_sets) reads deepres.data.shard_format,
+                           never the `deepres shard` writer (.shard_writer, .shard_convert, .shard_index,
+                           .shard_jobs, .image_sources)
+    the shard writer       and shard_format: no Lightning, torch or loader, so that `deepres shard` starts fast
     deepres.files, .errors the bottom: standard library only
 
 Every import counts, also one inside a function, because a lazy import is still a dependency.
@@ -22,6 +26,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "deepres"
 CLI = ("deepres.cli", "deepres.training.cli")
+SHARD_FORMAT = ("deepres.data.shard_format",)
+SHARD_LOADER = ("deepres.data.shards", "deepres.data.shard_stream", "deepres.data.shard_sets")
+SHARD_WRITER = ("deepres.data.shard_writer", "deepres.data.shard_convert", "deepres.data.shard_index",
+                "deepres.data.shard_jobs", "deepres.data.image_sources")
 
 # (modules the rule is about, imports they must not have)
 RULES = [
@@ -34,6 +42,10 @@ RULES = [
     # the pieces both sides share sit below them
     (("deepres.depth_figures",), ("deepres.diagnostics", "deepres.report", "deepres.training", "lightning", "wandb")),
     (("deepres.files", "deepres.errors"), ("deepres", "torch", "lightning", "numpy")),
+    # training reads shards through the format module; converting, indexing and verifying stay out of it
+    (SHARD_LOADER + SHARD_FORMAT, SHARD_WRITER),
+    (SHARD_WRITER + SHARD_FORMAT, ("lightning", "pytorch_lightning", "torch", "deepres.data.base",
+                                   "deepres.data.recipes", *SHARD_LOADER)),
 ]
 
 
@@ -103,12 +115,46 @@ def test_the_check_names_the_offending_import(tmp_path):
     assert len(found) == 2, found  # `import torch` in deepres.models is allowed
 
 
-def test_models_import_no_distributed_stack_at_runtime():
-    """What the models import transitively (which parsing one file cannot see) holds the same line."""
-    forbidden = ("lightning", "pytorch_lightning", "deepspeed", "wandb", "torch.distributed")
+def test_the_shard_loader_and_writer_rules_cover_every_shard_module():
+    """A new shard module has to be placed on one side (or be the format), else the rules miss it."""
+    data = {module_name(p, PACKAGE) for p in (PACKAGE / "data").glob("*.py")}
+    shard_modules = {m for m in data if "shard" in m.rpartition(".")[2] or m.endswith("image_sources")}
+    assert shard_modules == set(SHARD_FORMAT + SHARD_LOADER + SHARD_WRITER)
+
+
+def test_the_check_catches_a_loader_importing_the_writer(tmp_path):
+    pkg = tmp_path / "deepres"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "data" / "__init__.py").write_text("")
+    (pkg / "data" / "shard_stream.py").write_text("def f():\n    from deepres.data.shard_index import verify\n")
+    (pkg / "data" / "shard_convert.py").write_text("import lightning\nfrom deepres.data import shard_format\n")
+    found = violations(pkg)
+    assert any(line.startswith("deepres/data/shard_stream.py:2: deepres.data.shard_stream imports "
+                               "deepres.data.shard_index") for line in found), found
+    assert any(line.startswith("deepres/data/shard_convert.py:1: deepres.data.shard_convert imports lightning")
+               for line in found), found
+    assert len(found) == 2, found  # the writer may read the format
+
+
+def imported_at_runtime(module: str, forbidden: tuple[str, ...], preload: str = "") -> list[str]:
+    """The modules named by `forbidden` (or inside them) that importing `module` loads, in a fresh
+    interpreter that has imported `preload` first (those count as already there)."""
     code = (
-        "import sys, torch; before = set(sys.modules); import deepres.models; "
-        f"new = sorted(m for m in set(sys.modules) - before if m.startswith({forbidden!r})); print(new); assert not new"
+        f"import sys{', ' + preload if preload else ''}; before = set(sys.modules); import {module}; "
+        f"print(sorted(m for m in set(sys.modules) - before if m.startswith({forbidden!r})))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    return ast.literal_eval(done.stdout.strip().splitlines()[-1])
+
+
+def test_shard_command_imports_neither_lightning_nor_torch_at_runtime():
+    """`deepres shard` (and the format it shares with the loader) pulls in no training stack transitively."""
+    forbidden = ("lightning", "pytorch_lightning", "torch", "deepres.data.shards", "deepres.data.base")
+    assert imported_at_runtime("deepres.data.shard_writer", forbidden) == []
+
+
+def test_models_import_no_distributed_stack_at_runtime():
+    """What the models import transitively (which parsing one file cannot see) holds the same line."""
+    forbidden = ("lightning", "pytorch_lightning", "deepspeed", "wandb", "torch.distributed")
+    assert imported_at_runtime("deepres.models", forbidden, preload="torch") == []

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from deepres.data import image_sources, shard_format
+from deepres.data import image_sources, shard_convert, shard_format
 from deepres.data import shard_writer as sw
 from deepres.data.shards import (
     ImageTransform,
@@ -145,7 +145,7 @@ def test_resume_after_an_interrupted_conversion(source: Path, tmp_path: Path) ->
     # Replace one image of the last shard by a named pipe: the converter blocks reading it, so we know
     # it is inside the last shard when we kill it (workers=1 writes the shards in order).
     split = image_sources.find_splits(src, "imagenet", "train", None)[0]
-    plan = sw.plan_split(split, "30", sw.EncodeOptions(None, None), seed=0)
+    plan = shard_convert.plan_split(split, "30", shard_convert.EncodeOptions(None, None), seed=0)
     blocker = src / plan[-1][3].path
     original = blocker.read_bytes()
     blocker.unlink()
@@ -169,7 +169,7 @@ def test_resume_after_an_interrupted_conversion(source: Path, tmp_path: Path) ->
         proc.kill()
     train = out / "train"
     kept = {p.name: p.stat() for p in train.glob("*.tar")}
-    assert len(kept) == len(plan) - 1 and list(train.glob("*.tmp"))
+    assert len(kept) == len(plan) - 1 and list(train.glob(".*.tmp-*"))  # the partial last shard
     assert not (train / "index.json").exists()
 
     blocker.unlink()
@@ -178,7 +178,7 @@ def test_resume_after_an_interrupted_conversion(source: Path, tmp_path: Path) ->
     for name, before in kept.items():  # complete shards were kept, not rewritten
         after = (train / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert not list(train.glob("*.tmp")) and not list(train.glob(".deepres-shard-*"))
+    assert not list(train.glob(".*.tmp-*")) and not list(train.glob(".deepres-shard-*"))
     assert _shard(src, tmp_path / "fresh", *opts) == 0
     assert _digests(train) == _digests(tmp_path / "fresh" / "train")
     assert json.loads((train / "index.json").read_text())["num_samples"] == 200

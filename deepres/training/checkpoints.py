@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from deepres.errors import ConfigError
-from deepres.files import fsync_dir
+from deepres.files import atomic_open, fsync_dir
 from deepres.lightning_compat import PathLike
 
 LAST = "last.ckpt"
@@ -182,10 +182,6 @@ def describe_checkpoints_dir(run_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def remove_stale_temporaries(directory: Path) -> list[Path]:
     """Temporary files a killed writer left behind (``.NAME.tmp-PID`` whose PID no longer runs)."""
     removed = []
@@ -242,9 +238,8 @@ class CheckpointFiles(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(path)
         try:
-            with open(tmp, "wb") as f:
+            with atomic_open(path, install=install_checkpoint) as f:
                 writer = _RecordingWriter(f)
                 try:
                     torch.save(checkpoint, writer)
@@ -254,9 +249,6 @@ class CheckpointFiles(TorchCheckpointIO):
                     if writer.error is None:
                         raise
                     raise writer.error from None
-                f.flush()
-                os.fsync(f.fileno())
-            install_checkpoint(tmp, path)
         except OSError as err:
             kept = path if path.exists() else path.with_name(PREVIOUS)
             raise CheckpointWriteError(
@@ -264,9 +256,6 @@ class CheckpointFiles(TorchCheckpointIO):
                 f"nothing partial was left, and {kept if kept.exists() else 'no earlier checkpoint'} is untouched. "
                 "Free space and resume with --ckpt_path last."
             ) from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
 
 
 def load_module(cls: Any, path: str | Path, *, trusted: bool = False, map_location: Any = "cpu") -> Any:

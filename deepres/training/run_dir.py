@@ -210,9 +210,10 @@ def git_sha(cwd: str | Path | None = None) -> str | None:
         return None
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Installed versions of PACKAGES and the `extra` distributions (pillow, ...); absent ones are left out."""
     versions = {}
-    for name in PACKAGES:
+    for name in PACKAGES + extra:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return versions
@@ -240,12 +241,14 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def environment(threads: int) -> str:
-    """CPU, threads, load and versions: every number in docs/results says where it was measured."""
-    v = package_versions()
+def environment(threads: int, packages: tuple[str, ...] = ()) -> str:
+    """CPU, threads, load and versions (torch, lightning, deepres, then `packages`): every number in
+    docs/results says where it was measured. The one machine description of scripts/ and deepres."""
+    v = package_versions(packages)
+    more = "".join(f", {name} {v.get(name)}" for name in packages)
     return (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {threads}, load average {os.getloadavg()[0]:.2f} at start; "
             f"python {platform.python_version()}, torch {v.get('torch')}, lightning {v.get('lightning')}, "
-            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}")
+            f"deepres {v.get('deepres')} @ {git_sha() or 'unknown'}{more}")
 
 
 def write_run_info(run_dir: Path) -> None:
