@@ -60,6 +60,7 @@ class Pipeline:
         self.has_first = 0 in indices
         self.has_last = layout.num_stages - 1 in indices
         self.schedule: Any = None
+        self.evaluating = False
         self.group: dist.ProcessGroup | None = None
 
     @classmethod
@@ -112,11 +113,15 @@ class Pipeline:
         out = self.schedule.step(**kwargs, return_outputs=self.has_last)
         return (out if self.has_last else None), losses
 
-    def eval_step(self, x: Any) -> Any:
-        """The forward-only schedule; the last stage's output on the rank holding it, else None."""
-        with torch.inference_mode(False), torch.no_grad():
-            x = _clone(x) if self.has_first else None
-            out = self.schedule.eval(**self._inputs(x, None))
+    def eval_step(self, x: Any, y: Any) -> Any:
+        """The forward-only schedule; the last stage's output on the rank holding it, else None. (torch's schedule
+        computes the loss function on the last stage's micro-batches in eval too: `evaluating` tells it apart.)"""
+        self.evaluating = True
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                out = self.schedule.eval(**self._inputs(_clone(x) if self.has_first else None, y))
+        finally:
+            self.evaluating = False
         return out if self.has_last else None
 
     def boundary_grad_squares(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

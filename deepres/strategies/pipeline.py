@@ -196,6 +196,8 @@ class PipelineStrategy(DDPStrategy):
     # -- a training step -----------------------------------------------------------------------------
     def _loss(self, output: Any, target: Any) -> torch.Tensor:
         """The last stage's loss for one micro-batch: the LightningModule's own training_step on the output."""
+        if self.pipeline is not None and self.pipeline.evaluating:
+            return output.new_zeros(())
         with _outputs_as_forward(self.lightning_module):
             result = self.lightning_module.training_step((output, target), self._batch_idx)
         return result["loss"] if isinstance(result, dict) else result
@@ -284,7 +286,7 @@ class PipelineStrategy(DDPStrategy):
             x = torch.cat([x, x[-1:].expand(size - rows, *x.shape[1:])])
         context = getattr(self.precision_plugin, f"{'val' if hook == 'validation_step' else 'test'}_step_context")
         with context():
-            out = self.pipeline.eval_step(x)
+            out = self.pipeline.eval_step(x, y)
         output = self._to_rank0(out)
         if self.pipeline_rank != 0:
             return None
