@@ -23,7 +23,6 @@ from torch.distributed.pipelining import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
-    ScheduleZBVZeroBubble,
 )
 
 from deepres.pipeline.split import Layout, StageModule, adapter_for, net_blocks, prune
@@ -40,8 +39,9 @@ SCHEDULES: dict[str, ScheduleKind] = {
     "gpipe": ScheduleKind(ScheduleGPipe, "single", "Huang et al. 2019"),
     "1f1b": ScheduleKind(Schedule1F1B, "single", "Narayanan et al. 2019 (PipeDream), 2021 (PipeDream-Flush)"),
     "interleaved_1f1b": ScheduleKind(ScheduleInterleaved1F1B, "loop", "Narayanan et al. 2021 (Megatron-LM)"),
-    "interleaved_zero_bubble": ScheduleKind(ScheduleInterleavedZeroBubble, "loop", "Qi et al. 2023 (ZB-1P)"),
-    "zero_bubble": ScheduleKind(ScheduleZBVZeroBubble, "v", "Qi et al. 2023 (ZB-V)"),
+    # ZB-1P on looped virtual stages. torch's V-shaped ZB-V (ScheduleZBVZeroBubble) is left out: its forward-only
+    # `eval()` runs backward actions and fails in torch 2.14, so validation could not go through it.
+    "zero_bubble": ScheduleKind(ScheduleInterleavedZeroBubble, "loop", "Qi et al. 2023 (ZB-1P)"),
 }
 
 

@@ -66,9 +66,8 @@ class PipelineStrategy(DDPStrategy):
         stages: pipeline ranks per replica (default: every process, one replica).
         microbatches: micro-batches per step and replica; must divide the per-replica batch
             (default: the smallest divisor >= 2 × the stage count).
-        schedule: gpipe | 1f1b | interleaved_1f1b | zero_bubble (ZB-V, 2 stages per process) |
-            interleaved_zero_bubble.
-        virtual_stages: stages per process for the interleaved schedules.
+        schedule: gpipe | 1f1b | interleaved_1f1b | zero_bubble (ZB-1P, interleaved like interleaved_1f1b).
+        virtual_stages: stages per process for interleaved_1f1b and zero_bubble.
         balance: time (measured forward + backward time per block) | params | a list of blocks per stage.
     """
 
