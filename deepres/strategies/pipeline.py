@@ -331,7 +331,7 @@ class PipelineStrategy(DDPStrategy):
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The one-device optimizer's state dict on global rank 0 (deepres.pipeline.state)."""
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         named = named_optimizer_state(optimizer, self._param_names)
         parts = gather_to_rank0(named, self._pp_group, sends=self.replica == 0)
         return merge_optimizer_states(parts, self._full_params) if self.is_global_zero else {}
