@@ -340,6 +340,7 @@ def test_deepres_fit_with_the_lightning_launcher_logs_depth_across_stages(tmp_pa
             "--trainer.strategy.microbatches", "4", "--trainer.strategy.balance", "params",
             "--model.depth", "9", "--model.width", "16", "--data.batch_size", "32", "--trainer.max_epochs", "1",
             "--trainer.limit_train_batches", "4", "--diagnostics.every_n_steps", "2", "--run.name", "pp",
+            "--trainer.log_every_n_steps", "2",
             "--trainer.enable_progress_bar", "false"]
     done = procs.run([sys.executable, *args], 300, env=_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
