@@ -329,7 +329,7 @@ class StageModule(nn.Module):
 
 def prune(net: nn.Module, owned: set[int], *, first: bool, last: bool) -> None:
     """Replace what this rank does not run by `Elsewhere` placeholders, so that its parameters, gradients and
-    optimizer state are never allocated here."""
+    optimizer state are never allocated in this process."""
     blocks = net_blocks(net)
     for i in range(len(blocks)):
         if i not in owned:
