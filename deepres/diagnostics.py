@@ -277,6 +277,7 @@ class DepthDiagnostics(Callback):
         self.heatmap_every_n_steps = heatmap_every_n_steps
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.enabled = False
+        self.gather: Any = None
         self.grad_norms = True
         self.latest: dict[str, np.ndarray] = {}  # the last sampled step's per-block arrays
         self.latest_error_flow_ratio = math.nan
@@ -296,7 +297,10 @@ class DepthDiagnostics(Callback):
                            "(deepres models expose their blocks as `model.blocks`; keep the model as `self.net`).")
             return
         _, blocks = found
-        self.enabled = trainer.is_global_zero
+        # Under pipeline parallelism the blocks live on several ranks: every rank measures its own and the
+        # strategy gathers them on rank 0 (`gather_depth_measurements`, deepres.strategies.pipeline).
+        self.gather = getattr(trainer.strategy, "gather_depth_measurements", None)
+        self.enabled = trainer.is_global_zero or callable(self.gather)
         self.gates = find_gates(blocks)
         self.num_blocks = len(blocks)
         self.compiled = _is_compiled(pl_module) and hasattr(torch.compiler, "set_stance")
@@ -312,8 +316,13 @@ class DepthDiagnostics(Callback):
             self.run_dir = Path(log_dir or trainer.default_root_dir)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if callable(self.gather):  # the strategy has cut the net since `setup`: keep only this rank's blocks
+            _, blocks = _net_blocks(pl_module)
+            self.gates = find_gates(blocks)
+            self.block_params = [(i, p) for i, block in enumerate(blocks) for p in block.parameters()
+                                 if p.requires_grad]
         # After a resume the heatmaps continue from what the depth file already holds.
-        if self.enabled and self.depth_path.exists():
+        if self.enabled and trainer.is_global_zero and self.depth_path.exists():
             for record in read_depth_file(self.depth_path):
                 if record["step"] < trainer.global_step:
                     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in record.items() if isinstance(v, list)}
@@ -349,6 +358,11 @@ class DepthDiagnostics(Callback):
             if norms is not None:
                 arrays["grad_norm"] = norms
         ratio = probe.error_flow_ratio()
+        if callable(self.gather):
+            gathered = self.gather(arrays)
+            if gathered is None:  # not rank 0: its blocks' values went there
+                return
+            arrays, ratio = gathered
         self.latest, self.latest_error_flow_ratio = arrays, ratio
         self._write(step, trainer.current_epoch, ratio, arrays)
         _log(trainer, self._metrics(ratio, arrays), step)
@@ -363,7 +377,7 @@ class DepthDiagnostics(Callback):
             self._probe = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.enabled and self._history.steps:
+        if self.enabled and trainer.is_global_zero and self._history.steps:
             self._log_heatmaps(trainer, trainer.global_step)
 
     # -- measurements ----------------------------------------------------------------------------

@@ -32,3 +32,48 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, **kwa
         pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {timeout} s; the stacks of its processes:\n"
                     f"{err[-12000:]}\nstdout:\n{out[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(command: list[str], processes: int, timeout: float, env: dict[str, str], cwd: str | os.PathLike,
+              logs: os.PathLike) -> subprocess.CompletedProcess:
+    """Start `command` once per rank, all at once, as torchrun or srun start them (LOCAL_RANK set, so Lightning
+    launches nothing). A rank that fails, or the timeout, stops the others (after SIGABRT, so that each prints
+    its stacks); stderr holds every rank's log."""
+    from pathlib import Path
+
+    logs = Path(logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
+                  "PYTHONFAULTHANDLER": "1"}
+    files = [logs / f"rank{rank}.log" for rank in range(processes)]
+    ranks = [subprocess.Popen(command, cwd=cwd, env={**env, **rendezvous, "LOCAL_RANK": str(rank)},
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+             for rank, log in enumerate(files)]
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    while any(rank.poll() is None for rank in ranks):
+        failed = any(rank.poll() not in (None, 0) for rank in ranks)
+        timed_out = time.monotonic() > deadline
+        if failed or timed_out:
+            for sig in (signal.SIGABRT, signal.SIGKILL):
+                for rank in ranks:
+                    if rank.poll() is None:
+                        os.killpg(rank.pid, sig)
+                time.sleep(5)
+            break
+        time.sleep(0.2)
+    for rank in ranks:
+        rank.wait()
+    output = "\n".join(f"--- {log.name}\n{log.read_text()[-6000:]}" for log in files)
+    if timed_out:
+        pytest.fail(f"{' '.join(map(str, command))} did not finish in {timeout} s on {processes} ranks:\n{output}")
+    returncode = next((rank.returncode for rank in ranks if rank.returncode), 0)
+    return subprocess.CompletedProcess(command, returncode, stdout="", stderr=output)

@@ -48,7 +48,13 @@ def worker_context(method: str) -> BaseContext:
     return ctx
 
 
-def rank_and_world() -> tuple[int, int]:
+def rank_and_world(trainer: object | None = None) -> tuple[int, int]:
+    """(this process's data-parallel rank, the number of data-parallel replicas). A strategy that gives
+    several processes the same batches (pipeline stages of one replica) says so in its
+    `distributed_sampler_kwargs`; otherwise every process is its own replica."""
+    replicas = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+    if replicas and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(replicas["rank"]), int(replicas["num_replicas"])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -113,7 +119,7 @@ class DeepresDataModule(L.LightningDataModule):
         return self.batch_mix(images, labels)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        rank, world = rank_and_world()
+        rank, world = rank_and_world(self.trainer)
         sampler = ResumableSampler(len(dataset), shuffle=train, seed=self.seed, rank=rank, world=world,
                                    drop_last=False)
         if train:

@@ -283,7 +283,7 @@ class ShardDataModule(DeepresDataModule):
         shards = self._shards("train")
         if shards is None:
             raise ConfigError(no_list_message("train", str(self.root)))
-        rank, world = rank_and_world()
+        rank, world = rank_and_world(self.trainer)
         self._steps = self.train_steps(world)
         policy = auto_augment_policy(self.auto_augment, *self.randaugment)
         transform = ImageTransform(True, self.image_size, self.eval_resize, self.recipe, policy)
@@ -296,7 +296,7 @@ class ShardDataModule(DeepresDataModule):
         shards = self._shards("val")
         if shards is None or shards.num_samples == 0:
             return []  # Lightning skips validation
-        rank, world = rank_and_world()
+        rank, world = rank_and_world(self.trainer)
         transform = ImageTransform(False, self.image_size, self.eval_resize, self.recipe)
         stream = ValShardStream(shards, self.batch_size, rank, world, transform, self.image_size,
                                 self._fields(shards))

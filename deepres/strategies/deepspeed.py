@@ -1,0 +1,275 @@
+"""DeepSpeed ZeRO 1-3 under Lightning, also on CPU processes, its config from the Trainer's arguments, and
+`deepres convert-zero`.
+
+How the YAML maps onto the DeepSpeed config (`deepspeed_config_from_trainer`):
+
+    trainer.strategy: deepspeed_stage_1|2|3     zero_optimization.stage = 1|2|3
+    ..._2_offload / init_args.offload_optimizer zero_optimization.offload_optimizer.device = cpu
+    ..._3_offload / init_args.offload_parameters zero_optimization.offload_param.device = cpu
+    trainer.precision: bf16-mixed | bf16-true   bf16.enabled = true
+    trainer.precision: 16-mixed | 16-true       fp16.enabled = true (dynamic loss scaling; GPUs only)
+    trainer.precision: 32 | 32-true             neither (fp32)
+    trainer.accumulate_grad_batches: k          gradient_accumulation_steps = k
+    trainer.gradient_clip_val: c                gradient_clipping = c (by norm; 0 = off)
+    data.batch_size: b (per process)            train_micro_batch_size_per_gpu = b
+    init_args.config: ds.json                   the file is the base; keys it sets win, the rest is added
+
+Activation checkpointing is deepres's own (deepres.activation_checkpoint), applied to the model before the
+strategy sees it, so the DeepSpeed `activation_checkpointing` section stays Lightning's default (off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
+from typing_extensions import override
+
+from deepres.errors import ConfigError
+from deepres.lightning_compat import is_deepspeed_checkpoint
+from deepres.training.checkpoints import deepspeed_checkpoint_globals, load_checkpoint
+
+# The DeepSpeed op every CPU run JIT-compiles: the shared-memory all-reduce, built when DeepSpeed starts
+# its process group (≈35 s on 2 cores). deepres's generated configs need no other.
+CPU_OPS = ("ShareMemCommBuilder",)
+# Built only if the model's optimizer is deepspeed.ops.adam.DeepSpeedCPUAdam (≈90 s on 2 cores).
+CPU_ADAM_OP = "CPUAdamBuilder"
+
+
+
+class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy that also runs on CPU processes (DeepSpeed's CPU accelerator, gloo).
+
+    On a CUDA accelerator every method defers to Lightning unchanged. On a CPU accelerator it skips
+    Lightning's "only supported on CUDA GPUs" check and its device-index check (CPU devices have no
+    index) and gives DeepSpeed the local rank as the device.
+    """
+
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    @override
+    def setup_environment(self) -> None:
+        if not self._on_cpu():
+            super().setup_environment()
+            return
+        use_deepspeed_cpu_accelerator()
+        # The parent's parent: everything DeepSpeedStrategy.setup_environment does except its CUDA check.
+        DDPStrategy.setup_environment(self)
+
+    @override
+    def setup_distributed(self) -> None:
+        if not self._on_cpu():
+            super().setup_distributed()
+            return
+        # As Lightning's, minus _validate_device_index_selection: every CPU device is `cpu`, without an index.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _deepspeed_args(self) -> argparse.Namespace:
+        # DeepSpeed reads the device from args.device_rank; a CPU device has index None, which it cannot use.
+        rank = self.local_rank if self._on_cpu() else self.root_device.index
+        return argparse.Namespace(device_rank=rank)
+
+    @override
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):  # type: ignore[no-untyped-def]
+        if not self._on_cpu():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        # Lightning 2.6's body with our device argument.
+        model_parameters = filter(lambda p: p.requires_grad, model.parameters())
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=self._deepspeed_args(),
+            config=self.config,
+            model=model,
+            model_parameters=model_parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    @override
+    def _initialize_deepspeed_inference(self, model: torch.nn.Module) -> None:
+        if not self._on_cpu():
+            super()._initialize_deepspeed_inference(model)
+            return
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        # Lightning 2.6's body with our device argument.
+        assert isinstance(self.config, dict)
+        inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        for key in ("fp16", "bf16"):
+            if key in self.config:
+                inference_config[key] = self.config[key]
+        if self.zero_stage_3:
+            inference_config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
+            inference_config["zero_optimization"] = self.config["zero_optimization"]
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(
+            args=self._deepspeed_args(),
+            config=inference_config,
+            model=model,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )
+
+
+def use_deepspeed_cpu_accelerator() -> None:
+    """Make DeepSpeed run on CPU even where it would pick CUDA (an explicit --trainer.accelerator cpu)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    use_persistent_extension_cache()
+    if get_accelerator().device_name() != "cpu":
+        set_accelerator(CPU_Accelerator())
+
+
+def extension_cache_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops live: one folder per Python and torch version, reused across runs."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepres" / "torch_extensions"
+    torch_version = torch.__version__.replace("+", "_")
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch_version}"
+
+
+def use_persistent_extension_cache() -> str:
+    """Point TORCH_EXTENSIONS_DIR at the deepres cache unless the user chose a folder; returns the folder.
+
+    Set in the launching process, it is inherited by every rank, so the ≈30-90 s build happens once.
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(extension_cache_dir())
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def build_deepspeed_ops(ops: tuple[str, ...] = CPU_OPS) -> list[str]:
+    """Compile the DeepSpeed ops a CPU run needs into the persistent cache (a no-op when they are built)."""
+    use_deepspeed_cpu_accelerator()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    for name in ops:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None:
+            raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no CPU op {name}.")
+        builder.load(verbose=False)
+        built.append(builder.absolute_name())
+    return built
+
+
+def deepspeed_config_from_trainer(
+    base: Mapping[str, Any],
+    *,
+    precision: str = "32-true",
+    accumulate_grad_batches: int = 1,
+    gradient_clip_val: float | None = None,
+    micro_batch_size: int | None = None,
+    loss_scaling: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config a run uses: `base` (the strategy's ZeRO settings or the user's JSON) plus the
+    keys the Trainer's arguments imply. Keys `base` already sets are kept; `check_trainer_config` refuses
+    the ones that would contradict the Trainer. Pure: returns a new dict.
+    """
+    config = copy.deepcopy(dict(base))
+    config["gradient_accumulation_steps"] = accumulate_grad_batches
+    config.setdefault("gradient_clipping", float(gradient_clip_val or 0.0))
+    if micro_batch_size is not None:
+        config.setdefault("train_micro_batch_size_per_gpu", micro_batch_size)
+    if precision in ("16-mixed", "16-true") and "fp16" not in config:
+        config["fp16"] = {"enabled": True, **_DEFAULT_LOSS_SCALING, **(loss_scaling or {})}
+    if precision in ("bf16-mixed", "bf16-true") and "bf16" not in config:
+        config["bf16"] = {"enabled": True}
+    if "offload_optimizer" in config.get("zero_optimization", {}):
+        # DeepSpeed insists on its own CPU Adam under ZeRO-Offload; the papers' SGD with momentum has no
+        # DeepSpeed counterpart, so let any torch optimizer step the offloaded fp32 weights.
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+# Lightning's DeepSpeedStrategy defaults for fp16 dynamic loss scaling (loss_scale 0 = dynamic).
+_DEFAULT_LOSS_SCALING = {
+    "loss_scale": 0.0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
+
+def loss_scaling(strategy: _LightningDeepSpeedStrategy) -> dict[str, float]:
+    return {key: getattr(strategy, key) for key in _DEFAULT_LOSS_SCALING}
+
+
+def lightning_deepspeed_names() -> dict[str, dict[str, Any]]:
+    """Lightning's DeepSpeed strategy names (deepspeed_stage_2, ...) and the init arguments each stands for."""
+    return {
+        name: dict(StrategyRegistry[name]["init_params"])
+        for name in StrategyRegistry.available_strategies()
+        if issubclass(StrategyRegistry[name]["strategy"], _LightningDeepSpeedStrategy)
+    }
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# deepres convert-zero
+# ---------------------------------------------------------------------------------------------------------
+
+
+def convert_zero_checkpoint(checkpoint_dir: str | Path, output_file: str | Path, *, trusted: bool = False) -> Path:
+    """Write a ZeRO checkpoint directory (as Lightning's DeepSpeed strategy saves it) as one Lightning .ckpt
+    with fp32 weights, loadable with `torch.load` or `LightningModule.load_from_checkpoint`, no DeepSpeed."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    checkpoint_dir, output_file = Path(checkpoint_dir), Path(output_file)
+    if not checkpoint_dir.is_dir() or not is_deepspeed_checkpoint(checkpoint_dir):
+        raise ConfigError(
+            f"{checkpoint_dir} is not a DeepSpeed ZeRO checkpoint directory (one holding a `latest` file and a "
+            "`checkpoint/` folder, e.g. runs/NAME/checkpoints/last.ckpt/ of a deepspeed_stage_* run)."
+        )
+    if output_file.is_dir():
+        raise ConfigError(f"{output_file} is a directory; give the output file, e.g. {output_file / 'model.ckpt'}.")
+    if not trusted:
+        # DeepSpeed's converter unpickles every file with weights_only=False: check each one first with the
+        # loader that cannot run code, so a crafted file is refused before DeepSpeed opens it.
+        allow = deepspeed_checkpoint_globals()
+        for file in sorted(checkpoint_dir.rglob("*.pt")):
+            load_checkpoint(file, mmap=True, option="--trust (deepres convert-zero)", allow=allow)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file)
+    return output_file
+
+
+def convert_zero_main(argv: list[str] | None = None) -> int:
+    """`deepres convert-zero CKPT_DIR OUT`: a ZeRO checkpoint directory -> one plain .ckpt file."""
+    parser = argparse.ArgumentParser(
+        prog="deepres convert-zero",
+        description="Turn a DeepSpeed ZeRO checkpoint directory into one .ckpt file with fp32 weights "
+        "(torch.load(OUT)['state_dict']) that loads without DeepSpeed.",
+    )
+    parser.add_argument("checkpoint_dir", help="the ZeRO checkpoint directory, e.g. runs/NAME/checkpoints/last.ckpt")
+    parser.add_argument("output", help="the file to write, e.g. model.ckpt")
+    parser.add_argument("--trust", action="store_true",
+                        help="load files that need more than tensors and plain containers (only for files you trust)")
+    args = parser.parse_args(argv)
+    try:
+        convert_zero_checkpoint(args.checkpoint_dir, args.output, trusted=args.trust)
+    except ConfigError as err:
+        print(f"deepres convert-zero: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,57 @@
+"""Reading the Trainer's keyword arguments: how many processes, on what accelerator, in what precision."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
+
+from deepres.errors import ConfigError
+from deepres.lightning_compat import auto_accelerator, unified_precision
+
+
+class TrainerSettings(Protocol):
+    """The Trainer's keyword arguments: a dict, or the jsonargparse Namespace LightningCLI parsed."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+
+
+def processes(trainer: TrainerSettings) -> int:
+    """How many processes the Trainer's arguments ask for (devices x nodes; 1 if unknown)."""
+    devices = trainer.get("devices", "auto")
+    indices = device_indices(devices)
+    count = len(indices) if indices is not None else int(devices) if str(devices).isdigit() else 1
+    return max(count, 1) * int(trainer.get("num_nodes") or 1)
+
+
+def accelerator_name(trainer: TrainerSettings) -> str:
+    """cpu, cuda, mps or tpu: what Lightning will run on for this `accelerator` argument."""
+    accelerator = trainer.get("accelerator", "auto")
+    if isinstance(accelerator, Accelerator):
+        return {CPUAccelerator: "cpu", CUDAAccelerator: "cuda"}.get(type(accelerator), type(accelerator).__name__)
+    name = str(accelerator).lower()
+    if name == "auto":
+        return auto_accelerator()
+    if name == "gpu":
+        return "cuda" if torch.cuda.is_available() else "mps"
+    return name
+
+
+def precision_name(trainer: TrainerSettings) -> str:
+    precision = trainer.get("precision")
+    try:
+        return str(unified_precision(precision) or "32-true")
+    except ValueError as err:
+        raise ConfigError(f"--trainer.precision {precision!r}: {err}") from None
+
+
+def device_indices(devices: Any) -> list[int] | None:
+    """The GPU indices a `devices` argument names explicitly ([1, 3] or "1,3"), else None (a count)."""
+    if isinstance(devices, (list, tuple)):
+        return [int(d) for d in devices]
+    if isinstance(devices, str) and "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    return None
+
+
