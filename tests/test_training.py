@@ -169,8 +169,12 @@ def test_new_run_with_a_taken_name_gets_a_new_directory(tmp_path):
         (["--model.arch", "resnet20_cifar", "--model.depth", "21", "--data.layout", "image"], "Valid neighbours: 20, 26"),
         (["--data", "deepres.data.CIFARDataModule", "--data.data_dir", "/nonexistent/cifar"],
          "cifar-10-python.tar.gz"),
+        (["--model.depth", "3", "--trainer.accelerator", "cpu", "--trainer.devices", "4",
+          "--trainer.strategy", "deepres.strategies.PipelineStrategy", "--trainer.strategy.stages", "4"],
+         "only 2 blocks"),
     ],
-    ids=["unknown-model-key", "unknown-trainer-key", "unknown-model", "invalid-depth", "missing-cifar"],
+    ids=["unknown-model-key", "unknown-trainer-key", "unknown-model", "invalid-depth", "missing-cifar",
+         "pipeline-stages"],
 )
 def test_bad_input_gives_one_clear_message(tmp_path, args, fragment):
     proc = subprocess.run(
@@ -180,7 +184,8 @@ def test_bad_input_gives_one_clear_message(tmp_path, args, fragment):
     assert proc.returncode != 0
     assert fragment in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "t").exists()
+    # a run refused before it started leaves no run directory (the next try gets the same name)
+    assert not list(tmp_path.glob("default*")), list(tmp_path.iterdir())
 
 
 def test_progress_bar_redraws_a_few_times_per_second_not_every_step(monkeypatch):

@@ -42,6 +42,7 @@ from deepres.training.checkpoints import (
 from deepres.training.run_dir import (
     ENV_RESUME,
     ENV_RUN_DIR,
+    abandon_unused_claims,
     await_run_dir,
     claim_new_run_dir,
     launch_rank,
@@ -220,7 +221,7 @@ class DeepresCLI(LightningCLI):
         # anything is written or any rank starts; DeepSpeed also runs on CPU processes this way.
         kwargs["strategy"] = resolve_strategy(
             cfg.trainer, batch_size=getattr(self.datamodule, "batch_size", None),
-            timeout=timedelta(minutes=run.collective_timeout_minutes),
+            timeout=timedelta(minutes=run.collective_timeout_minutes), model=self.model,
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = _config_error_in(e)
         if cause is None and not isinstance(e, ArgumentError):
             raise  # a bug, not bad input: keep the traceback
+        abandon_unused_claims()
         if cause is not None:
             print(f"deepres: error: {cause}", file=sys.stderr)
             return 2

@@ -83,10 +83,24 @@ def claim_new_run_dir(root: str | Path, name: str) -> Path:
             continue
         with os.fdopen(fd, "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        _claimed.append(candidate)
         return candidate
 
 
 _held_locks: dict[Path, int] = {}
+_claimed: list[Path] = []  # run directories this process claimed new
+
+
+def abandon_unused_claims() -> None:
+    """Remove the run directories this process claimed but never wrote to (only `.claimed` and `.lock` in them):
+    a run refused before it started leaves no empty `name/` behind that would push the next try to `name-2/`."""
+    while _claimed:
+        run_dir = _claimed.pop()
+        with contextlib.suppress(OSError):
+            if {p.name for p in run_dir.iterdir()} <= {CLAIMED, LOCK}:
+                for name in (LOCK, CLAIMED):
+                    (run_dir / name).unlink(missing_ok=True)
+                run_dir.rmdir()
 
 
 def lock_run_dir(run_dir: Path, *, wait_s: float = 0.0) -> None:
@@ -127,6 +141,7 @@ def release_run_dir_locks() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _held_locks.clear()
+    _claimed.clear()
     if os.environ.get("LOCAL_RANK", "0") == "0":
         os.environ.pop(ENV_RUN_DIR, None)
         os.environ.pop(ENV_RESUME, None)
