@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import sys
+import warnings
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 
@@ -102,6 +103,10 @@ class DeepresDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0,
                  worker_start_method: str = "forkserver"):
         super().__init__()
+        # Lightning warns on every mid-epoch resume that a loader without state_dict/load_state_dict is not
+        # resumable; deepres's loaders resume exactly from the loop's own progress record (see
+        # `_batches_already_done`, checked by the mid-epoch resume tests), so the warning does not apply.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         self.batch_size = batch_size
         self.num_workers = num_workers
         worker_context(worker_start_method)  # fail on a bad name now, not at the first batch
