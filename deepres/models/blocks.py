@@ -279,6 +279,9 @@ class BlockStack(nn.ModuleList):
     def __init__(self, blocks=None):
         super().__init__(blocks)
         self.checkpoint_every = 0  # 0: off; k: recompute every k consecutive blocks in backward
+        # observer(i, y) after block i of a forward (deepres.depth_probe): one call per block instead
+        # of two forward hooks per block; never called by a checkpoint's recomputation
+        self.observer: Callable[[int, object], None] | None = None
 
     def set_drop_path(self, rate: float) -> None:
         """Stochastic depth with the linear rule of Huang et al. 2016: block l of L (1-based) is
@@ -290,34 +293,47 @@ class BlockStack(nn.ModuleList):
 
     def forward(self, x):
         k = self.checkpoint_every
+        observe = self.observer
         if k <= 0 or not torch.is_grad_enabled():
-            for block in self:
-                x = block(x)
+            if observe is None:
+                for block in self:
+                    x = block(x)
+            else:
+                for i, block in enumerate(self):
+                    x = block(x)
+                    observe(i, x)
             return x
         blocks = list(self)
         last = (len(blocks) - 1) // k * k
         for start in range(0, last, k):
-            x = checkpoint(_Segment(blocks[start : start + k]), x, use_reentrant=False)
+            x = checkpoint(_Segment(blocks[start : start + k], start, observe), x, use_reentrant=False)
         # The last segment is not checkpointed: backward needs its activations first, so storing
         # them costs one segment of memory and saves recomputing it.
-        for block in blocks[last:]:
+        for i, block in enumerate(blocks[last:], last):
             x = block(x)
+            if observe is not None:
+                observe(i, x)
         return x
 
 
 class _Segment:
     """Runs consecutive blocks; on its second call (the backward recomputation) batch-norm
-    running statistics are frozen, so checkpointing does not update them twice."""
+    running statistics are frozen, so checkpointing does not update them twice, and the
+    observer is not called again."""
 
-    def __init__(self, blocks: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], start: int = 0, observe=None):
         self.blocks = blocks
+        self.start, self.observe = start, observe
         self.calls = 0
 
     def __call__(self, x):
         self.calls += 1
+        observe = self.observe if self.calls == 1 else None
         with _frozen_running_stats(self.blocks) if self.calls > 1 else contextlib.nullcontext():
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks, self.start):
                 x = block(x)
+                if observe is not None:
+                    observe(i, x)
         return x
 
 
