@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
           f"step 0 (measured + FLOP count) {first.get(0, float('nan')):.3f} s, step 1 {first.get(1, float('nan')):.3f} s")
     print(f"validation pass (360 digits): {', '.join(f'{v:.2f}' for v in plain.val)} s; arithmetic ≈ {step_third:.2f} s")
     print(f"checkpoint save (trainer.save_checkpoint): {plain.save_s:.2f} s")
-    print(f"measured diagnostics steps vs their neighbours: "
+    print("measured diagnostics steps vs their neighbours: "
           + ", ".join(f"{m:.2f}/{p:.2f}" for m, p in pairs))
     print(f"RATIO fit step / bare loop step = {fit_med / bare:.3f}  (target <= 1.10)")
     print(f"RATIO measured diagnostics step / plain step = {diag_ratio:.3f}  (target <= 3)")

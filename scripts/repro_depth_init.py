@@ -190,7 +190,7 @@ def write_summary(path: Path, rows: list[dict]) -> None:
     hi = max(r["error_flow_ratio"] for r in flows)
     best = max((r for r in rows if r["depth"] == deepest and r["val_acc"] != ""), key=lambda r: r["val_acc"], default=None)
     lines = [f"| Error flow at init, depth-aware presets, L = {deepest} | {lo:.3g}–{hi:.3g} | within [0.3, 3] | "
-             f"≈ 1 by construction | {'met' if 0.3 <= lo and hi <= 3 else '**not met**'} |"]
+             f"≈ 1 by construction | {'met' if lo >= 0.3 and hi <= 3 else '**not met**'} |"]
     if best is not None:
         lines.append(f"| Val accuracy at L = {deepest}, best preset ({best['net']}, {best['steps']} steps) | "
                      f"{100 * best['val_acc']:.1f} % in {best['fit_s']:.0f} s | ≥ 95 % | Highway: SGD trains > 1000 layers | "
