@@ -116,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--val-every", type=int, default=6)
+    parser.add_argument("--out-dir", type=Path, default=None, help="also write bench_depth.md and its summary rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     quiet_lightning("deepres")
-    print(environment(1), flush=True)
+    env = environment(1)
+    print(env, flush=True)
     from deepres.data import DigitsDataModule
     from deepres.diagnostics import count_training_flops
     from deepres.models import create_model
@@ -153,16 +155,31 @@ def main(argv: list[str] | None = None) -> int:
     diag_ratio = statistics.median(m / p for m, p in pairs)
     step_third = bare / 3 * (len(data.val_set) / 64)  # a forward pass is about a third of a training step
 
-    print(f"depth {args.depth}: model build {build_s:.1f} s; FLOP count {flops_s:.2f} s ({flops / 4:.3g} FLOP/sample)")
-    print(f"bare loop step: median {bare:.3f} s (first half {statistics.median(bare_a):.3f}, second {statistics.median(bare_b):.3f})")
-    print(f"deepres fit step: median {fit_med:.3f} s over steps 2..{args.steps - 1} ({len(fit_steps)} steps); "
+    lines: list[str] = []
+    lines.append(f"depth {args.depth}: model build {build_s:.1f} s; FLOP count {flops_s:.2f} s ({flops / 4:.3g} FLOP/sample)")
+    lines.append(f"bare loop step: median {bare:.3f} s (first half {statistics.median(bare_a):.3f}, second {statistics.median(bare_b):.3f})")
+    lines.append(f"deepres fit step: median {fit_med:.3f} s over steps 2..{args.steps - 1} ({len(fit_steps)} steps); "
           f"step 0 (measured + FLOP count) {first.get(0, float('nan')):.3f} s, step 1 {first.get(1, float('nan')):.3f} s")
-    print(f"validation pass (360 digits): {', '.join(f'{v:.2f}' for v in plain.val)} s; arithmetic ≈ {step_third:.2f} s")
-    print(f"checkpoint save (trainer.save_checkpoint): {plain.save_s:.2f} s")
-    print("measured diagnostics steps vs their neighbours: "
+    lines.append(f"validation pass (360 digits): {', '.join(f'{v:.2f}' for v in plain.val)} s; arithmetic ≈ {step_third:.2f} s")
+    lines.append(f"checkpoint save (trainer.save_checkpoint): {plain.save_s:.2f} s")
+    lines.append("measured diagnostics steps vs their neighbours: "
           + ", ".join(f"{m:.2f}/{p:.2f}" for m, p in pairs))
-    print(f"RATIO fit step / bare loop step = {fit_med / bare:.3f}  (target <= 1.10)")
-    print(f"RATIO measured diagnostics step / plain step = {diag_ratio:.3f}  (target <= 3)")
+    lines.append(f"RATIO fit step / bare loop step = {fit_med / bare:.3f}  (target <= 1.10)")
+    lines.append(f"RATIO measured diagnostics step / plain step = {diag_ratio:.3f}  (target <= 3)")
+    fit_ratio, diag = fit_med / bare, diag_ratio
+    print("\n".join(lines))
+    if args.out_dir is not None:
+        from evidence import command_line
+
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "bench_depth.md").write_text("\n".join([
+            "### 10,000 blocks as a normal size", "", f"`{command_line('bench_depth.py', argv)}` — {env}.", "",
+            *[f"- {line}" for line in lines], ""]))
+        (args.out_dir / "bench_depth_summary.md").write_text(
+            f"| `deepres fit` step ÷ bare PyTorch loop, {args.depth} blocks | {fit_ratio:.3f} | ≤ 1.10 | – | "
+            f"{'met' if fit_ratio <= 1.10 else '**not met**'} |\n"
+            f"| Measured diagnostics step ÷ plain step, {args.depth} blocks | {diag:.2f} | ≤ 3 | – | "
+            f"{'met' if diag <= 3 else '**not met**'} |\n")
     return 0
 
 
