@@ -18,8 +18,9 @@ What goes where, so that a 1000-block net stays usable:
   - the full per-block arrays go to `depth.jsonl` in the run directory (one JSON line per sampled step,
     rank 0 only); `deepres report` draws its figures from it.
 
-Forward hooks are attached only for the sampled steps' forward pass and removed before backward
-(so activation-checkpoint recomputation does not count twice); the other steps run the bare model.
+The probe (deepres.depth_probe: the stack's observer, one call per block, and a hook per gate) is
+attached only for the sampled steps' forward pass and removed before backward (so activation-checkpoint
+recomputation does not count twice); the other steps run the bare model.
 
 `diagnostics_callbacks(DiagnosticsConfig(...), run_dir)` builds both from the `diagnostics:` YAML section,
 with `PerfMonitor` (deepres.perf_monitor: step time, samples/s, FLOP/s, MFU). What one measured step

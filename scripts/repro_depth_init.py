@@ -42,14 +42,18 @@ NETS: dict[str, tuple[str, dict]] = {
     "residual + rezero": ("highway_mlp", {"gate": "residual", "init": "rezero"}),
     "residual + fixup": ("highway_mlp", {"gate": "residual", "init": "fixup"}),
     "residual + layerscale": ("highway_mlp", {"gate": "residual", "init": "layerscale"}),
+    "residual + skipinit": ("highway_mlp", {"gate": "residual", "init": "skipinit"}),
+    "residual + deepnorm": ("highway_mlp", {"gate": "residual", "init": "deepnorm"}),
     "plain + orthogonal": ("highway_mlp", {"gate": "plain", "init": "orthogonal"}),
     "plain + delta-orthogonal (conv)": ("highway_cnn_cifar", {"gate": "plain", "init": "delta_orthogonal"}),
     "plain + He": ("highway_mlp", {"gate": "plain"}),
 }
 SHORT = {"default": "highway (default bias)", "minus3": "highway (bias −3)", "rezero": "residual + rezero",
-         "fixup": "residual + fixup", "layerscale": "residual + layerscale", "orthogonal": "plain + orthogonal",
+         "fixup": "residual + fixup", "layerscale": "residual + layerscale",
+         "skipinit": "residual + skipinit", "deepnorm": "residual + deepnorm", "orthogonal": "plain + orthogonal",
          "delta": "plain + delta-orthogonal (conv)", "he": "plain + He"}
-DEPTH_AWARE = ("highway (default bias)", "residual + rezero", "residual + fixup", "residual + layerscale")
+DEPTH_AWARE = ("highway (default bias)", "residual + rezero", "residual + fixup", "residual + layerscale",
+               "residual + skipinit", "residual + deepnorm")
 STALL = 0.9 * math.log(10)
 
 
@@ -205,7 +209,7 @@ def plot(path: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for net, marker in zip(NETS, "osD^v<>p", strict=True):
+    for net, marker in zip(NETS, "osD^v<>p*hX", strict=False):
         sel = sorted((r for r in rows if r["net"] == net), key=lambda r: r["depth"])
         if not sel:
             continue
