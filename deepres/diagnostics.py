@@ -18,14 +18,13 @@ What goes where, so that a 1000-block net stays usable:
   - the full per-block arrays go to `depth.jsonl` in the run directory (one JSON line per sampled step,
     rank 0 only); `deepres report` draws its figures from it.
 
-Forward hooks are attached only for the sampled steps' forward pass and removed before backward
-(so activation-checkpoint recomputation does not count twice); the other steps run the bare model.
+The probe (deepres.depth_probe: the stack's observer, one call per block, and a hook per gate) is
+attached only for the sampled steps' forward pass and removed before backward (so activation-checkpoint
+recomputation does not count twice); the other steps run the bare model.
 
-`diagnostics_callbacks(DiagnosticsConfig(...), run_dir)` builds both from the `diagnostics:` YAML section.
-
-`PerfMonitor` logs step time, samples/s (overall and per device), the achieved model FLOP/s per
-device and, given `peak_flops_per_device`, the model FLOP utilisation (MFU). FLOPs per sample come
-from PyTorch's FlopCounterMode on a slice of the first batch (forward + backward).
+`diagnostics_callbacks(DiagnosticsConfig(...), run_dir)` builds both from the `diagnostics:` YAML section,
+with `PerfMonitor` (deepres.perf_monitor: step time, samples/s, FLOP/s, MFU). What one measured step
+records lives in deepres.depth_probe.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,185 +40,26 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from deepres.depth_figures import DEPTH_FILE, DepthHistory, gate_figure, grad_norm_figure, read_depth_file
+from deepres.depth_probe import GATE_ROLES, Probe, block_key, find_gates, is_compiled, spread
 from deepres.errors import ConfigError
-from deepres.models.blocks import Gate, GateActivation
+from deepres.perf_monitor import PerfMonitor, count_training_flops, is_zero_partitioned, log_metrics
 
-# Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x)
-# (docs/science.md#one-family-of-blocks). A `Gate` is hooked itself rather than its `act` (σ): a
-# pinned gate skips σ and must still report its value.
-GATE_ROLES = {
-    "transform_gate": "transform",
-    "input_gate": "transform",  # LSTM: c_t = f ⊙ c_{t−1} + i ⊙ z_t
-    "carry_gate": "carry",
-    "forget_gate": "carry",
-}
+__all__ = [
+    "DEPTH_FILE", "GATE_ROLES", "DepthDiagnostics", "DiagnosticsConfig", "PerfMonitor", "block_key",
+    "count_training_flops", "diagnostics_callbacks", "find_gates", "spread",
+]
+
 _HEATMAP_COLUMNS = 1024  # in-memory history kept for wandb heatmaps; thinned by halves beyond this
-
-
-def find_gates(blocks: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(role, module) for every distinct gate inside `blocks`, found by attribute name."""
-    found: dict[int, tuple[str, nn.Module]] = {}
-    for name, module in blocks.named_modules(remove_duplicate=False):
-        role = GATE_ROLES.get(name.rsplit(".", 1)[-1])
-        if role is not None and isinstance(module, (Gate, GateActivation)):
-            found.setdefault(id(module), (role, module))
-    return list(found.values())
-
-
-def block_key(index: int, num_blocks: int) -> str:
-    """`block_017`: zero-padded to at least 3 digits so keys sort in block order."""
-    return f"block_{index:0{max(3, len(str(num_blocks - 1)))}d}"
-
-
-def spread(num_blocks: int, count: int) -> list[int]:
-    """At most `count` evenly spaced block indices, always with the first and the last."""
-    if count < 0 or count >= num_blocks:
-        return list(range(num_blocks))
-    if count == 0:
-        return []
-    if count == 1:
-        return [num_blocks - 1]
-    return sorted({round(i * (num_blocks - 1) / (count - 1)) for i in range(count)})
-
-
-def _stream(x: Any) -> Any:
-    """The residual stream of a block's input or output; a depth-LSTM carries (u, h, c): h."""
-    return x[1] if isinstance(x, tuple) else x
-
-
-def _batch_input(batch: Any) -> torch.Tensor | None:
-    """The model input of a batch: the tensor itself, the first item of (x, y), or a dict's first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return _batch_input(batch[0])
-    if isinstance(batch, dict):
-        for value in batch.values():
-            if isinstance(value, torch.Tensor):
-                return value
-    return None
 
 
 def _net_blocks(pl_module: LightningModule) -> tuple[nn.Module, nn.Module] | None:
     net = getattr(pl_module, "net", None)
     blocks = getattr(net, "blocks", None)
     return (net, blocks) if isinstance(blocks, nn.Module) else None
-
-
-def _is_zero_partitioned(trainer: Trainer) -> bool:
-    """DeepSpeed ZeRO keeps gradients in its own partitioned buffers, not in `param.grad`."""
-    return isinstance(trainer.strategy, DeepSpeedStrategy)
-
-
-def _log(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-    # Straight to the loggers: `self.log` would tie these to `log_every_n_steps` and costs ~50 µs a key.
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-
-
-# ----------------------------------------------------------------------------------------------
-# One sampled step's forward hooks
-# ----------------------------------------------------------------------------------------------
-def _is_compiled(module: nn.Module) -> bool:
-    """Whether any part of `module` runs through torch.compile (wrapped, or `Module.compile()` in place)."""
-    return any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
-               for m in module.modules())
-
-
-class _Probe:
-    """Forward hooks for one sampled step. Values stay on the device as 0-d tensors until `collect`,
-    which moves them to the CPU in one transfer.
-
-    A compiled model runs this one forward eagerly: compiled code does not call hooks added to
-    submodules after compilation (dynamo does not guard on them), so gates would go unmeasured."""
-
-    def __init__(self, blocks: nn.Module, gates: list[tuple[str, nn.Module]], eager: bool = False):
-        self.stance = torch.compiler.set_stance("force_eager") if eager else None  # torch >= 2.6
-        self.num_blocks = len(blocks)
-        self.current = -1  # the block running now; gates report to it (also right for shared cells)
-        self.values: dict[str, list[torch.Tensor]] = {"act_rms": []}
-        self.owners: dict[str, list[int]] = {"act_rms": []}
-        self.x_in: torch.Tensor | None = None
-        self.x_out: torch.Tensor | None = None
-        self.handles = [blocks.register_forward_pre_hook(self._keep_input),
-                        blocks.register_forward_hook(self._keep_output)]
-        for i, block in enumerate(blocks):
-            self.handles.append(block.register_forward_pre_hook(self._enter(i)))
-            self.handles.append(block.register_forward_hook(self._record_activation))
-        for role, module in gates:
-            key = f"gate/{role}"
-            self.values.setdefault(key, [])
-            self.owners.setdefault(key, [])
-            self.handles.append(module.register_forward_hook(self._record_gate(key)))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        if self.stance is not None:
-            self.stance.__exit__(None, None, None)  # back to the stance before this step
-            self.stance = None
-
-    def _enter(self, index: int):
-        def hook(_module, _args):
-            self.current = index
-        return hook
-
-    def _record_activation(self, _module, _args, out) -> None:
-        y = _stream(out)
-        if isinstance(y, torch.Tensor):
-            self.values["act_rms"].append(y.detach().float().pow(2).mean())
-            self.owners["act_rms"].append(self.current)
-
-    def _record_gate(self, key: str):
-        def hook(_module, _args, out):
-            if self.current >= 0:
-                self.values[key].append(out.detach().float().mean())
-                self.owners[key].append(self.current)
-        return hook
-
-    def _keep_input(self, _module, args):
-        x0 = args[0]
-        if isinstance(x0, torch.Tensor) and not x0.requires_grad:
-            # Raw data enters the stack directly (an LSTM over time): make it a leaf that gets a .grad.
-            x0 = x0.detach().requires_grad_(True)
-            self.x_in = x0
-            return (x0, *args[1:])
-        stream = _stream(x0)
-        if isinstance(stream, torch.Tensor) and stream.requires_grad:
-            stream.retain_grad()
-            self.x_in = stream
-        return None
-
-    def _keep_output(self, _module, _args, out) -> None:
-        stream = _stream(out)
-        if isinstance(stream, torch.Tensor) and stream.requires_grad:
-            stream.retain_grad()
-            self.x_out = stream
-
-    def collect(self) -> dict[str, np.ndarray]:
-        """Per-block means over every call of this step (LSTMs call a gate once per time step)."""
-        arrays = {}
-        for key, values in self.values.items():
-            if not values:
-                continue
-            owners = torch.tensor(self.owners[key], device=values[0].device)
-            sums = torch.zeros(self.num_blocks, device=values[0].device).index_add_(0, owners, torch.stack(values))
-            counts = torch.bincount(owners, minlength=self.num_blocks).float()
-            means = (sums / counts).cpu().numpy()  # 0/0 = NaN for a block without that gate
-            arrays[key] = np.sqrt(means) if key == "act_rms" else means
-        return arrays
-
-    def error_flow_ratio(self) -> float:
-        if self.x_in is None or self.x_out is None or self.x_in.grad is None or self.x_out.grad is None:
-            return math.nan
-        return float(self.x_in.grad.norm() / self.x_out.grad.norm())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +120,7 @@ class DepthDiagnostics(Callback):
         self.grad_norms = True
         self.latest: dict[str, np.ndarray] = {}  # the last sampled step's per-block arrays
         self.latest_error_flow_ratio = math.nan
-        self._probe: _Probe | None = None
+        self._probe: Probe | None = None
         self._history = _History()
         self._warned: set[str] = set()
 
@@ -303,12 +142,12 @@ class DepthDiagnostics(Callback):
         self.enabled = trainer.is_global_zero or callable(self.gather)
         self.gates = find_gates(blocks)
         self.num_blocks = len(blocks)
-        self.compiled = _is_compiled(pl_module) and hasattr(torch.compiler, "set_stance")
-        if _is_compiled(pl_module) and not self.compiled:
+        self.compiled = is_compiled(pl_module) and hasattr(torch.compiler, "set_stance")
+        if is_compiled(pl_module) and not self.compiled:
             rank_zero_warn("DepthDiagnostics: this torch has no torch.compiler.set_stance (torch < 2.6), so the "
                            "compiled model's gates and activations may not be measured; grad norms are.")
         self.block_params = [(i, p) for i, block in enumerate(blocks) for p in block.parameters() if p.requires_grad]
-        if _is_zero_partitioned(trainer):
+        if is_zero_partitioned(trainer):
             self.grad_norms = False
             rank_zero_info("DepthDiagnostics: DeepSpeed ZeRO partitions gradients, so depth/grad_norm is not "
                            "logged; error flow, gate openness and activation norms are.")
@@ -340,7 +179,7 @@ class DepthDiagnostics(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._sampled(trainer) and self._probe is None:
             _, blocks = _net_blocks(pl_module)
-            self._probe = _Probe(blocks, self.gates, eager=self.compiled)
+            self._probe = Probe(blocks, self.gates, eager=self.compiled)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if self._probe is not None:
@@ -365,7 +204,7 @@ class DepthDiagnostics(Callback):
             arrays, ratio = gathered
         self.latest, self.latest_error_flow_ratio = arrays, ratio
         self._write(step, trainer.current_epoch, ratio, arrays)
-        _log(trainer, self._metrics(ratio, arrays), step)
+        log_metrics(trainer, self._metrics(ratio, arrays), step)
         self._history.add(step, arrays, self.num_blocks)
         if self.heatmap_every_n_steps and step > 0 and step % self.heatmap_every_n_steps < self.every_n_steps:
             self._log_heatmaps(trainer, step)
@@ -450,131 +289,6 @@ class DepthDiagnostics(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
-
-
-# ----------------------------------------------------------------------------------------------
-# Throughput and model FLOP utilisation
-# ----------------------------------------------------------------------------------------------
-def count_training_flops(net: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward + backward of `net` on `x` (PyTorch's FlopCounterMode: 2 per multiply-add).
-
-    Runs in eval mode (no batch-norm statistics update, no dropout draw) and takes gradients with
-    `torch.autograd.grad`, so no `.grad` is touched and no DDP all-reduce fires. Activation
-    checkpointing is switched off for the count: MFU counts the model's FLOPs, not recomputation.
-    """
-    params = [p for p in net.parameters() if p.requires_grad]
-    modes = {m: m.training for m in net.modules()}
-    blocks = getattr(net, "blocks", None)
-    every = getattr(blocks, "checkpoint_every", None)
-    counter = FlopCounterMode(display=False)
-    try:
-        net.eval()
-        if every is not None:
-            blocks.checkpoint_every = 0
-        with counter, torch.enable_grad():
-            out = net(x)
-            out = out[0] if isinstance(out, tuple) else out
-            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
-    finally:
-        for m, training in modes.items():
-            m.training = training
-        if every is not None:
-            blocks.checkpoint_every = every
-    return int(counter.get_total_flops())
-
-
-class PerfMonitor(Callback):
-    """perf/step_time_s, perf/samples_per_s, perf/samples_per_s_per_device, perf/flops_per_s_per_device,
-    perf/mfu (with `peak_flops_per_device`), averaged over the last `every_n_steps` optimizer steps.
-
-    Time spent in validation is left out; the first step (warm-up) is never timed.
-
-    Args:
-        every_n_steps: log every this many optimizer steps.
-        peak_flops_per_device: the device's peak FLOP/s for the precision in use (e.g. 312e12 for an
-            A100 in bf16); None: only the achieved FLOP/s is logged.
-        flop_count_samples: samples of the first batch the FLOP count runs on (FLOPs scale linearly).
-    """
-
-    def __init__(self, every_n_steps: int = 50, peak_flops_per_device: float | None = None,
-                 flop_count_samples: int = 4):
-        if every_n_steps < 1:
-            raise ConfigError(f"PerfMonitor every_n_steps must be >= 1; got {every_n_steps}.")
-        if peak_flops_per_device is not None and not peak_flops_per_device > 0:
-            raise ConfigError(f"PerfMonitor peak_flops_per_device must be a positive FLOP/s value "
-                              f"(e.g. 312e12 for an A100 in bf16) or null; got {peak_flops_per_device}.")
-        self.every_n_steps = every_n_steps
-        self.peak_flops_per_device = peak_flops_per_device
-        self.flop_count_samples = flop_count_samples
-        self.flops_per_sample: float | None = None
-        self._flops_tried = False
-        self._window_start: float | None = None
-        self._steps = 0
-        self._samples = 0
-        self._paused = 0.0
-        self._pause_start: float | None = None
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not trainer.is_global_zero:
-            return
-        x = _batch_input(batch)
-        if not self._flops_tried:
-            self._flops_tried = True
-            self.flops_per_sample = self._count_flops(trainer, pl_module, x)
-        if self._window_start is not None and x is not None:
-            self._samples += x.shape[0]
-
-    def _count_flops(self, trainer: Trainer, pl_module: LightningModule, x: torch.Tensor | None) -> float | None:
-        net = getattr(pl_module, "net", None)
-        if x is None or not isinstance(net, nn.Module):
-            rank_zero_warn("PerfMonitor: no `net` module or no tensor input in the batch; FLOPs and MFU are not logged.")
-            return None
-        if _is_zero_partitioned(trainer) and trainer.strategy.zero_stage_3:
-            rank_zero_info("PerfMonitor: ZeRO stage 3 shards the parameters; FLOPs and MFU are not logged.")
-            return None
-        n = min(self.flop_count_samples, x.shape[0])
-        try:
-            return count_training_flops(net, x[:n]) / n
-        except Exception as err:  # a model whose forward needs more than the batch input: skip, say why
-            rank_zero_warn(f"PerfMonitor: could not count FLOPs with net(x) ({type(err).__name__}: {err}); "
-                           "FLOPs and MFU are not logged.")
-            return None
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        if not trainer.is_global_zero:
-            return
-        now = time.perf_counter()
-        if self._window_start is None:  # the end of the first step's backward starts the clock
-            self._window_start = now
-            return
-        self._steps += 1
-        step = trainer.global_step
-        if step % self.every_n_steps or not self._samples:
-            return
-        elapsed = now - self._window_start - self._paused
-        per_device = self._samples / elapsed
-        metrics = {
-            "perf/step_time_s": elapsed / self._steps,
-            "perf/samples_per_s_per_device": per_device,
-            "perf/samples_per_s": per_device * trainer.world_size,
-        }
-        if self.flops_per_sample is not None:
-            achieved = self.flops_per_sample * per_device
-            metrics["perf/flops_per_sample"] = self.flops_per_sample
-            metrics["perf/flops_per_s_per_device"] = achieved
-            if self.peak_flops_per_device:
-                metrics["perf/mfu"] = achieved / self.peak_flops_per_device
-        _log(trainer, metrics, step)
-        self._window_start, self._steps, self._samples, self._paused = now, 0, 0, 0.0
-
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._pause_start = time.perf_counter()
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pause_start is not None and self._window_start is not None:
-            self._paused += time.perf_counter() - self._pause_start
-        self._pause_start = None
-
 
 # ----------------------------------------------------------------------------------------------
 # The `diagnostics:` section of a deepres YAML

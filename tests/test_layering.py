@@ -5,7 +5,7 @@
                            and compilation are applied to models from outside)
     deepres.data, .strategies, .training
                            never the command line (deepres.cli, deepres.training.cli) that wires them
-    deepres.wandb_logging, deepres.diagnostics
+    deepres.wandb_logging, deepres.diagnostics (with deepres.depth_probe, deepres.perf_monitor)
                            not the CLI either; diagnostics not the `deepres report` command
     deepres.depth_figures  shared by diagnostics and report, so it imports neither (nor training)
     the shard loader       (deepres.data.shards, .shard_stream, .shard_sets) reads deepres.data.shard_format,
@@ -37,8 +37,12 @@ RULES = [
      ("deepres.training", "deepres.data", "deepres.strategies", "deepres.slurm", "deepres.cli",
       "lightning", "pytorch_lightning", "deepspeed", "wandb", "torch.distributed")),
     (("deepres.data", "deepres.strategies", "deepres.training"), CLI),
-    (("deepres.wandb_logging", "deepres.diagnostics"), ("deepres.training.cli",)),
-    (("deepres.diagnostics",), ("deepres.report",)),
+    (("deepres.wandb_logging", "deepres.diagnostics", "deepres.depth_probe", "deepres.perf_monitor"),
+     ("deepres.training.cli",)),
+    (("deepres.diagnostics", "deepres.depth_probe", "deepres.perf_monitor"), ("deepres.report",)),
+    # the diagnostics' two halves stand alone: the probe needs no Lightning, the monitor no probe
+    (("deepres.depth_probe",), ("lightning", "deepres.diagnostics", "deepres.perf_monitor")),
+    (("deepres.perf_monitor",), ("deepres.diagnostics", "deepres.depth_probe")),
     # the pieces both sides share sit below them
     (("deepres.depth_figures",), ("deepres.diagnostics", "deepres.report", "deepres.training", "lightning", "wandb")),
     (("deepres.files", "deepres.errors"), ("deepres", "torch", "lightning", "numpy")),

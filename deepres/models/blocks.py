@@ -181,6 +181,9 @@ class ResidualBlock(nn.Module):
         carry_gate: Gate | None = None,
         post: nn.Module | None = None,
         shortcut_from_body_input: bool = False,
+        branch_scale: nn.Module | None = None,
+        carry_scale: float = 1.0,
+        drop_rate: float = 0.0,
     ):
         super().__init__()
         check_gate(gate)
@@ -198,26 +201,68 @@ class ResidualBlock(nn.Module):
         self.shortcut_from_body_input = shortcut_from_body_input
         # bodies whose output autograd does not keep take the shortcut in place (deepres.models.bodies)
         self.add_in_place = getattr(body, "output_not_saved", False)
+        # Depth-aware presets (deepres.models.init_presets): a scale on the transform path h (ReZero,
+        # SkipInit, LayerScale, Fixup) and a constant scale on the carry path (DeepNorm's α).
+        self.branch_scale = branch_scale
+        self.carry_scale = float(carry_scale)
+        # Stochastic depth (docs/science.md#stochastic-depth): in training each sample skips this
+        # block's transform with probability drop_rate and takes the carry path alone.
+        self.drop_rate = float(drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self._keep_mask(x) if self.drop_rate > 0.0 and self.training else None
         carry_in = x
+        if keep is False:  # every sample of the batch skips the block: no transform, no gradient
+            if self.shortcut_from_body_input:
+                carry_in = self.body.preact(x)
+            y = self._carry(x, carry_in)
+            return y if self.post is None else self.post(y)
         if self.shortcut_from_body_input:
             carry_in = self.body.preact(x)
             h = self.body.branch(carry_in)
         else:
             h = self.body(x)
+        if self.branch_scale is not None:
+            h = self.branch_scale(h)
         if self.gate == "plain":
             y = h
         else:
-            s = x if self.shortcut is None else self.shortcut(carry_in)
+            s = self._carry(x, carry_in)
             if self.gate == "residual":
+                if keep is not None:
+                    h = h * keep
                 y = h.add_(s) if self.add_in_place else s + h
             elif self.gate == "highway":
                 t = self.transform_gate(x)
-                y = s + t * (h - s)  # = (1 − t)·s + t·h, one multiply fewer
+                d = t * (h - s)  # y = (1 − t)·s + t·h = s + t·(h − s), one multiply fewer
+                y = s + (d if keep is None else d * keep)
             else:
                 y = self.carry_gate(x) * s + self.transform_gate(x) * h
+                if keep is not None:  # a dropped sample carries its input: y = s
+                    y = s + (y - s) * keep
         return y if self.post is None else self.post(y)
+
+    def _carry(self, x: torch.Tensor, carry_in: torch.Tensor) -> torch.Tensor:
+        s = x if self.shortcut is None else self.shortcut(carry_in)
+        return s if self.carry_scale == 1.0 else s * self.carry_scale
+
+    def _keep_mask(self, x: torch.Tensor) -> torch.Tensor | bool:
+        """Per-sample keep mask scaled by 1/(1 − p) (as timm's drop_path), shaped to broadcast over x;
+        False when no sample keeps the block (checked on CPU only: on an accelerator it would sync)."""
+        survival = 1.0 - self.drop_rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(survival)
+        if x.device.type == "cpu" and not bool(keep.any()):
+            return False
+        return keep.div_(survival)
+
+    def extra_repr(self) -> str:
+        extra = [f"gate={self.gate}"]
+        if self.carry_scale != 1.0:
+            extra.append(f"carry_scale={self.carry_scale:.4g}")
+        if self.drop_rate:
+            extra.append(f"drop_rate={self.drop_rate:.4g}")
+        return ", ".join(extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,37 +279,61 @@ class BlockStack(nn.ModuleList):
     def __init__(self, blocks=None):
         super().__init__(blocks)
         self.checkpoint_every = 0  # 0: off; k: recompute every k consecutive blocks in backward
+        # observer(i, y) after block i of a forward (deepres.depth_probe): one call per block instead
+        # of two forward hooks per block; never called by a checkpoint's recomputation
+        self.observer: Callable[[int, object], None] | None = None
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth with the linear rule of Huang et al. 2016: block l of L (1-based) is
+        skipped with probability rate·l/L, so the last block's rate is `rate`."""
+        n = len(self)
+        for i, block in enumerate(self):
+            if isinstance(block, ResidualBlock) and block.gate != "plain":
+                block.drop_rate = rate * (i + 1) / n
 
     def forward(self, x):
         k = self.checkpoint_every
+        observe = self.observer
         if k <= 0 or not torch.is_grad_enabled():
-            for block in self:
-                x = block(x)
+            if observe is None:
+                for block in self:
+                    x = block(x)
+            else:
+                for i, block in enumerate(self):
+                    x = block(x)
+                    observe(i, x)
             return x
         blocks = list(self)
         last = (len(blocks) - 1) // k * k
         for start in range(0, last, k):
-            x = checkpoint(_Segment(blocks[start : start + k]), x, use_reentrant=False)
+            x = checkpoint(_Segment(blocks[start : start + k], start, observe), x, use_reentrant=False)
         # The last segment is not checkpointed: backward needs its activations first, so storing
         # them costs one segment of memory and saves recomputing it.
-        for block in blocks[last:]:
+        for i, block in enumerate(blocks[last:], last):
             x = block(x)
+            if observe is not None:
+                observe(i, x)
         return x
 
 
 class _Segment:
     """Runs consecutive blocks; on its second call (the backward recomputation) batch-norm
-    running statistics are frozen, so checkpointing does not update them twice."""
+    running statistics are frozen, so checkpointing does not update them twice, and the
+    observer is not called again."""
 
-    def __init__(self, blocks: list[nn.Module]):
+    def __init__(self, blocks: list[nn.Module], start: int = 0, observe=None):
         self.blocks = blocks
+        self.start, self.observe = start, observe
         self.calls = 0
 
     def __call__(self, x):
         self.calls += 1
+        observe = self.observe if self.calls == 1 else None
         with _frozen_running_stats(self.blocks) if self.calls > 1 else contextlib.nullcontext():
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks, self.start):
                 x = block(x)
+                if observe is not None:
+                    observe(i, x)
         return x
 
 

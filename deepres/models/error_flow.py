@@ -8,32 +8,39 @@ from torch import nn
 
 
 def error_flow_ratio(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> float:
-    """One forward/backward with a cross-entropy loss (random targets if none given)."""
+    """One forward/backward with a cross-entropy loss (random targets if none given).
+
+    Where the head passes no error at all (Fixup's zero-initialised classifier: ∂L/∂x_L = 0), the
+    ratio is that of the stack alone: a random unit error is injected at x_L, ‖Jᵀe‖ ÷ ‖e‖."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep_input(_m, args):
         x0 = args[0]
-        x0 = x0[1] if isinstance(x0, tuple) else x0  # depth-LSTM carries (u, h, c): h
-        x0.retain_grad()
-        captured["in"] = x0
+        captured["in"] = x0[1] if isinstance(x0, tuple) else x0  # depth-LSTM carries (u, h, c): h
 
     def keep_output(_m, _args, out):
-        xl = out[1] if isinstance(out, tuple) else out
-        xl.retain_grad()
-        captured["out"] = xl
+        captured["out"] = out[1] if isinstance(out, tuple) else out
 
     blocks = model.blocks
     hooks = [blocks.register_forward_pre_hook(keep_input), blocks.register_forward_hook(keep_output)]
     try:
-        model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)  # makes the stem's output a non-leaf we can hook
             logits = model(x)
             if target is None:
                 g = torch.Generator().manual_seed(0)
                 target = torch.randint(0, logits.shape[-1], (logits.shape[0],), generator=g)
-            nn.functional.cross_entropy(logits, target).backward()
+            loss = nn.functional.cross_entropy(logits, target)
+            x0, xl = captured["in"], captured["out"]
+            g0, gl = torch.autograd.grad(loss, [x0, xl], retain_graph=True, allow_unused=True)
+            if g0 is None:  # the stack's input does not reach the loss at all
+                return 0.0
+            if float(gl.norm()) == 0.0:
+                gen = torch.Generator().manual_seed(0)
+                e = torch.randn(xl.shape, generator=gen, dtype=xl.dtype).to(xl.device)
+                (g0,) = torch.autograd.grad(xl, x0, e / e.norm(), allow_unused=True)
+                return 0.0 if g0 is None else float(g0.norm())
     finally:
         for h in hooks:
             h.remove()
-    return float(captured["in"].grad.norm() / captured["out"].grad.norm())
+    return float(g0.norm() / gl.norm())

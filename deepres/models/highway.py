@@ -24,8 +24,42 @@ from deepres.models.blocks import (
     dense_gate,
     resolve_gate_biases,
 )
-from deepres.models.bodies import ConvBody, DenseBody, PreActDenseBody
+from deepres.models.bodies import (
+    INIT_NONLINEARITY,
+    ConvBody,
+    DenseBody,
+    FixupDenseBody,
+    PreActDenseBody,
+    check_norm,
+    make_norm,
+)
+from deepres.models.init_presets import (
+    InitName,
+    block_scales,
+    check_drop_path,
+    check_init,
+    init_branch_,
+    plain_init_,
+    resolve_norm,
+    zero_classifier_,
+)
 from deepres.models.registry import register_model
+
+# the dense branch each residual preset's paper uses: ReZero/SkipInit/DeepNorm act(W x + b) with no norm
+# before it, LayerScale a pre-norm branch, Fixup two layers with scalar biases
+_PRESET_BODY = {"rezero": "post", "skipinit": "post", "deepnorm": "post", "layerscale": "pre", "fixup": "fixup"}
+
+
+def _dense_body(body: str, width: int, activation: str, num_blocks: int, zero_init: bool) -> nn.Module:
+    if body == "post":
+        return DenseBody(width, width, activation)
+    if body == "fixup":
+        return FixupDenseBody(width, num_blocks, activation)
+    h = PreActDenseBody(width, width, activation, zero_init=zero_init)
+    if not zero_init:  # a branch that is scaled instead of zeroed: He init for the layer after act
+        nn.init.kaiming_normal_(h.branch.weight, nonlinearity=INIT_NONLINEARITY[activation])
+        nn.init.zeros_(h.branch.bias)
+    return h
 
 
 class HighwayMLP(nn.Module):
@@ -49,6 +83,8 @@ def highway_mlp(
     body: Literal["post", "pre"] | None = None,
     in_features: int = 784,
     num_classes: int = 10,
+    init: InitName = "default",
+    drop_path: float = 0.0,
 ) -> HighwayMLP:
     """Fully connected net of `depth` hidden layers: 1 plain layer + (depth − 1) blocks.
 
@@ -62,30 +98,53 @@ def highway_mlp(
         carry_bias: carry gate bias of "gated" blocks; "auto" = ln(L) + 1.
         activation: relu | tanh | gelu | silu | sigmoid.
         body: "post" = act(W x + b) (the paper's layer); "pre" = W·act(LN(x)) with W zero-initialised,
-            the pre-activation form residual branches need. None: "pre" for residual/gated, else "post".
+            the pre-activation form residual branches need. None: "pre" for residual/gated, else "post"
+            (with a residual preset: the branch its paper uses).
+        init: default | rezero | skipinit | layerscale | fixup | deepnorm (gate="residual") |
+            orthogonal (gate="plain"); deepres.models.init_presets, docs/science.md#depth-aware-initialisation-presets.
+        drop_path: stochastic depth, the drop rate of the last block (linear in the block index).
     """
     check_gate(gate)
+    check_init(init, gate, conv=False)
+    check_drop_path(drop_path, gate)
     if depth < 2:
         raise ConfigError(f"highway_mlp needs depth >= 2 (1 plain layer + >= 1 block); got depth={depth}.")
     if width < 1:
         raise ConfigError(f"highway_mlp needs width >= 1; got width={width}.")
-    body = body or ("pre" if gate in ("residual", "gated") else "post")
-    if body not in ("post", "pre"):
+    if init == "fixup" and body is not None:
+        raise ConfigError("init='fixup' brings its own two-layer branch; leave body unset.")
+    body = body or _PRESET_BODY.get(init) or ("pre" if gate in ("residual", "gated") else "post")
+    if body not in ("post", "pre", "fixup"):
         raise ConfigError(f"highway_mlp body must be 'post' or 'pre'; got {body!r}.")
     num_blocks = depth - 1
     tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
     blocks = []
     for _ in range(num_blocks):
-        h = DenseBody(width, width, activation) if body == "post" else PreActDenseBody(width, width, activation)
+        h = _dense_body(body, width, activation, num_blocks, zero_init=init == "default")
+        init_branch_(h, init, num_blocks)
         blocks.append(
             ResidualBlock(
                 h, gate,
                 transform_gate=dense_gate(width, width, tb) if gate in ("highway", "gated") else None,
                 carry_gate=dense_gate(width, width, cb) if gate == "gated" else None,
+                post=nn.LayerNorm(width) if init == "deepnorm" else None,  # DeepNorm is Post-LN
+                **block_scales(init, num_blocks, width),
             )
         )
     stem = DenseBody(in_features, width, activation)  # the paper's one plain layer first
-    return HighwayMLP(stem, BlockStack(blocks), nn.Linear(width, num_classes))
+    model = HighwayMLP(stem, BlockStack(blocks), nn.Linear(width, num_classes))
+    _finish(model, init, drop_path, activation)
+    return model
+
+
+def _finish(model: nn.Module, init: str, drop_path: float, activation: str = "relu") -> None:
+    """The whole-model parts of a preset (classifier, plain-net criticality) and stochastic depth."""
+    if init == "fixup":
+        zero_classifier_(model.head)
+    elif init in ("orthogonal", "delta_orthogonal"):
+        plain_init_(model, activation)
+    if drop_path:
+        model.blocks.set_drop_path(drop_path)
 
 
 class HighwayCNN(nn.Module):
@@ -101,10 +160,10 @@ class Transition(nn.Module):
     """Between stages: 2x2 max-pool, then a plain conv layer that changes the width. The only
     places in the net without a carry path (once per stage, as He et al. 2015 do)."""
 
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "batch"):
         super().__init__()
         self.pool = nn.MaxPool2d(2)
-        self.layer = ConvBody(in_ch, out_ch)
+        self.layer = ConvBody(in_ch, out_ch, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(self.pool(x))
@@ -120,34 +179,56 @@ def highway_cnn_cifar(
     gate_kernel_size: int = 3,
     num_classes: int = 10,
     in_chans: int = 3,
+    init: InitName = "default",
+    norm: str | None = None,
+    drop_path: float = 0.0,
 ) -> HighwayCNN:
     """Conv Highway net for 32x32 images: stem conv, then stages of 3x3 highway conv layers with
     3x3 conv gates, a max-pool + plain conv transition between stages, 1x1 conv classifier and global
     average pooling. Defaults: 1 + 5 + 1 + 5 + 1 + 6 + 1 = 20 weight layers (the paper counts 19),
-    ≈ 2.3 M parameters. The paper's released runs use gate_bias=-2."""
+    ≈ 2.3 M parameters. The paper's released runs use gate_bias=-2.
+
+    `init`: default | rezero | skipinit | layerscale | fixup | deepnorm (gate="residual") |
+    delta_orthogonal (gate="plain"); `norm`: batch | group | layer | none (unset: none for the
+    norm-free presets, else batch); `drop_path`: stochastic depth rate of the last block."""
     check_gate(gate)
+    check_init(init, gate, conv=True)
+    check_drop_path(drop_path, gate)
+    norm = resolve_norm(norm, init)
+    check_norm(norm)
+    body_norm = "scalar_bias" if init == "fixup" else norm
     widths, blocks_per_stage = list(widths), list(blocks_per_stage)
     if len(widths) != len(blocks_per_stage) or min(blocks_per_stage) < 1:
         raise ConfigError(f"highway_cnn_cifar needs one width per stage and >= 1 block each; got "
                           f"widths={widths}, blocks_per_stage={blocks_per_stage}.")
     tb, cb = resolve_gate_biases(gate, sum(blocks_per_stage), gate_bias, carry_bias)
-    stem = ConvBody(in_chans, widths[0])
+    num_blocks = sum(blocks_per_stage)
+    stem = ConvBody(in_chans, widths[0], norm=body_norm)
     blocks: list[nn.Module] = []
     in_ch = widths[0]
     for stage, (w, n) in enumerate(zip(widths, blocks_per_stage, strict=True)):
         if stage > 0:
-            blocks.append(Transition(in_ch, w))
+            blocks.append(Transition(in_ch, w, norm=body_norm))
             in_ch = w
         for _ in range(n):
+            h = ConvBody(w, w, norm=body_norm)
+            if init == "fixup":  # Fixup needs m >= 2 layers per branch: a zero-initialised 1x1 conv ends it
+                h.append(nn.Conv2d(w, w, 1))
+            init_branch_(h, init, num_blocks)
             blocks.append(
                 ResidualBlock(
-                    ConvBody(w, w), gate,
+                    h, gate,
+                    post=make_norm(norm, w) if init == "deepnorm" else None,
+                    **block_scales(init, num_blocks, w, spatial_dims=2),
                     transform_gate=conv_gate(w, w, tb, kernel_size=gate_kernel_size) if gate in ("highway", "gated") else None,
                     carry_gate=conv_gate(w, w, cb, kernel_size=gate_kernel_size) if gate == "gated" else None,
                 )
             )
     head = nn.Sequential(nn.Conv2d(in_ch, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return HighwayCNN(stem, BlockStack(blocks), head)
+    model = HighwayCNN(stem, BlockStack(blocks), head)
+    _finish(model, init, drop_path)
+    return model
+
 
 
 @register_model
@@ -156,12 +237,17 @@ def plain_mlp(
     activation: str = "tanh",
     in_features: int = 784,
     num_classes: int = 10,
+    init: Literal["default", "orthogonal"] = "default",
 ) -> HighwayMLP:
     """A plain deep MLP with a width per layer; the default is Ciresan et al. 2010's
-    784-2500-2000-1500-1000-500-10 (0.35 % MNIST error with elastic distortions)."""
+    784-2500-2000-1500-1000-500-10 (0.35 % MNIST error with elastic distortions).
+    `init`: default (He) or orthogonal at criticality (deepres.models.init_presets)."""
+    check_init(init, "plain", conv=False)
     widths = list(widths)
     if not widths or min(widths) < 1:
         raise ConfigError(f"plain_mlp needs one or more positive widths; got widths={widths}.")
     stem = DenseBody(in_features, widths[0], activation)
     blocks = [ResidualBlock(DenseBody(a, b, activation), "plain") for a, b in zip(widths, widths[1:], strict=False)]
-    return HighwayMLP(stem, BlockStack(blocks), nn.Linear(widths[-1], num_classes))
+    model = HighwayMLP(stem, BlockStack(blocks), nn.Linear(widths[-1], num_classes))
+    _finish(model, init, 0.0, activation)
+    return model

@@ -26,9 +26,21 @@ from deepres.models.bodies import (
     BottleneckBody,
     PreActBasicBody,
     PreActBottleneckBody,
+    check_norm,
     conv,
     conv1x1,
     conv3x3,
+    make_norm,
+)
+from deepres.models.init_presets import (
+    InitName,
+    block_scales,
+    check_drop_path,
+    check_init,
+    init_branch_,
+    plain_init_,
+    resolve_norm,
+    zero_classifier_,
 )
 from deepres.models.registry import register_model, register_variant
 
@@ -75,26 +87,32 @@ def build_blocks(
     shortcut: Literal["projection", "pad"] = "projection",
     zero_init_last: bool = True,
     gate_group_width: int | None = 16,
+    init: str = "default",
+    norm: str = "batch",
+    drop_path: float = 0.0,
 ) -> tuple[BlockStack, int]:
-    """The builder loop: one place that knows every block's index, stride and shape."""
+    """The builder loop: one place that knows every block's index, stride and shape.
+    `norm` is already resolved (resolve_norm); Fixup's bodies get scalar biases in the norms' place."""
     check_gate(gate)
     num_blocks = sum(blocks_per_stage)
     tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
-    zero_init = zero_init_last and gate in ("residual", "gated")
+    zero_init = zero_init_last and gate in ("residual", "gated") and init == "default"
     preact = body.startswith("preact")
+    body_norm = "scalar_bias" if init == "fixup" else norm
     blocks = []
     for width, n, stage_stride in zip(widths, blocks_per_stage, strides, strict=True):
         out_ch = width * EXPANSION[body]
         for i in range(n):
             stride = stage_stride if i == 0 else 1
             if body == "basic":
-                h = BasicBody(in_ch, out_ch, stride, zero_init)
+                h = BasicBody(in_ch, out_ch, stride, zero_init, body_norm)
             elif body == "bottleneck":
-                h = BottleneckBody(in_ch, width, out_ch, stride, zero_init)
+                h = BottleneckBody(in_ch, width, out_ch, stride, zero_init, body_norm)
             elif body == "preact_basic":
-                h = PreActBasicBody(in_ch, out_ch, stride, zero_init)
+                h = PreActBasicBody(in_ch, out_ch, stride, zero_init, body_norm)
             else:
-                h = PreActBottleneckBody(in_ch, width, out_ch, stride, zero_init)
+                h = PreActBottleneckBody(in_ch, width, out_ch, stride, zero_init, body_norm)
+            init_branch_(h, init, num_blocks)
             sc = None
             if gate != "plain" and (stride != 1 or in_ch != out_ch):
                 if shortcut == "pad":
@@ -102,18 +120,42 @@ def build_blocks(
                 elif preact:  # He et al. 2016: a bare 1x1 conv on the pre-activated input
                     sc = conv1x1(in_ch, out_ch, stride)
                 else:
-                    sc = nn.Sequential(conv1x1(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch))
+                    sc = nn.Sequential(conv1x1(in_ch, out_ch, stride), make_norm(norm, out_ch))
             t = conv_gate(in_ch, out_ch, tb, stride, group_width=gate_group_width) if gate in ("highway", "gated") else None
             g = conv_gate(in_ch, out_ch, cb, stride, group_width=gate_group_width) if gate == "gated" else None
+            post = None if preact else nn.ReLU(inplace=True)
+            if init == "deepnorm":  # DeepNorm normalises after the merge: y = norm(α·s + h)
+                post = make_norm(norm, out_ch) if preact else nn.Sequential(make_norm(norm, out_ch), post)
             blocks.append(
                 ResidualBlock(
-                    h, gate, shortcut=sc, transform_gate=t, carry_gate=g,
-                    post=None if preact else nn.ReLU(inplace=True),
+                    h, gate, shortcut=sc, transform_gate=t, carry_gate=g, post=post,
                     shortcut_from_body_input=preact and sc is not None and shortcut != "pad",
+                    **block_scales(init, num_blocks, out_ch, spatial_dims=2),
                 )
             )
             in_ch = out_ch
-    return BlockStack(blocks), in_ch
+    stack = BlockStack(blocks)
+    if drop_path:
+        stack.set_drop_path(drop_path)
+    return stack, in_ch
+
+
+def _check_presets(init: str, norm: str | None, drop_path: float, gate: str) -> str:
+    """Validate init/norm/drop_path before anything is built; returns the resolved norm."""
+    check_gate(gate)
+    check_init(init, gate, conv=True)
+    check_drop_path(drop_path, gate)
+    norm = resolve_norm(norm, init)
+    check_norm(norm)
+    return norm
+
+
+def _finish(model: ResNet, init: str) -> ResNet:
+    if init == "fixup":
+        zero_classifier_(model.head)
+    elif init == "delta_orthogonal":
+        plain_init_(model, "relu")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +172,9 @@ def imagenet_resnet(
     in_chans: int = 3,
     zero_init_last: bool = True,
     gate_group_width: int | None = 16,
+    init: InitName = "default",
+    norm: str | None = None,
+    drop_path: float = 0.0,
 ) -> ResNet:
     """ImageNet ResNet in torchvision's layout (same parameter count for gate="residual").
 
@@ -140,22 +185,28 @@ def imagenet_resnet(
         gate_bias: transform gate bias, "auto" = −ln(L) − 1 for L blocks.
         carry_bias: carry gate bias of "gated" blocks, "auto" = ln(L) + 1.
         gate_group_width: channels per group of the 1x1 gate convs (None: a full 1x1 conv).
+        init: default | rezero | skipinit | layerscale | fixup | deepnorm (gate="residual") |
+            delta_orthogonal (gate="plain"); docs/science.md#depth-aware-initialisation-presets.
+        norm: batch | group | layer | none; unset: none for the norm-free presets, else batch.
+        drop_path: stochastic depth, the drop rate of the last block (linear in the block index).
     """
+    norm = _check_presets(init, norm, drop_path, gate)
+    stem_norm = "scalar_bias" if init == "fixup" else norm
     layers = list(layers)
     if len(layers) != 4 or min(layers) < 1:
         raise ConfigError(f"ImageNet ResNets have 4 stages of >= 1 block; got layers={layers}.")
     stem = nn.Sequential(
         conv(in_chans, 64, 7, stride=2),
-        nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
+        make_norm(stem_norm, 64), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
     )
     blocks, out_ch = build_blocks(
         body, 64, [64, 128, 256, 512], layers, [1, 2, 2, 2], gate=gate, gate_bias=gate_bias,
         carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+        init=init, norm=norm, drop_path=drop_path,
     )
-    pre_head = [nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)] if body.startswith("preact") else []
+    pre_head = [make_norm(stem_norm, out_ch), nn.ReLU(inplace=True)] if body.startswith("preact") else []
     head = nn.Sequential(*pre_head, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
-    model = ResNet(stem, blocks, head)
-    return model
+    return _finish(ResNet(stem, blocks, head), init)
 
 
 @register_variant(imagenet_resnet, layers=[2, 2, 2, 2], body="basic")
@@ -220,18 +271,24 @@ def cifar_resnet(
     in_chans: int = 3,
     zero_init_last: bool = True,
     gate_group_width: int | None = None,
+    init: InitName = "default",
+    norm: str | None = None,
+    drop_path: float = 0.0,
 ) -> ResNet:
     """CIFAR ResNet of depth 6n+2: 3 stages of n basic blocks (16, 32, 64 channels), option-A
-    (parameter-free) shortcuts, as in He et al. 2015, Sec. 4.2."""
+    (parameter-free) shortcuts, as in He et al. 2015, Sec. 4.2. `init`, `norm`, `drop_path`: as
+    imagenet_resnet."""
+    norm = _check_presets(init, norm, drop_path, gate)
     n = _blocks_per_stage(depth, 2, "CIFAR ResNet")
-    stem = nn.Sequential(conv3x3(in_chans, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+    stem = nn.Sequential(conv3x3(in_chans, 16), make_norm("scalar_bias" if init == "fixup" else norm, 16),
+                         nn.ReLU(inplace=True))
     blocks, out_ch = build_blocks(
         "basic", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias, carry_bias=carry_bias,
         shortcut="pad", zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+        init=init, norm=norm, drop_path=drop_path,
     )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
-    model = ResNet(stem, blocks, head)
-    return model
+    return _finish(ResNet(stem, blocks, head), init)
 
 
 @register_model
@@ -244,21 +301,26 @@ def preact_resnet_cifar(
     in_chans: int = 3,
     zero_init_last: bool = True,
     gate_group_width: int | None = None,
+    init: InitName = "default",
+    norm: str | None = None,
+    drop_path: float = 0.0,
 ) -> ResNet:
     """Pre-activation bottleneck ResNet of depth 9n+2 (He et al. 2016): 3 stages of n units with
-    16/32/64 bottleneck widths (64/128/256 outputs); BN-ReLU before the pooled head."""
+    16/32/64 bottleneck widths (64/128/256 outputs); BN-ReLU before the pooled head. `init`, `norm`,
+    `drop_path`: as imagenet_resnet."""
+    norm = _check_presets(init, norm, drop_path, gate)
     n = _blocks_per_stage(depth, 3, "pre-activation CIFAR ResNet")
     stem = conv3x3(in_chans, 16)
     blocks, out_ch = build_blocks(
         "preact_bottleneck", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias,
         carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+        init=init, norm=norm, drop_path=drop_path,
     )
     head = nn.Sequential(
-        nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(out_ch, num_classes),
+        make_norm("scalar_bias" if init == "fixup" else norm, out_ch), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes),
     )
-    model = ResNet(stem, blocks, head)
-    return model
+    return _finish(ResNet(stem, blocks, head), init)
 
 
 @register_variant(cifar_resnet, depth=20)
