@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from deepres.devices import parse_devices
 from deepres.errors import ConfigError
 from deepres.slurm.requeue import DEFAULT_SIGNAL_LEAD, parse_slurm_time
 
@@ -93,22 +94,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------------------- checking
-def _device_count(devices: Any) -> int | None:
-    """trainer.devices as a number of processes per node; None for "auto"/-1 (decided on the node)."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text in ("auto", "-1"):
-            return None
-        if "," in text:  # "0,1": a list of device indices
-            return len([d for d in text.split(",") if d.strip()])
-        devices = int(text) if text.isdigit() else text
-    if isinstance(devices, int):
-        return None if devices == -1 else devices
-    raise ConfigError(f"trainer.devices={devices!r} is not a device count; give a number such as 2.")
-
-
 def _strategy_name(strategy: Any) -> str:
     if isinstance(strategy, dict):  # {class_path: lightning.pytorch.strategies.DDPStrategy, ...}
         return str(strategy.get("class_path", "")).rsplit(".", 1)[-1].lower()
@@ -129,7 +114,7 @@ def plan(request: ClusterRequest, trainer: TrainerSettings) -> Plan:
             raise ConfigError(f"{name} {value}: give a positive number.")
     if gpus < 0:
         raise ConfigError(f"--gpus-per-node {gpus}: give 0 or more.")
-    devices = _device_count(trainer.devices)
+    devices = parse_devices(trainer.devices).count
     # What the command line asks for wins; what it leaves open comes from the trainer.
     tasks = request.tasks_per_node or gpus or devices or 1
     nodes = request.nodes or trainer.num_nodes or 1
