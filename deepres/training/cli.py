@@ -30,6 +30,7 @@ from deepres.errors import ConfigError
 from deepres.slurm.job import SlurmJob, prepare_process
 from deepres.strategies import resolve_strategy
 from deepres.training.assembly import trainer_parts
+from deepres.training.key_suggestions import class_option_hint, suggest
 from deepres.training.checkpoints import (
     CheckpointWriteError,
     checkpoint_global_step,
@@ -127,6 +128,20 @@ class DeepresCLI(LightningCLI):
             "trainer.use_distributed_sampler": False,
             "seed_everything": 0,
         })
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            # A key that does not exist (or a prefix of one): one line naming it and the nearest valid keys.
+            argv = list(sys.argv[1:] if args is None else args)
+            sub = getattr(parser, "_subcommands_action", None)
+            subparser = sub._name_parser_map.get(argv[0]) if sub is not None and argv else None
+            hint = suggest(str(err).split("\n")[0], subparser or parser, argv[1:] if subparser else argv)
+            if hint is None:
+                raise
+            raise ConfigError(f"{hint} Run `deepres {argv[0] if subparser else 'fit'} --help` for the valid options, "
+                              "or `--print_config` for the full configuration.") from None
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI (2.6) reads the hyper-parameters of an explicit --ckpt_path file here, before any hook:
@@ -282,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             L.LightningModule, L.LightningDataModule,
             subclass_mode_model=True, subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             # None: LightningCLI reads sys.argv itself (passing both makes it warn)
             args=None if argv == sys.argv[1:] else argv,
         )
@@ -338,7 +353,7 @@ def _first_paragraph(exc: BaseException) -> str:
     rest = text[text.find("Problem with given class_path"):]
     option = re.search(r"Option '([\w.]+)' is not accepted", rest)
     if option:
-        return (f"{section}: {cls} has no option {option.group(1)!r}. "
+        return (f"{section}: {cls} has no option {option.group(1)!r}{class_option_hint(section, cls, option.group(1))}. "
                 f"See `deepres fit --{section}.help {cls}` for the options it takes.")
     key = re.search(r'Parser key "([\w.]+)"', rest)
     expected = re.findall(r"Expected a <class '([\w.]+)'>", rest)

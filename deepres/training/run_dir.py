@@ -34,6 +34,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from deepres.errors import ConfigError
 from deepres.files import atomic_write_bytes
+from deepres.slurm.requeue import slurm_job_id
 
 PACKAGES = ("deepres", "torch", "torchvision", "lightning", "torchmetrics", "deepspeed", "webdataset", "wandb",
             "numpy", "jsonargparse")
@@ -151,7 +152,8 @@ def launch_key() -> str | None:
         return f"torchrun-{e['TORCHELASTIC_RUN_ID']}-{e.get('MASTER_ADDR', '')}-{e.get('MASTER_PORT', '')}"
     if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         e = os.environ
-        return (f"slurm-{e['SLURM_JOB_ID']}-{e.get('SLURM_STEP_ID', '')}-{e.get('SLURM_RESTART_COUNT', '0')}")
+        # An array task by <array job>_<task> (deepres.slurm.requeue.slurm_job_id), as in its log and requeue.
+        return f"slurm-{slurm_job_id()}-{e.get('SLURM_STEP_ID', '')}-{e.get('SLURM_RESTART_COUNT', '0')}"
     if "MASTER_PORT" in os.environ and ("NODE_RANK" in os.environ or "LOCAL_RANK" in os.environ):
         return f"env-{os.environ.get('MASTER_ADDR', '')}-{os.environ['MASTER_PORT']}"
     return None
@@ -227,7 +229,7 @@ def run_info() -> dict[str, Any]:
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id() if "SLURM_JOB_ID" in os.environ else None,
     }
 
 
