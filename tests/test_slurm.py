@@ -163,8 +163,8 @@ def test_sbatch_values_with_spaces_or_newlines_are_refused(tmp_path):
 
 
 def test_job_block_quotes_every_value():
-    assert job_block(["/a b/python", "-m", "deepres"], None, ["--x", "$HOME"], 7) == [
-        "DEEPRES=('/a b/python' -m deepres)", "CONFIG=", "ARGS=(--x '$HOME')", "SIGNAL_LEAD=7",
+    assert job_block(["/a b/python", "-m", "deepres"], None, ["--x", "$HOME"], 7)[1:] == [
+        "DEEPRES=('/a b/python' -m deepres)", "CONFIG=", "ARGS=(--x '$HOME')", "SIGNAL_LEAD=7", "POINT=()",
     ]
 
 
@@ -274,7 +274,8 @@ def _free_port_range(count: int) -> int:
     import socket
 
     for _ in range(50):
-        base = random.randrange(20000, 30000)
+        # Above the template's MASTER_PORT range (10000-29999), below the ephemeral range (32768-).
+        base = random.randrange(30000, 32700)
         try:
             for port in range(base, base + count):
                 with socket.socket() as sock:

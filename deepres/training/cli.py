@@ -287,6 +287,8 @@ def _explicit(ckpt: str | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:  # "the rest are options of this command", as in `deepres submit ... -- --trainer.max_steps 7`
+        argv.remove("--")
     # First thing: inside a SLURM job a requeue signal now requeues it (deepres.slurm.job).
     prepare_process(argv[0] if argv else None)
     # Called from Python (tests, scripts) with its own argv: that is intended here.
