@@ -32,7 +32,7 @@ from deepres.errors import ConfigError
 from deepres.slurm.render import cluster_block, job_block, render, replace_block, template_text  # noqa: F401
 from deepres.slurm.request import ClusterRequest, Plan, TrainerSettings, plan  # noqa: F401
 from deepres.slurm.requeue import DEFAULT_SIGNAL_LEAD, SUBMIT_SCRIPT
-from deepres.slurm.sweep import Sweep
+from deepres.slurm.sweep import Sweep, record_array_job
 
 _RUN_NAME_CHARS = "letters, digits, '.', '_' and '-'"
 
@@ -254,6 +254,8 @@ def _submit(options: argparse.Namespace, overrides: list[str]) -> int:
     script_path = run_dir / SUBMIT_SCRIPT
     script_path.write_text(script)
     job_id = _sbatch(script_path)
+    if sweep is not None:
+        record_array_job(run_dir, job_id)
     log = run_dir / (f"slurm-{job_id}_<task>.out" if sweep else f"slurm-{job_id}.out")
     shown = os.path.relpath(log) if log.is_relative_to(Path.cwd()) else str(log)
     what = (f"job array {job_id}: {len(sweep.points())} points (tasks 0-{len(sweep.points()) - 1}"

@@ -117,6 +117,12 @@ class Sweep:
             (sweep_dir / p.name / POINT_FILE).write_text(json.dumps({"task": p.index, "values": p.values}) + "\n")
 
 
+def record_array_job(sweep_dir: Path, job_id: str) -> None:
+    """Note the array job id in sweep.json once sbatch has given it (the task logs are named by it)."""
+    record = load_sweep(sweep_dir)
+    (Path(sweep_dir) / SWEEP_FILE).write_text(json.dumps({**record, "array_job": job_id}, indent=2) + "\n")
+
+
 def load_sweep(sweep_dir: Path) -> dict:
     path = Path(sweep_dir) / SWEEP_FILE
     try:

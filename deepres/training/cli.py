@@ -51,6 +51,7 @@ from deepres.training.run_dir import (
     release_run_dir_locks,
     resolve_run_dir,
     truncate_metrics,
+    write_finished,
     write_run_info,
 )
 from deepres.wandb_logging import WandbConfig
@@ -268,6 +269,7 @@ class DeepresCLI(LightningCLI):
         if stopped_by is not None:
             raise StoppedBySignal(stopped_by)
         if self.trainer.is_global_zero:
+            write_finished(self.run_dir, self.trainer)
             print(f"\ndeepres: run directory {self.run_dir.resolve()}\n"
                   f"  config.yaml, run_info.json, metrics.csv, checkpoints/last.ckpt\n"
                   f"  figures: deepres report {self.run_dir}")

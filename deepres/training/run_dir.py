@@ -258,6 +258,21 @@ def write_run_info(run_dir: Path) -> None:
     atomic_write_bytes(path, json.dumps({**starts[0], "starts": starts}, indent=2).encode())
 
 
+FINISHED = "finished.json"
+
+
+def write_finished(run_dir: Path, trainer: Any) -> None:
+    """finished.json: the run trained to its end (not stopped by a signal), with its final metrics (what
+    ``deepres sweep-summary`` tabulates); call on rank 0 only."""
+    metrics = {}
+    for key, value in trainer.callback_metrics.items():
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            metrics[key] = float(value)
+    record = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics}
+    atomic_write_bytes(run_dir / FINISHED, json.dumps(record, indent=2).encode())
+
+
 class _ResumingWriter(ExperimentWriter):
     """Keeps an existing metrics.csv (Lightning's writer deletes it when the directory is not empty)."""
 
