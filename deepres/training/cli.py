@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import yaml
@@ -30,6 +31,7 @@ from deepres.errors import ConfigError
 from deepres.slurm.job import SlurmJob, prepare_process
 from deepres.strategies import resolve_strategy
 from deepres.training.assembly import trainer_parts
+from deepres.training.quiet_logs import quiet_third_party
 from deepres.training.key_suggestions import class_option_hint, suggest
 from deepres.training.checkpoints import (
     CheckpointWriteError,
@@ -76,6 +78,11 @@ class RunConfig:
     async_checkpoint: bool = True
     """Write checkpoints from a background thread: training waits only while the tensors are copied to CPU
     memory (serialising, writing and fsyncing happen beside training)."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Console progress: auto is the bar on a terminal and a plain line every progress_every_n_steps steps (and
+    one per epoch) when stdout is a file, e.g. a SLURM log; bar or lines force one."""
+    progress_every_n_steps: int = 50
+    """Steps between two progress lines (run.progress lines, or auto in a log file)."""
     collective_timeout_minutes: float = 10.0
     """A collective (gradient all-reduce, barrier) that waits longer than this for another rank fails, naming
     the rank that does not answer, instead of hanging for torch's default 30 minutes."""
@@ -293,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--")
     # First thing: inside a SLURM job a requeue signal now requeues it (deepres.slurm.job).
     prepare_process(argv[0] if argv else None)
+    quiet_third_party()
     # Called from Python (tests, scripts) with its own argv: that is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     DeepresCLI.user_class_paths = sections_with_class_path(argv)
