@@ -13,7 +13,7 @@ asked, so it works on any copy of the directory. A point is
 
 For a sweep of one key the figure is the metric against the key's values (a log axis when they are positive
 numbers spanning 10x or more), the form of the depth plots in Srivastava et al. (2015), "Training Very Deep
-Networks" (see docs/science.md).
+Networks" (docs/science.md, "Depth sweeps").
 """
 
 from __future__ import annotations
