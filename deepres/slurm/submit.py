@@ -271,8 +271,8 @@ def _submit(options: argparse.Namespace, overrides: list[str]) -> int:
                   f"{', ...' if len(sweep.points()) > 3 else ''})",
                   f"  follow:  squeue -j {job_id}",
                   f"  results: deepres sweep-summary {shlex.quote(os.path.relpath(run_dir))}",
-                  f"  cancel:  scancel {job_id}   (one task: scancel {job_id}_<task>; test preemption: "
-                  f"scancel --signal=USR1 {job_id}_<task>)"]
+                  f"  cancel:  scancel {job_id}   (one task: scancel {job_id}_<task>; preempt one, as SLURM "
+                  f"would: scontrol requeue {job_id}_<task>)"]
     else:
         lines += [f"  follow:  tail -f {shlex.quote(shown)}",
                   f"           squeue -j {job_id}",
