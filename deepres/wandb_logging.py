@@ -148,6 +148,26 @@ class DeepresWandbLogger(WandbLogger):
             self._experiment = DummyExperiment()
             return self._experiment
 
+    def _lost(self, err: BaseException) -> None:
+        """wandb's service is gone (e.g. SLURM's SIGTERM reached it as well as training): training goes on
+        without wandb, with one warning, and wandb's own exit hook is not left to fail at interpreter exit."""
+        rank_zero_warn(f"wandb: run {self._id} lost its wandb service ({type(err).__name__}: {err}); training goes "
+                       "on without wandb. What it logged until now is kept; metrics.csv has every metric.")
+        self._experiment = DummyExperiment()
+        import wandb
+
+        with contextlib.suppress(Exception):
+            wandb.teardown(exit_code=1)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if isinstance(self._experiment, DummyExperiment):
+            return
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as err:  # a dashboard call must never end the job
+            self._lost(err)
+
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
         if not isinstance(self.experiment, DummyExperiment):  # the dummy has no config to update
@@ -174,7 +194,10 @@ class DeepresWandbLogger(WandbLogger):
         sync_dir = Path(getattr(run, "sync_dir", run.settings.sync_dir))
         # One deepres command is one wandb session: finish it here, so its files are complete when
         # the hint is printed and a later fit in the same process (tests, notebooks) starts its own.
-        run.finish(exit_code=0 if status == "success" else 1)
+        try:
+            run.finish(exit_code=0 if status == "success" else 1)
+        except Exception as err:  # e.g. SLURM's SIGTERM also ended the wandb service: the job must still stop cleanly
+            self._lost(err)
         if not offline and getattr(run, "url", None):
             print(f"wandb: run {run.id}: {run.url}", flush=True)
         if offline:

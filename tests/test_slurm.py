@@ -590,6 +590,7 @@ def test_a_sweep_is_one_job_array_whose_preempted_task_resumes_alone(slurm_clust
         log = (sweep_dir / f"slurm-{array}_{task}.out").read_text()
         assert info["JobState"] == "COMPLETED", log[-3000:]
         assert info["Restarts"] == ("1" if task == 1 else "0"), (task, info["Restarts"])
+        assert "Traceback" not in log, log[-3000:]  # the SIGTERM of the preemption ends wandb's service too
         assert f"[deepres.sbatch] job {array}_{task} restart 0:" in log  # the array task id, not the job id
         assert _global_step(sweep_dir / names[task] / "checkpoints" / "last.ckpt") == max_steps
         assert (sweep_dir / names[task] / "finished.json").is_file()
