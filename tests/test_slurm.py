@@ -610,3 +610,23 @@ def test_a_sweep_is_one_job_array_whose_preempted_task_resumes_alone(slurm_clust
                                                         for i in range(4)]
     assert "4 of 4 points finished" in summary.stdout
     print(f"SWEEP array {array}: task 1 preempted after step {saved}, resumed from it\n{summary.stdout}")
+
+
+@pytest.mark.slurm
+def test_dry_run_of_a_sweep_with_memory_and_site_setup_passes_bash_and_sbatch_test_only(slurm_cluster, tmp_path):
+    setup = tmp_path / "site.sh"
+    setup.write_text("export DEEPRES_SITE=1\n")
+    before = _job_ids(slurm_cluster)
+    result = _deepres(slurm_cluster, tmp_path, "submit", "--tasks-per-node", "1", "--time", "5", "--mem", "100M",
+                      "--setup", str(setup), "--python", PYTHON, "--name", "dry-sweep", "--dry-run",
+                      "--sweep", "model.depth=3,5", "--array-limit", "1", "--", "--trainer.max_steps", "3")
+    assert result.returncode == 0, result.stderr
+    script = tmp_path / "dry.sbatch"
+    script.write_text(result.stdout)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=slurm_cluster, capture_output=True,
+                               text=True)
+    assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+    for line in ("#SBATCH --mem=100M", "#SBATCH --array=0-1%1", "export DEEPRES_SITE=1"):
+        assert line in result.stdout.splitlines()
+    assert _job_ids(slurm_cluster) == before and not (tmp_path / "runs").exists()
