@@ -3,7 +3,8 @@
     deepres fit|validate|test [LightningCLI arguments]   train / evaluate (deepres.training.cli)
     deepres configs                                       list the configs `--config NAME` accepts
     deepres shard SRC OUT | --index SHARDS | --verify OUT write, index or verify webdataset shards
-    deepres submit --config FILE [...]                    submit to SLURM (deepres.slurm)
+    deepres submit --config FILE [...]                    submit to SLURM (deepres.slurm); --sweep: a job array
+    deepres sweep-summary RUNS/NAME                       a sweep's points and final metrics (deepres.sweep_summary)
     deepres report RUN_DIR [--out DIR]                    PNG figures from a run directory (deepres.report)
     deepres convert-zero CKPT_DIR OUT                     DeepSpeed ZeRO checkpoint -> plain state dict
 
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "configs": ("deepres.config_names", "main"),
     "shard": ("deepres.data.shard_writer", "main"),
     "submit": ("deepres.slurm.submit", "main"),
+    "sweep-summary": ("deepres.sweep_summary", "main"),
     "report": ("deepres.report", "main"),
     "convert-zero": ("deepres.strategies", "convert_zero_main"),
 }

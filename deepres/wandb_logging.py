@@ -61,6 +61,9 @@ class WandbConfig:
     offline: write to run_dir/wandb/ and sync later with `wandb sync`. disabled: same as enabled: false."""
     log_model: bool = False
     """Upload checkpoints as wandb artifacts (they can be large; the run directory keeps them anyway)."""
+    quiet: bool = True
+    """Keep wandb's own console output to warnings and errors: no start banner and no per-metric history and
+    summary at the end (~30 lines); deepres prints the run's id and where it is (URL, or the sync command)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,6 +148,26 @@ class DeepresWandbLogger(WandbLogger):
             self._experiment = DummyExperiment()
             return self._experiment
 
+    def _lost(self, err: BaseException) -> None:
+        """wandb's service is gone (e.g. SLURM's SIGTERM reached it as well as training): training goes on
+        without wandb, with one warning, and wandb's own exit hook is not left to fail at interpreter exit."""
+        rank_zero_warn(f"wandb: run {self._id} lost its wandb service ({type(err).__name__}: {err}); training goes "
+                       "on without wandb. What it logged until now is kept; metrics.csv has every metric.")
+        self._experiment = DummyExperiment()
+        import wandb
+
+        with contextlib.suppress(Exception):
+            wandb.teardown(exit_code=1)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if isinstance(self._experiment, DummyExperiment):
+            return
+        try:
+            super().log_metrics(metrics, step)
+        except Exception as err:  # a dashboard call must never end the job
+            self._lost(err)
+
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
         if not isinstance(self.experiment, DummyExperiment):  # the dummy has no config to update
@@ -171,12 +194,24 @@ class DeepresWandbLogger(WandbLogger):
         sync_dir = Path(getattr(run, "sync_dir", run.settings.sync_dir))
         # One deepres command is one wandb session: finish it here, so its files are complete when
         # the hint is printed and a later fit in the same process (tests, notebooks) starts its own.
-        run.finish(exit_code=0 if status == "success" else 1)
+        try:
+            run.finish(exit_code=0 if status == "success" else 1)
+        except Exception as err:  # e.g. SLURM's SIGTERM also ended the wandb service: the job must still stop cleanly
+            self._lost(err)
+        if not offline and getattr(run, "url", None):
+            print(f"wandb: run {run.id}: {run.url}", flush=True)
         if offline:
             # A resumed or requeued offline run leaves one directory per session; all belong to this run.
             sessions = sorted(sync_dir.parent.glob(f"offline-run-*-{run.id}")) or [sync_dir]
             print(f"wandb: run {run.id} was logged offline. Upload it with:\n"
                   f"    wandb sync {' '.join(str(s) for s in sessions)}", flush=True)
+
+
+def _settings(cfg: WandbConfig) -> Any:
+    import wandb
+
+    # quiet: wandb's "Suppress non-essential output" (banner, run history and summary); warnings still show.
+    return wandb.Settings(quiet=True) if cfg.quiet else None
 
 
 def make_wandb_logger(cfg: WandbConfig, run_dir: str | Path, run_config: dict[str, Any]) -> WandbLogger | None:
@@ -201,5 +236,6 @@ def make_wandb_logger(cfg: WandbConfig, run_dir: str | Path, run_config: dict[st
         resume="allow",
         mode=mode,
         log_model=cfg.log_model,
+        settings=_settings(cfg),
         config={**run_config, "run_info": run_info()},  # git SHA, package versions, command
     )

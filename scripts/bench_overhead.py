@@ -17,9 +17,10 @@ Timing: the clock is read at the start of every step (deepres: a `--trainer.call
 `on_train_batch_start`; hand loop: the top of the loop body), both after the batch is fetched, so the interval from step
 `warmup` to step `warmup + steps` covers `steps` whole iterations (data loading, forward, backward,
 optimiser, hooks, logging) and excludes setup, warm-up, validation and checkpointing (the training
-set is larger than warm-up + timed steps, so no epoch ends inside the window). Trials alternate
-deepres/hand and hand/deepres so that drift in a shared machine's load hits both sides alike; the
-ratio is taken per adjacent pair and summarised by its median. Writes overhead.{csv,md,png}.
+set is larger than warm-up + timed steps, so no epoch ends inside the window). Each job is timed three ways: `deepres fit` as configured by default
+(wandb included: offline without credentials), `deepres fit --wandb.enabled false`, and the hand loop. Trials
+alternate the order of the sides so that drift in a shared machine's load hits both sides alike; the
+ratio is taken per trial (each deepres side against that trial's hand loop) and summarised by its median. Writes overhead.{csv,md,png}.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def make_tensors(shape: tuple[int, ...], n: int) -> tuple[torch.Tensor, torch.Te
     return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+SIDES = {  # side: extra `deepres fit` arguments (None: the hand loop)
+    "deepres": [],  # everything the default job does, wandb included (offline without credentials)
+    "deepres, no wandb": ["--wandb.enabled", "false"],
+    "hand": None,
+}
+
+
 def time_deepres(job_args: list[str], args: argparse.Namespace, root: str) -> float:
     """Seconds for `args.steps` steps of `deepres fit`."""
     from deepres.training.cli import main as deepres_main
@@ -151,6 +159,26 @@ def time_hand_loop(job_args: list[str], args: argparse.Namespace) -> float:
     raise RuntimeError("the data set is shorter than warm-up + timed steps")
 
 
+def _mean_std(ts: list[float]) -> tuple[float, float]:
+    return statistics.mean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0
+
+
+def profile(job: str, job_args: list[str], args: argparse.Namespace, root: str, top: int = 25) -> None:
+    """Where one `deepres fit` of the job spends its time outside torch's kernels (cProfile, tottime)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    time_deepres(job_args, args, root)
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+    stats.print_stats(r"(lightning|deepres|wandb|torchmetrics|tqdm)", top)
+    print(f"--- {job}: cProfile of one deepres fit (setup included), by own time ---\n{text.getvalue()}", flush=True)
+
+
 def write_table(path: Path, rows: list[dict], summary: dict[str, dict], header: str) -> None:
     lines = [
         "### Framework overhead: `deepres fit` vs a hand-written PyTorch loop",
@@ -158,7 +186,7 @@ def write_table(path: Path, rows: list[dict], summary: dict[str, dict], header: 
         header,
         "",
         "Seconds per training step (mean ± std over trials) and the ratio deepres ÷ hand loop (median of",
-        f"adjacent-pair ratios, range in brackets). Target ≤ {TARGET}.",
+        f"per-trial ratios, range in brackets). Target ≤ {TARGET}.",
         "",
         "| job | deepres fit, ms/step | hand loop, ms/step | ratio | target | verdict |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
@@ -188,10 +216,10 @@ def plot(path: Path, rows: list[dict]) -> None:
     jobs = list(dict.fromkeys(r["job"] for r in rows))
     fig, axes = plt.subplots(1, len(jobs), figsize=(5 * len(jobs), 3.6), squeeze=False)
     for ax, job in zip(axes[0], jobs, strict=True):
-        for side, colour in (("deepres", "tab:blue"), ("hand", "tab:grey")):
+        for side, colour in zip(SIDES, ("tab:blue", "tab:orange", "tab:grey"), strict=True):
             sel = [r for r in rows if r["job"] == job and r["side"] == side]
             ax.plot([r["trial"] for r in sel], [r["ms_per_step"] for r in sel], "o-", color=colour,
-                    label="deepres fit" if side == "deepres" else "hand-written loop")
+                    label={"deepres": "deepres fit", "hand": "hand-written loop"}.get(side, f"{side[:7]} fit{side[7:]}"))
         ax.set_xticks(sorted({r["trial"] for r in rows}))
         ax.set_xlabel("trial (sides alternate within a trial)")
         ax.set_ylabel("ms per training step")
@@ -211,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 trials of 3 steps, batch 8")
+    parser.add_argument("--jobs", nargs="+", choices=["resnet20_cifar", "default"], default=["resnet20_cifar", "default"],
+                        help="which jobs to time (default: both)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run one cProfile'd `deepres fit` per job and print where its time goes")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps, args.trials, args.batch_size = 1, 3, 2, 8
@@ -221,20 +253,29 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as root:
         for job, (job_args, shape) in JOBS.items():
+            if ("default" if job.startswith("default") else job) not in args.jobs:
+                continue
             InMemoryData.tensors = make_tensors(shape, (args.warmup + args.steps + 2) * args.batch_size)
-            times: dict[str, list[float]] = {"deepres": [], "hand": []}
+            if args.profile:
+                profile(job, job_args, args, root)
+            times: dict[str, list[float]] = {side: [] for side in SIDES}
             for trial in range(args.trials):
-                for side in ("deepres", "hand") if trial % 2 == 0 else ("hand", "deepres"):
-                    t = time_deepres(job_args, args, root) if side == "deepres" else time_hand_loop(job_args, args)
+                order = list(SIDES) if trial % 2 == 0 else list(reversed(SIDES))
+                for side in order:
+                    extra = SIDES[side]
+                    t = time_hand_loop(job_args, args) if extra is None else time_deepres([*job_args, *extra], args, root)
                     times[side].append(t / args.steps)
                     rows.append({"job": job, "trial": trial + 1, "side": side, "ms_per_step": t / args.steps * 1e3})
-                    print(f"{job}: trial {trial + 1} {side:7s} {t / args.steps * 1e3:8.2f} ms/step", flush=True)
-            ratios = [d / h for d, h in zip(times["deepres"], times["hand"], strict=True)]
-            summary[job] = {side: (statistics.mean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0)
-                            for side, ts in times.items()}
-            summary[job] |= {"ratio": statistics.median(ratios), "ratios": ratios}
-            print(f"{job}: deepres/hand = {summary[job]['ratio']:.3f} (median of {len(ratios)} adjacent pairs; "
-                  f"target <= {TARGET})", flush=True)
+                    print(f"{job}: trial {trial + 1} {side:17s} {t / args.steps * 1e3:8.2f} ms/step", flush=True)
+            for side in SIDES:
+                if side == "hand":
+                    continue
+                ratios = [d / h for d, h in zip(times[side], times["hand"], strict=True)]
+                label = job if side == "deepres" else f"{job}, no wandb"
+                summary[label] = {"deepres": _mean_std(times[side]), "hand": _mean_std(times["hand"]),
+                                  "ratio": statistics.median(ratios), "ratios": ratios}
+                print(f"{label}: deepres/hand = {summary[label]['ratio']:.3f} (median of {len(ratios)} trials, "
+                      f"each against the hand loop of the same trial; target <= {TARGET})", flush=True)
     seconds = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(args.out_dir / "overhead.csv", rows)

@@ -163,8 +163,8 @@ def test_sbatch_values_with_spaces_or_newlines_are_refused(tmp_path):
 
 
 def test_job_block_quotes_every_value():
-    assert job_block(["/a b/python", "-m", "deepres"], None, ["--x", "$HOME"], 7) == [
-        "DEEPRES=('/a b/python' -m deepres)", "CONFIG=", "ARGS=(--x '$HOME')", "SIGNAL_LEAD=7",
+    assert job_block(["/a b/python", "-m", "deepres"], None, ["--x", "$HOME"], 7)[1:] == [
+        "DEEPRES=('/a b/python' -m deepres)", "CONFIG=", "ARGS=(--x '$HOME')", "SIGNAL_LEAD=7", "POINT=()",
     ]
 
 
@@ -274,7 +274,8 @@ def _free_port_range(count: int) -> int:
     import socket
 
     for _ in range(50):
-        base = random.randrange(20000, 30000)
+        # Above the template's MASTER_PORT range (10000-29999), below the ephemeral range (32768-).
+        base = random.randrange(30000, 32700)
         try:
             for port in range(base, base + count):
                 with socket.socket() as sock:
@@ -557,3 +558,75 @@ def test_dry_run_prints_a_valid_script_and_submits_nothing(slurm_cluster, tmp_pa
     assert "--trainer.num_nodes 2" in result.stdout and "--run.name dry" in result.stdout
     assert _job_ids(slurm_cluster) == before
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_sweep_is_one_job_array_whose_preempted_task_resumes_alone(slurm_cluster, tmp_path):
+    env = {**slurm_cluster, "WANDB_MODE": "offline"}
+    max_steps = 300
+    result = _deepres(env, tmp_path, "submit", "--time", "15", "--signal-lead", "30", "--tasks-per-node", "1",
+                      "--name", "sweep", "--array-limit", "2", "--sweep", "model.depth=50,100",
+                      "--sweep", "model.gate=highway,residual", "--", "--trainer.max_steps", str(max_steps),
+                      "--trainer.max_epochs", "-1", "--run.checkpoint_every_n_steps", "25", *QUIET)
+    assert result.returncode == 0, result.stderr
+    array = re.search(r"^submitted job array (\d+): 4 points \(tasks 0-3, at most 2 at once\)", result.stdout, re.M)[1]
+    sweep_dir = tmp_path / "runs" / "sweep"
+    names = ["depth=50,gate=highway", "depth=50,gate=residual", "depth=100,gate=highway", "depth=100,gate=residual"]
+    assert [p["name"] for p in __import__("json").loads((sweep_dir / "sweep.json").read_text())["points"]] == names
+
+    # Preempt task 1 while it trains; the others are not touched.
+    log1 = sweep_dir / f"slurm-{array}_1.out"
+    _wait_for_log(log1, r"^\[deepres.slurm\] training from step 0")
+    deadline = time.monotonic() + 120
+    while find_resume_checkpoint(sweep_dir / names[1])[1] < 25:
+        assert time.monotonic() < deadline, log1.read_text()[-3000:]
+        time.sleep(0.2)
+    # What SLURM does to a preempted task (PreemptMode=REQUEUE): SIGTERM, requeue, start again.
+    subprocess.run(["scontrol", "requeue", f"{array}_1"], env=env, check=True)
+
+    infos = [_wait_for_job(env, f"{array}_{task}") for task in range(4)]
+    for task, info in enumerate(infos):
+        log = (sweep_dir / f"slurm-{array}_{task}.out").read_text()
+        assert info["JobState"] == "COMPLETED", log[-3000:]
+        assert info["Restarts"] == ("1" if task == 1 else "0"), (task, info["Restarts"])
+        assert "Traceback" not in log, log[-3000:]  # the SIGTERM of the preemption ends wandb's service too
+        assert f"[deepres.sbatch] job {array}_{task} restart 0:" in log  # the array task id, not the job id
+        assert _global_step(sweep_dir / names[task] / "checkpoints" / "last.ckpt") == max_steps
+        assert (sweep_dir / names[task] / "finished.json").is_file()
+        assert f"--model.depth {names[task].split(',')[0].split('=')[1]}" in log
+    log1 = log1.read_text()
+    before, after = log1.split(f"[deepres.sbatch] job {array}_1 restart 1:", 1)
+    saved = int(re.search(r"SIGTERM: saved \S*/checkpoints/last.ckpt at step (\d+); stopping", before)[1])
+    assert saved >= 25
+    assert f"[deepres.slurm] training from step {saved}" in after and "resuming from" in after
+    # One run directory per point, nothing else beside them.
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(names)
+
+    summary = _deepres(env, tmp_path, "sweep-summary", str(sweep_dir))
+    assert summary.returncode == 0, summary.stderr
+    rows = [line for line in summary.stdout.splitlines() if re.match(r"\| \d ", line)]
+    assert [row.split(" | ")[3:6] for row in rows] == [["finished", str(max_steps), "1" if i == 1 else "0"]
+                                                        for i in range(4)]
+    assert "4 of 4 points finished" in summary.stdout
+    print(f"SWEEP array {array}: task 1 preempted after step {saved}, resumed from it\n{summary.stdout}")
+
+
+@pytest.mark.slurm
+def test_dry_run_of_a_sweep_with_memory_and_site_setup_passes_bash_and_sbatch_test_only(slurm_cluster, tmp_path):
+    setup = tmp_path / "site.sh"
+    setup.write_text("export DEEPRES_SITE=1\n")
+    before = _job_ids(slurm_cluster)
+    result = _deepres(slurm_cluster, tmp_path, "submit", "--tasks-per-node", "1", "--time", "5", "--mem", "100M",
+                      "--setup", str(setup), "--python", PYTHON, "--name", "dry-sweep", "--dry-run",
+                      "--sweep", "model.depth=3,5", "--array-limit", "1", "--", "--trainer.max_steps", "3")
+    assert result.returncode == 0, result.stderr
+    script = tmp_path / "dry.sbatch"
+    script.write_text(result.stdout)
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=slurm_cluster, capture_output=True,
+                               text=True)
+    assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+    for line in ("#SBATCH --mem=100M", "#SBATCH --array=0-1%1", "export DEEPRES_SITE=1"):
+        assert line in result.stdout.splitlines()
+    assert _job_ids(slurm_cluster) == before and not (tmp_path / "runs").exists()

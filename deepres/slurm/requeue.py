@@ -41,6 +41,8 @@ REQUEUE_SIGNAL = signal.SIGUSR1
 DEFAULT_SIGNAL_LEAD = 120
 # `deepres submit` writes the job script here, inside the run directory it prepares for the job.
 SUBMIT_SCRIPT = "submit.sbatch"
+# ... and, for a sweep, this file into each point's run directory (deepres.slurm.sweep.POINT_FILE).
+SWEEP_POINT_FILE = "sweep_point.json"
 
 
 @dataclass
@@ -163,7 +165,8 @@ def submitted_run_dir(root: str | os.PathLike[str], name: str) -> Path | None:
     see a non-empty ``runs/<name>`` and move to ``runs/<name>-2``.
     """
     path = Path(root) / name
-    return path if in_slurm_job() and (path / SUBMIT_SCRIPT).is_file() else None
+    prepared = (path / SUBMIT_SCRIPT).is_file() or (path / SWEEP_POINT_FILE).is_file()  # a run, or a sweep's point
+    return path if in_slurm_job() and prepared else None
 
 
 def restart_message(resumed_from: os.PathLike[str] | None) -> str:

@@ -1,276 +1,49 @@
-"""``deepres submit``: one training run as a SLURM job, checked before anything is queued.
+"""``deepres submit``: a training run, or a sweep of runs, as a SLURM job, checked before anything is queued.
 
-    deepres submit --config FILE [--nodes N] [--gpus-per-node G | --tasks-per-node T] [--cpus-per-task C]
-                   [--mem M] [--time T] [--partition P] [--account A] [--qos Q] [--constraint C]
-                   [--signal-lead S] [--name NAME] [--dry-run] [training overrides ...]
+    deepres submit [--config FILE] [--nodes N] [--gpus-per-node G | --gres gpu:G | --tasks-per-node T]
+                   [--cpus-per-task C] [--mem M | --mem-per-cpu M | --mem-per-gpu M] [--time T] [--partition P]
+                   [--account A] [--qos Q] [--constraint C] [--signal-lead S] [--setup FILE] [--python PATH]
+                   [--sweep KEY=V1,V2,... ...] [--array-limit N] [--name NAME] [--dry-run]
+                   [training overrides ...] [-- training overrides ...]
 
-Steps: resolve the training config exactly as ``deepres fit`` would (its own ``--print_config``), check the
-cluster request against the trainer, render the sbatch template into ``runs/<name>/submit.sbatch``,
-``sbatch --parsable`` it, print the job id and how to follow it. The template is one file,
-``deepres/slurm/deepres.sbatch`` (package data, so an installed deepres has it); ``slurm/deepres.sbatch`` is a
-symlink to it for use by hand. Rendering replaces its two marked blocks ("cluster": the #SBATCH lines;
-"job": command, config and overrides) and leaves the rest as written.
+Steps: resolve the training config exactly as ``deepres fit`` would (its own ``--print_config``; for a sweep,
+once per value of every key), check the cluster request against the trainer (deepres.slurm.request), render
+the sbatch template (deepres.slurm.render) into ``runs/<name>/submit.sbatch``, check it with ``bash -n``,
+``sbatch --parsable`` it, print the job id and how to follow it.
 
-How the request and the trainer meet (SLURM starts one process per device):
-
-    --nodes N            = trainer.num_nodes   (num_nodes 1, the default, is set to N)
-    --tasks-per-node T   = trainer.devices     ("auto"/-1 is set to T); --gpus-per-node G means T = G
-    --gpus-per-node G>0  needs trainer.accelerator gpu/cuda/auto ("auto" is set to gpu); none means cpu
-    N x T > 1            needs a strategy whose processes SLURM may start (ddp, fsdp, deepspeed, auto),
-                         not one that spawns its own (ddp_spawn, ddp_notebook, ddp_fork) or dp
-    --time               longer than --signal-lead, the warning before the limit
-
-A contradiction stops with one message naming both values and the fix; nothing is submitted.
-Options not listed above are passed to ``deepres fit`` unchanged.
+Everything after ``--`` goes to ``deepres fit`` unchanged; before it, options this command does not know do too.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from importlib import resources
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from deepres.errors import ConfigError
-from deepres.slurm.requeue import DEFAULT_SIGNAL_LEAD, parse_slurm_time
+from deepres.slurm.render import cluster_block, job_block, render, replace_block, template_text  # noqa: F401
+from deepres.slurm.request import ClusterRequest, Plan, TrainerSettings, plan  # noqa: F401
+from deepres.slurm.requeue import DEFAULT_SIGNAL_LEAD, SUBMIT_SCRIPT
+from deepres.slurm.sweep import Sweep, record_array_job
 
-TEMPLATE = "deepres.sbatch"
-# Strategies that start their own worker processes: under srun every task already is one.
-SPAWNING_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook", "dp", "single_device")
-# SLURM's --signal accepts at most this many seconds.
-MAX_SIGNAL_LEAD = 65535
-# Characters allowed in values that go into #SBATCH lines, which sbatch parses by its own rules
-# (not the shell's): no whitespace, quotes, newlines or '%' (an sbatch file-name pattern).
-_SBATCH_VALUE = re.compile(r"^[A-Za-z0-9_./:@+,=&|\[\]()*!-]+$")
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass
-class ClusterRequest:
-    """What to ask SLURM for (the command-line options of ``deepres submit``)."""
-
-    nodes: int | None = None
-    tasks_per_node: int | None = None
-    gpus_per_node: int | None = None
-    cpus_per_task: int | None = None
-    mem: str | None = None
-    time: str | None = None
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    signal_lead: int = DEFAULT_SIGNAL_LEAD
-
-
-@dataclass
-class TrainerSettings:
-    """The trainer keys that decide how many processes run where (from the resolved training config)."""
-
-    num_nodes: int = 1
-    devices: Any = "auto"
-    accelerator: Any = "auto"
-    strategy: Any = "auto"
-
-
-@dataclass
-class Plan:
-    """A checked request: the numbers to render and the trainer overrides that make both agree."""
-
-    nodes: int
-    tasks_per_node: int
-    gpus_per_node: int
-    trainer_overrides: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------- checking
-def _device_count(devices: Any) -> int | None:
-    """trainer.devices as a number of processes per node; None for "auto"/-1 (decided on the node)."""
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text in ("auto", "-1"):
-            return None
-        if "," in text:  # "0,1": a list of device indices
-            return len([d for d in text.split(",") if d.strip()])
-        devices = int(text) if text.isdigit() else text
-    if isinstance(devices, int):
-        return None if devices == -1 else devices
-    raise ConfigError(f"trainer.devices={devices!r} is not a device count; give a number such as 2.")
-
-
-def _strategy_name(strategy: Any) -> str:
-    if isinstance(strategy, dict):  # {class_path: lightning.pytorch.strategies.DDPStrategy, ...}
-        return str(strategy.get("class_path", "")).rsplit(".", 1)[-1].lower()
-    return str(strategy).lower()
-
-
-def plan(request: ClusterRequest, trainer: TrainerSettings) -> Plan:
-    """Check the request against the trainer; fill what the trainer leaves open. Raises ConfigError."""
-    gpus = request.gpus_per_node or 0
-    if request.gpus_per_node is not None and request.tasks_per_node is not None and gpus != request.tasks_per_node:
-        raise ConfigError(
-            f"--gpus-per-node {gpus} and --tasks-per-node {request.tasks_per_node} disagree: deepres runs one "
-            f"task per GPU. Fix: give only --gpus-per-node {gpus}."
-        )
-    for name, value in (("--nodes", request.nodes), ("--tasks-per-node", request.tasks_per_node),
-                        ("--cpus-per-task", request.cpus_per_task)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} {value}: give a positive number.")
-    if gpus < 0:
-        raise ConfigError(f"--gpus-per-node {gpus}: give 0 or more.")
-    devices = _device_count(trainer.devices)
-    # What the command line asks for wins; what it leaves open comes from the trainer.
-    tasks = request.tasks_per_node or gpus or devices or 1
-    nodes = request.nodes or trainer.num_nodes or 1
-
-    overrides: list[str] = []
-    if devices is None:
-        overrides += ["--trainer.devices", str(tasks)]
-    elif devices != tasks:
-        option = "--gpus-per-node" if request.gpus_per_node else "--tasks-per-node"
-        raise ConfigError(
-            f"{option} {tasks} disagrees with trainer.devices={devices}: SLURM starts one task per device, so "
-            f"each node would run {tasks} processes where the trainer expects {devices}. "
-            f"Fix: pass --trainer.devices {tasks}, or {option} {devices}."
-        )
-    if trainer.num_nodes in (None, 1) and nodes != 1:
-        overrides += ["--trainer.num_nodes", str(nodes)]
-    elif trainer.num_nodes != nodes:
-        raise ConfigError(
-            f"--nodes {nodes} disagrees with trainer.num_nodes={trainer.num_nodes}. "
-            f"Fix: pass --trainer.num_nodes {nodes}, or --nodes {trainer.num_nodes}."
-        )
-
-    accelerator = str(trainer.accelerator).lower()
-    if gpus and accelerator == "cpu":
-        raise ConfigError(
-            f"--gpus-per-node {gpus} with trainer.accelerator=cpu would leave the GPUs idle. "
-            "Fix: pass --trainer.accelerator gpu, or --tasks-per-node instead of --gpus-per-node."
-        )
-    if not gpus and accelerator in ("gpu", "cuda"):
-        raise ConfigError(
-            f"trainer.accelerator={accelerator} but no GPUs are requested. "
-            f"Fix: pass --gpus-per-node {tasks}, or --trainer.accelerator cpu."
-        )
-    if accelerator == "auto":
-        overrides += ["--trainer.accelerator", "gpu" if gpus else "cpu"]
-
-    strategy = _strategy_name(trainer.strategy)
-    if nodes * tasks > 1 and (strategy in SPAWNING_STRATEGIES or "spawn" in strategy):
-        raise ConfigError(
-            f"trainer.strategy={strategy} starts its own processes, but SLURM already starts {nodes * tasks} "
-            "(one per device). Fix: pass --trainer.strategy ddp (or auto)."
-        )
-
-    if request.time is not None:
-        limit = _parse_time(request.time)
-        if limit is not None and limit <= request.signal_lead:
-            raise ConfigError(
-                f"--time {request.time} ({limit} s) is not longer than --signal-lead {request.signal_lead} s: "
-                "the job would be told to checkpoint and requeue before it could train. "
-                f"Fix: a longer --time, or --signal-lead below {limit}."
-            )
-    if not 1 <= request.signal_lead <= MAX_SIGNAL_LEAD:
-        raise ConfigError(f"--signal-lead {request.signal_lead}: give seconds between 1 and {MAX_SIGNAL_LEAD}.")
-    return Plan(nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus, trainer_overrides=overrides)
-
-
-def _parse_time(value: str) -> int | None:
-    try:
-        return parse_slurm_time(value)
-    except ValueError as err:
-        raise ConfigError(f"--time {value}: {err}.") from None
-
-
-# ------------------------------------------------------------------------------------------ rendering
-def _sbatch_value(option: str, value: object) -> str:
-    text = str(value)
-    if not _SBATCH_VALUE.match(text):
-        raise ConfigError(
-            f"{option} {text!r}: #SBATCH lines take no spaces, quotes, '%' or control characters. "
-            "Fix: use a value (or move the run directory to a path) without them."
-        )
-    return text
-
-
-def cluster_block(request: ClusterRequest, checked: Plan, name: str, run_dir: Path, workdir: Path) -> list[str]:
-    """The #SBATCH lines of the rendered script (options left unset are left out)."""
-    _sbatch_value("run directory", run_dir)
-    options: list[tuple[str, object]] = [
-        ("--job-name", name),
-        ("--partition", request.partition),
-        ("--account", request.account),
-        ("--qos", request.qos),
-        ("--constraint", request.constraint),
-        ("--time", request.time),
-        ("--nodes", checked.nodes),
-        ("--gpus-per-node", checked.gpus_per_node or None),
-        ("--ntasks-per-node", checked.tasks_per_node),
-        ("--cpus-per-task", request.cpus_per_task),
-        ("--mem", request.mem),
-        ("--signal", f"USR1@{request.signal_lead}"),
-        ("--chdir", workdir),
-    ]
-    lines = [f"#SBATCH {opt}={_sbatch_value(opt, value)}" for opt, value in options if value is not None]
-    # Fixed: requeue on signal, keep appending to one log per job id (checked above: run_dir is plain).
-    return [*lines, "#SBATCH --requeue", "#SBATCH --open-mode=append", f"#SBATCH --output={run_dir}/slurm-%j.out"]
-
-
-def job_block(deepres: list[str], config: Path | None, args: list[str], signal_lead: int) -> list[str]:
-    """The shell assignments of the rendered script; every value is shell-quoted."""
-
-    def array(items: list[str]) -> str:
-        return "(" + " ".join(shlex.quote(item) for item in items) + ")"
-
-    return [
-        f"DEEPRES={array(deepres)}",
-        f"CONFIG={shlex.quote(str(config)) if config else ''}",
-        f"ARGS={array(args)}",
-        f"SIGNAL_LEAD={int(signal_lead)}",
-    ]
-
-
-def replace_block(script: str, block: str, lines: list[str]) -> str:
-    """Replace the lines between ``# ---- <block>...`` and ``# ---- end <block> ----``."""
-    source = script.splitlines()
-    starts = [i for i, line in enumerate(source) if line.startswith(f"# ---- {block}:")]
-    ends = [i for i, line in enumerate(source) if line.strip() == f"# ---- end {block} ----"]
-    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
-        raise ConfigError(f"the sbatch template has no single '{block}' block; reinstall deepres.")
-    return "\n".join([*source[: starts[0] + 1], *lines, *source[ends[0] :]]) + "\n"
-
-
-def template_text() -> str:
-    return (resources.files("deepres.slurm") / TEMPLATE).read_text()
-
-
-def render(request: ClusterRequest, checked: Plan, *, name: str, run_dir: Path, workdir: Path,
-           deepres: list[str], config: Path | None, args: list[str]) -> str:
-    script = replace_block(template_text(), "cluster", cluster_block(request, checked, name, run_dir, workdir))
-    return replace_block(script, "job", job_block(deepres, config, args, request.signal_lead))
+_RUN_NAME_CHARS = "letters, digits, '.', '_' and '-'"
 
 
 # ------------------------------------------------------------------------------- the training config
-def resolve_trainer(config: Path | None, overrides: list[str]) -> TrainerSettings:
-    """The trainer settings ``deepres fit`` would use, from its own config printer.
+def _print_config_command(config: Path | None, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "deepres", "fit", *(["--config", str(config)] if config else []),
+            *overrides, "--print_config"]
 
-    Asking the training CLI (rather than reading the YAML here) applies its defaults, the config and the
-    overrides exactly as the job will, and rejects a typo in them now instead of in the queue.
-    """
-    command = [sys.executable, "-m", "deepres", "fit", *(["--config", str(config)] if config else []),
-               *overrides, "--print_config"]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+
+def _trainer_settings(command: list[str], result: subprocess.CompletedProcess[str]) -> TrainerSettings:
     if result.returncode != 0:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-12:]
         raise ConfigError(
@@ -287,20 +60,62 @@ def resolve_trainer(config: Path | None, overrides: list[str]) -> TrainerSetting
     )
 
 
+def _run_print_config(command: list[str]) -> subprocess.CompletedProcess[str]:
+    # Not the submitting process's wandb service, nor its SLURM job (a submit from inside an allocation).
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+
+
+def resolve_trainer(config: Path | None, overrides: list[str]) -> TrainerSettings:
+    """The trainer settings ``deepres fit`` would use, from its own config printer.
+
+    Asking the training CLI (rather than reading the YAML here) applies its defaults, the config and the
+    overrides exactly as the job will, and rejects a typo in them now instead of in the queue.
+    """
+    command = _print_config_command(config, overrides)
+    return _trainer_settings(command, _run_print_config(command))
+
+
+def resolve_sweep(config: Path | None, overrides: list[str], sweep: Sweep) -> TrainerSettings:
+    """Resolve every value of every swept key (a bad value fails now, not in task 4 of the array, hours later);
+    all points must need the same resources, since one array asks SLURM for the same for every task."""
+    points = sweep.checks()
+    commands = [_print_config_command(config, [*overrides, *p.overrides()]) for p in points]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(_run_print_config, commands))
+    settings = []
+    for point, command, result in zip(points, commands, results, strict=True):
+        try:
+            settings.append(_trainer_settings(command, result))
+        except ConfigError as err:
+            raise ConfigError(f"sweep point {point.name}: {err}") from None
+    for point, found in zip(points, settings, strict=True):
+        if found != settings[0]:
+            raise ConfigError(f"sweep point {point.name} runs as {found}, point {points[0].name} as {settings[0]}: "
+                              "one job array asks for the same resources for every task. Fix: sweep keys that do "
+                              "not change devices, nodes or strategy, or submit those separately.")
+    return settings[0]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepres submit",
-        description="Submit one deepres training run to SLURM. Options not listed here go to `deepres fit`.",
+        description="Submit a deepres training run, or a sweep of runs as one job array, to SLURM. Options not "
+                    "listed here, and everything after `--`, go to `deepres fit`.",
         allow_abbrev=False,  # "--n 2" must not silently mean --nodes
     )
     parser.add_argument("--config", type=Path, help="training config (YAML); default: the built-in default job")
     parser.add_argument("--nodes", type=int, help="nodes (= trainer.num_nodes)")
     tasks = parser.add_mutually_exclusive_group()
     tasks.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
+    tasks.add_argument("--gres", help="GPUs as a generic resource: gpu:N or gpu:TYPE:N (instead of --gpus-per-node)")
     tasks.add_argument("--tasks-per-node", type=int, help="processes per node on CPU nodes (= trainer.devices)")
     parser.add_argument("--cpus-per-task", type=int)
-    parser.add_argument("--mem", help="memory per node, e.g. 64G (0: all)")
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument("--mem", help="memory per node, e.g. 64G (0: all of it); default: the site's default")
+    memory.add_argument("--mem-per-cpu", help="memory per CPU, e.g. 4G")
+    memory.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 80G")
     parser.add_argument("--time", help="time limit, e.g. 4:00:00 or 1-00:00:00")
     parser.add_argument("--partition")
     parser.add_argument("--account")
@@ -308,17 +123,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--constraint")
     parser.add_argument("--signal-lead", type=int, default=DEFAULT_SIGNAL_LEAD,
                         help=f"seconds before the time limit to checkpoint and requeue (default {DEFAULT_SIGNAL_LEAD})")
+    parser.add_argument("--setup", type=Path,
+                        help="file of site setup lines (module load ..., source .../activate) run before deepres")
+    parser.add_argument("--python",
+                        help="the Python that runs deepres on the nodes (default: `python` on PATH after --setup; "
+                             "without --setup, the Python running this command)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="sweep a config key over values; several --sweep: their product; one array task each")
+    parser.add_argument("--array-limit", type=int, metavar="N", help="a sweep runs at most N tasks at once (%%N)")
     parser.add_argument("--name", help="run name: runs/<name>/ (default: config name + time)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go (default runs)")
     parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     return parser
 
 
-def _run_name(name: str | None, config: Path | None) -> str:
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this command's part, what goes to `deepres fit` untouched): split at the first ``--``."""
+    if "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []
+
+
+def _run_name(name: str | None, config: Path | None, sweep: bool = False) -> str:
     if name is None:
-        name = f"{config.stem if config else 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not _RUN_NAME.match(name):
-        raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names a directory and the job).")
+        stem = config.stem if config else "default"
+        name = f"{stem}{'-sweep' if sweep else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not (name[:1].isalnum() and all(c.isalnum() or c in "._-" for c in name) and name.isascii()):
+        raise ConfigError(f"--name {name!r}: use {_RUN_NAME_CHARS} (it names a directory and the job).")
     return name
 
 
@@ -334,6 +166,23 @@ def _check_run_dir_is_new(run_dir: Path, overrides: list[str]) -> None:
             f"run directory {run_dir} already exists. Fix: choose another --name (or leave it out for a new "
             "timestamped one), or add --ckpt_path last to continue that run."
         )
+
+
+def _python(options: argparse.Namespace) -> str:
+    if options.python:
+        return options.python
+    # With site setup lines, the environment they activate is the one to use; the submitting machine's Python
+    # path may not exist on the nodes. Without, it is the best guess (a shared file system), said in the script.
+    return "python" if options.setup else sys.executable
+
+
+def _check_bash(script: str, setup: Path | None) -> None:
+    if shutil.which("bash") is None:
+        return
+    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        where = f" (the lines from --setup {setup} are in it)" if setup else ""
+        raise ConfigError(f"the rendered script is not valid bash{where}: {result.stderr.strip()}")
 
 
 def _sbatch(script_path: Path) -> str:
@@ -352,9 +201,10 @@ def _sbatch(script_path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    options, overrides = _parser().parse_known_args(argv)
+    own, passthrough = split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    options, overrides = _parser().parse_known_args(own)
     try:
-        return _submit(options, overrides)
+        return _submit(options, [*overrides, *passthrough])
     except ConfigError as err:
         print(f"deepres submit: {err}", file=sys.stderr)
         return 2
@@ -364,35 +214,68 @@ def _submit(options: argparse.Namespace, overrides: list[str]) -> int:
     config = options.config.resolve() if options.config else None
     if config is not None and not config.is_file():
         raise ConfigError(f"--config {options.config}: no such file.")
+    if options.setup is not None and not options.setup.is_file():
+        raise ConfigError(f"--setup {options.setup}: no such file.")
+    sweep = Sweep.parse(options.sweep, overrides) if options.sweep else None
+    if options.array_limit is not None and sweep is None:
+        raise ConfigError("--array-limit without --sweep: it limits how many of a sweep's tasks run at once.")
     request = ClusterRequest(
         nodes=options.nodes, tasks_per_node=options.tasks_per_node, gpus_per_node=options.gpus_per_node,
-        cpus_per_task=options.cpus_per_task, mem=options.mem, time=options.time, partition=options.partition,
-        account=options.account, qos=options.qos, constraint=options.constraint, signal_lead=options.signal_lead,
+        gres=options.gres, cpus_per_task=options.cpus_per_task, mem=options.mem, mem_per_cpu=options.mem_per_cpu,
+        mem_per_gpu=options.mem_per_gpu, time=options.time, partition=options.partition, account=options.account,
+        qos=options.qos, constraint=options.constraint, signal_lead=options.signal_lead,
     )
-    name = _run_name(options.name, config)
+    name = _run_name(options.name, config, sweep=sweep is not None)
     runs_dir = options.runs_dir.resolve()
     run_dir = runs_dir / name
     _check_run_dir_is_new(run_dir, overrides)
-    checked = plan(request, resolve_trainer(config, overrides))
-    args = [*overrides, *checked.trainer_overrides, *run_dir_overrides(name, runs_dir)]
-    script = render(request, checked, name=name, run_dir=run_dir, workdir=Path.cwd(),
-                    deepres=[sys.executable, "-m", "deepres"], config=config, args=args)
+    trainer = resolve_sweep(config, overrides, sweep) if sweep else resolve_trainer(config, overrides)
+    checked = plan(request, trainer)
+    setup = options.setup.resolve() if options.setup else None
+    deepres = [_python(options), "-m", "deepres"]
+    if sweep is None:
+        args = [*overrides, *checked.trainer_overrides, *run_dir_overrides(name, runs_dir)]
+        script = render(request, checked, name=name, run_dir=run_dir, workdir=Path.cwd(), deepres=deepres,
+                        config=config, args=args, setup=setup)
+    else:
+        # Each point runs in run_dir/<point>: --run.root is the sweep's directory, --run.name the point's.
+        args = [*overrides, *checked.trainer_overrides, "--run.root", str(run_dir)]
+        points = [[*p.overrides(), "--run.name", p.name] for p in sweep.points()]
+        script = render(request, checked, name=name, run_dir=run_dir, workdir=Path.cwd(), deepres=deepres,
+                        config=config, args=args, setup=setup, points=points, array_limit=options.array_limit)
+    _check_bash(script, setup)
     if options.dry_run:
         sys.stdout.write(script)
         return 0
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    script_path = run_dir / "submit.sbatch"
+    if sweep is not None:
+        sweep.write(run_dir, array_limit=options.array_limit)
+    script_path = run_dir / SUBMIT_SCRIPT
     script_path.write_text(script)
     job_id = _sbatch(script_path)
-    log = run_dir / f"slurm-{job_id}.out"
+    if sweep is not None:
+        record_array_job(run_dir, job_id)
+    log = run_dir / (f"slurm-{job_id}_<task>.out" if sweep else f"slurm-{job_id}.out")
     shown = os.path.relpath(log) if log.is_relative_to(Path.cwd()) else str(log)
-    print(
-        f"submitted job {job_id}: {checked.nodes} node(s) x {checked.tasks_per_node} task(s), run directory {run_dir}\n"
-        f"  script:  {script_path}\n"
-        f"  log:     {shown}\n"
-        f"  follow:  tail -f {shlex.quote(shown)}\n"
-        f"           squeue -j {job_id}\n"
-        f"  cancel:  scancel {job_id}   (test preemption: scancel --signal=USR1 {job_id})"
-    )
+    what = (f"job array {job_id}: {len(sweep.points())} points (tasks 0-{len(sweep.points()) - 1}"
+            f"{f', at most {options.array_limit} at once' if options.array_limit else ''}), each"
+            if sweep else f"job {job_id}:")
+    lines = [
+        f"submitted {what} {checked.nodes} node(s) x {checked.tasks_per_node} task(s), run directory {run_dir}",
+        f"  script:  {script_path}",
+        f"  log:     {shown}",
+    ]
+    if sweep:
+        lines += [f"  points:  {run_dir}/<point>/ ({', '.join(p.name for p in sweep.points()[:3])}"
+                  f"{', ...' if len(sweep.points()) > 3 else ''})",
+                  f"  follow:  squeue -j {job_id}",
+                  f"  results: deepres sweep-summary {shlex.quote(os.path.relpath(run_dir))}",
+                  f"  cancel:  scancel {job_id}   (one task: scancel {job_id}_<task>; preempt one, as SLURM "
+                  f"would: scontrol requeue {job_id}_<task>)"]
+    else:
+        lines += [f"  follow:  tail -f {shlex.quote(shown)}",
+                  f"           squeue -j {job_id}",
+                  f"  cancel:  scancel {job_id}   (test preemption: scancel --signal=USR1 {job_id})"]
+    print("\n".join(lines))
     return 0

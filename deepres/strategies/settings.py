@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import torch
 from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator
 
+from deepres.devices import parse_devices
 from deepres.errors import ConfigError
 from deepres.lightning_compat import auto_accelerator, unified_precision
 
@@ -19,9 +20,7 @@ class TrainerSettings(Protocol):
 
 def processes(trainer: TrainerSettings) -> int:
     """How many processes the Trainer's arguments ask for (devices x nodes; 1 if unknown)."""
-    devices = trainer.get("devices", "auto")
-    indices = device_indices(devices)
-    count = len(indices) if indices is not None else int(devices) if str(devices).isdigit() else 1
+    count = parse_devices(trainer.get("devices", "auto")).count or 1  # "auto": 1 until the node says more
     return max(count, 1) * int(trainer.get("num_nodes") or 1)
 
 
@@ -48,10 +47,7 @@ def precision_name(trainer: TrainerSettings) -> str:
 
 def device_indices(devices: Any) -> list[int] | None:
     """The GPU indices a `devices` argument names explicitly ([1, 3] or "1,3"), else None (a count)."""
-    if isinstance(devices, (list, tuple)):
-        return [int(d) for d in devices]
-    if isinstance(devices, str) and "," in devices:
-        return [int(d) for d in devices.split(",") if d.strip()]
-    return None
+    indices = parse_devices(devices).indices if devices is not None else None
+    return list(indices) if indices is not None else None
 
 

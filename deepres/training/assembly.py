@@ -22,7 +22,7 @@ from deepres.diagnostics import diagnostics_callbacks
 from deepres.slurm.job import SlurmJob
 from deepres.training.checkpoints import BackgroundCheckpointFiles, CheckpointFiles, find_resume_checkpoint
 from deepres.training.faults import FaultReport
-from deepres.training.progress import ThrottledProgressBar
+from deepres.training.progress import progress_callback
 from deepres.training.run_checkpoint import RunCheckpoint
 from deepres.training.run_dir import RunCSVLogger
 from deepres.wandb_logging import make_wandb_logger
@@ -60,7 +60,8 @@ def trainer_parts(*, run: Any, wandb: Any, diagnostics: Any, trainer: Any, run_d
                  FaultReport(run_dir, newest_checkpoint=lambda: find_resume_checkpoint(run_dir)[:2]),
                  *diagnostics_callbacks(diagnostics, run_dir)]
     if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-        callbacks.append(ThrottledProgressBar())
+        # A bar on a terminal, plain lines in a log file (deepres.training.progress)
+        callbacks.append(progress_callback(getattr(run, "progress", "auto"), getattr(run, "progress_every_n_steps", 50)))
 
     plugins = [*as_list(trainer.get("plugins")),
                BackgroundCheckpointFiles() if run.async_checkpoint else CheckpointFiles(),

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import yaml
@@ -30,6 +31,8 @@ from deepres.errors import ConfigError
 from deepres.slurm.job import SlurmJob, prepare_process
 from deepres.strategies import resolve_strategy
 from deepres.training.assembly import trainer_parts
+from deepres.training.quiet_logs import quiet_third_party
+from deepres.training.key_suggestions import class_option_hint, suggest
 from deepres.training.checkpoints import (
     CheckpointWriteError,
     checkpoint_global_step,
@@ -51,6 +54,7 @@ from deepres.training.run_dir import (
     release_run_dir_locks,
     resolve_run_dir,
     truncate_metrics,
+    write_finished,
     write_run_info,
 )
 from deepres.wandb_logging import WandbConfig
@@ -75,6 +79,11 @@ class RunConfig:
     async_checkpoint: bool = True
     """Write checkpoints from a background thread: training waits only while the tensors are copied to CPU
     memory (serialising, writing and fsyncing happen beside training)."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Console progress: auto is the bar on a terminal and a plain line every progress_every_n_steps steps (and
+    one per epoch) when stdout is a file, e.g. a SLURM log; bar or lines force one."""
+    progress_every_n_steps: int = 50
+    """Steps between two progress lines (run.progress lines, or auto in a log file)."""
     collective_timeout_minutes: float = 10.0
     """A collective (gradient all-reduce, barrier) that waits longer than this for another rank fails, naming
     the rank that does not answer, instead of hanging for torch's default 30 minutes."""
@@ -128,6 +137,20 @@ class DeepresCLI(LightningCLI):
             "trainer.use_distributed_sampler": False,
             "seed_everything": 0,
         })
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            # A key that does not exist (or a prefix of one): one line naming it and the nearest valid keys.
+            argv = list(sys.argv[1:] if args is None else args)
+            sub = getattr(parser, "_subcommands_action", None)
+            subparser = sub._name_parser_map.get(argv[0]) if sub is not None and argv else None
+            hint = suggest(str(err).split("\n")[0], subparser or parser, argv[1:] if subparser else argv)
+            if hint is None:
+                raise
+            raise ConfigError(f"{hint} Run `deepres {argv[0] if subparser else 'fit'} --help` for the valid options, "
+                              "or `--print_config` for the full configuration.") from None
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI (2.6) reads the hyper-parameters of an explicit --ckpt_path file here, before any hook:
@@ -254,6 +277,7 @@ class DeepresCLI(LightningCLI):
         if stopped_by is not None:
             raise StoppedBySignal(stopped_by)
         if self.trainer.is_global_zero:
+            write_finished(self.run_dir, self.trainer)
             print(f"\ndeepres: run directory {self.run_dir.resolve()}\n"
                   f"  config.yaml, run_info.json, metrics.csv, checkpoints/last.ckpt\n"
                   f"  figures: deepres report {self.run_dir}")
@@ -273,8 +297,11 @@ def _explicit(ckpt: str | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:  # "the rest are options of this command", as in `deepres submit ... -- --trainer.max_steps 7`
+        argv.remove("--")
     # First thing: inside a SLURM job a requeue signal now requeues it (deepres.slurm.job).
     prepare_process(argv[0] if argv else None)
+    quiet_third_party()
     # Called from Python (tests, scripts) with its own argv: that is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     DeepresCLI.user_class_paths = sections_with_class_path(argv)
@@ -287,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             # the optimizer and schedule are the module's `model.optim` / `model.schedule` groups
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
             # None: LightningCLI reads sys.argv itself (passing both makes it warn)
             args=None if argv == sys.argv[1:] else argv,
         )
@@ -344,7 +371,7 @@ def _first_paragraph(exc: BaseException) -> str:
     rest = text[text.find("Problem with given class_path"):]
     option = re.search(r"Option '([\w.]+)' is not accepted", rest)
     if option:
-        return (f"{section}: {cls} has no option {option.group(1)!r}. "
+        return (f"{section}: {cls} has no option {option.group(1)!r}{class_option_hint(section, cls, option.group(1))}. "
                 f"See `deepres fit --{section}.help {cls}` for the options it takes.")
     key = re.search(r'Parser key "([\w.]+)"', rest)
     expected = re.findall(r"Expected a <class '([\w.]+)'>", rest)

@@ -1,10 +1,22 @@
-"""Lightning's TQDM progress bar, redrawn a few times per second instead of after every step."""
+"""Progress on the console: a bar on a terminal, a plain line every N steps in a log file.
+
+``progress_callback(mode, every_n_steps)`` picks one (``run.progress``, ``run.progress_every_n_steps``):
+
+    auto   the bar when stdout is a terminal, else the lines (a SLURM log, ``deepres fit > log``)
+    bar    ThrottledProgressBar: Lightning's TQDM bar, redrawn a few times per second
+    lines  ProgressLines: one line every N optimizer steps and one per epoch, nothing else
+
+A carriage-return bar in a file is one very long line per epoch that ``tail`` and ``grep`` cannot read.
+"""
 
 from __future__ import annotations
 
+import sys
 import time
+from datetime import timedelta
+from typing import Any
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 
 class ThrottledProgressBar(TQDMProgressBar):
@@ -28,3 +40,89 @@ class ThrottledProgressBar(TQDMProgressBar):
             self._last_draw = now
             return True
         return False
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=int(seconds)))
+
+
+class ProgressLines(ProgressBar):
+    """A line every ``every_n_steps`` optimizer steps and one at the end of every epoch, on rank 0:
+
+        [deepres] epoch 5/15  step 100/330  train/loss=0.08185 train/acc1=1  9.72 steps/s  0:00:10 elapsed, 0:00:23 left
+        [deepres] epoch 5/15 done  step 110/330  val/acc1=0.9611
+
+    The metrics are the progress-bar metrics (what the bar would show); they are formatted only on the steps
+    that print, so the lines cost nothing in between.
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps}: give a positive number of steps")
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._start = 0.0
+        self._start_step = 0
+        self._printed_step = -1
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _say(self, text: str) -> None:
+        print(f"[deepres] {text}", flush=True)
+
+    def _epochs(self, trainer: Any) -> str:
+        total = trainer.max_epochs  # counted from 1 here: "epoch 15/15 done" is the last one
+        return f"epoch {trainer.current_epoch + 1}" + (f"/{total}" if total not in (None, -1) else "")
+
+    def _steps(self, trainer: Any) -> str:
+        total = trainer.estimated_stepping_batches
+        known = isinstance(total, int) or (isinstance(total, float) and total != float("inf"))
+        return f"step {trainer.global_step}" + (f"/{int(total)}" if known else "")
+
+    def _metrics(self, trainer: Any, pl_module: Any, prefix: str) -> str:
+        items = self.get_metrics(trainer, pl_module)
+        shown = []
+        for key, value in items.items():
+            if not key.startswith(prefix):
+                continue
+            shown.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        return " ".join(shown)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._start, self._start_step = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self._enabled or step % self.every_n_steps or step == self._printed_step or step == 0:
+            return
+        self._printed_step = step
+        elapsed = time.monotonic() - self._start
+        rate = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
+        line = f"{self._epochs(trainer)}  {self._steps(trainer)}  {self._metrics(trainer, pl_module, 'train/')}"
+        line += f"  {rate:.3g} steps/s  {_clock(elapsed)} elapsed"
+        total = trainer.estimated_stepping_batches
+        if rate > 0 and isinstance(total, (int, float)) and total != float("inf"):
+            line += f", {_clock(max(total - step, 0) / rate)} left"
+        self._say(line)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._enabled:
+            metrics = self._metrics(trainer, pl_module, "val/") or self._metrics(trainer, pl_module, "train/")
+            self._say(f"{self._epochs(trainer)} done  {self._steps(trainer)}  {metrics}")
+
+
+def progress_callback(mode: str = "auto", every_n_steps: int = 50, stream: Any = None) -> ProgressBar:
+    """The progress callback for ``run.progress`` (see the module docstring)."""
+    if mode not in ("auto", "bar", "lines"):
+        from deepres.errors import ConfigError
+
+        raise ConfigError(f"run.progress {mode!r}: use auto, bar or lines (or trainer.enable_progress_bar false).")
+    if mode == "auto":
+        stream = sys.stdout if stream is None else stream
+        mode = "bar" if getattr(stream, "isatty", lambda: False)() else "lines"
+    return ThrottledProgressBar() if mode == "bar" else ProgressLines(every_n_steps)

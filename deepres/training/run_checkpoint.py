@@ -145,12 +145,12 @@ class RunCheckpoint(ModelCheckpoint):
 
                 shutil.rmtree(partial)  # a killed attempt's: its `latest` would make it look complete
             trainer.strategy.barrier("deepres.checkpoint_partial")
-            trainer.save_checkpoint(partial)
+            trainer.save_checkpoint(partial, weights_only=False)  # the full training state: it resumes
             if trainer.is_global_zero:
                 install_checkpoint(partial, path)
             trainer.strategy.barrier("deepres.checkpoint_installed")
         else:
-            trainer.save_checkpoint(path)  # CheckpointFiles: temporary file, fsync, rename
+            trainer.save_checkpoint(path, weights_only=False)  # CheckpointFiles: temporary, fsync, rename
         self._saved_step = trainer.global_step
         self._last_save = time.monotonic()
         return path

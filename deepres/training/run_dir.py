@@ -34,6 +34,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from deepres.errors import ConfigError
 from deepres.files import atomic_write_bytes
+from deepres.slurm.requeue import slurm_job_id
 
 PACKAGES = ("deepres", "torch", "torchvision", "lightning", "torchmetrics", "deepspeed", "webdataset", "wandb",
             "numpy", "jsonargparse")
@@ -166,7 +167,8 @@ def launch_key() -> str | None:
         return f"torchrun-{e['TORCHELASTIC_RUN_ID']}-{e.get('MASTER_ADDR', '')}-{e.get('MASTER_PORT', '')}"
     if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
         e = os.environ
-        return (f"slurm-{e['SLURM_JOB_ID']}-{e.get('SLURM_STEP_ID', '')}-{e.get('SLURM_RESTART_COUNT', '0')}")
+        # An array task by <array job>_<task> (deepres.slurm.requeue.slurm_job_id), as in its log and requeue.
+        return f"slurm-{slurm_job_id()}-{e.get('SLURM_STEP_ID', '')}-{e.get('SLURM_RESTART_COUNT', '0')}"
     if "MASTER_PORT" in os.environ and ("NODE_RANK" in os.environ or "LOCAL_RANK" in os.environ):
         return f"env-{os.environ.get('MASTER_ADDR', '')}-{os.environ['MASTER_PORT']}"
     return None
@@ -243,7 +245,7 @@ def run_info() -> dict[str, Any]:
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id() if "SLURM_JOB_ID" in os.environ else None,
     }
 
 
@@ -272,6 +274,21 @@ def write_run_info(run_dir: Path) -> None:
     starts = json.loads(path.read_text()).get("starts", []) if path.exists() else []
     starts.append(run_info())
     atomic_write_bytes(path, json.dumps({**starts[0], "starts": starts}, indent=2).encode())
+
+
+FINISHED = "finished.json"
+
+
+def write_finished(run_dir: Path, trainer: Any) -> None:
+    """finished.json: the run trained to its end (not stopped by a signal), with its final metrics (what
+    ``deepres sweep-summary`` tabulates); call on rank 0 only."""
+    metrics = {}
+    for key, value in trainer.callback_metrics.items():
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):
+            metrics[key] = float(value)
+    record = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": metrics}
+    atomic_write_bytes(run_dir / FINISHED, json.dumps(record, indent=2).encode())
 
 
 class _ResumingWriter(ExperimentWriter):

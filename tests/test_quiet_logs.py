@@ -1,0 +1,56 @@
+"""What `deepres fit` prints when its output goes to a file (a SLURM log): plain progress lines, no third-party
+hints that do not apply, a short wandb ending."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+from deepres.training.progress import ProgressLines, ThrottledProgressBar, progress_callback
+from tests.procs import run
+
+PYTHON = sys.executable
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_progress_is_a_bar_on_a_terminal_and_lines_in_a_file():
+    assert isinstance(progress_callback("auto", stream=_Tty()), ThrottledProgressBar)
+    assert isinstance(progress_callback("auto", stream=io.StringIO()), ProgressLines)
+    assert isinstance(progress_callback("bar", stream=io.StringIO()), ThrottledProgressBar)
+    assert progress_callback("lines", 7, stream=_Tty()).every_n_steps == 7
+
+
+def test_a_fit_logged_to_a_file_has_plain_lines_and_none_of_the_noise(tmp_path):
+    # An `srun` on PATH, as on a login node: Lightning would print its "prepend srun" hint.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_SILENT", None)
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    result = run([PYTHON, "-m", "deepres", "fit", "--run.root", str(tmp_path / "runs"), "--model.depth", "3",
+                  "--trainer.max_steps", "12", "--trainer.max_epochs", "-1", "--trainer.limit_train_batches", "6",
+                  "--trainer.limit_val_batches", "1", "--run.progress_every_n_steps", "5",
+                  "--trainer.log_every_n_steps", "1"],
+                 timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, err = result.stdout, result.stderr
+    assert "\r" not in out and "it/s" not in out  # no bar
+    lines = [line for line in out.splitlines() if line.startswith("[deepres] ")]
+    assert [line.split("  ")[1] for line in lines] == ["step 5/12", "step 6/12", "step 10/12", "step 12/12"]
+    assert lines[0].startswith("[deepres] epoch 1  step 5/12  train/loss=") and "steps/s" in lines[0]
+    assert lines[1].startswith("[deepres] epoch 1 done  step 6/12  val/acc1=")
+    both = out + err
+    for noise in ("srun", "💡 Tip", "LeafSpec", "weights_only", "TPU available", "Loading `train_dataloader`",
+                  "Run history", "Run summary", "Tracking run with wandb"):
+        assert noise not in both, noise
+    assert "GPU available: False, used: False" in err  # what applies stays
+    assert "wandb sync " in out  # the short wandb ending: how to upload the offline run
+    print(f"LOG LINES: stdout {len(out.splitlines())}, stderr {len(err.splitlines())}")
