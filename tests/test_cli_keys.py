@@ -58,4 +58,20 @@ def test_a_misspelled_model_option_gets_did_you_mean_in_yaml_and_on_the_command_
 def test_close_prefers_the_keys_an_abbreviation_abbreviates():
     assert close("run.nam", ["run.name", "run.root", "run"]) == ["run.name"]
     assert close("zzz", ["run.name"]) == []
-    assert {"depth", "gate", "lr"} <= class_keys("deepres.training.Classifier")
+    assert {"depth", "gate", "optim", "optim.lr", "schedule.name", "memory.compile"} <= class_keys("deepres.training.Classifier")
+
+
+def test_a_key_that_moved_into_a_config_group_points_to_its_new_place(capsys):
+    err = _error(capsys, "--model.lr", "0.1")
+    assert "has no option 'lr' (did you mean 'optim.lr'?)" in err
+
+
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_a_misspelled_key_inside_a_config_group_gets_did_you_mean(capsys, tmp_path, where):
+    if where == "yaml":
+        config = tmp_path / "job.yaml"
+        config.write_text("model:\n  init_args:\n    optim:\n      lrr: 0.1\n")
+        err = _error(capsys, "--config", str(config))
+    else:
+        err = _error(capsys, "--model.optim.lrr", "0.1")
+    assert "has no option 'optim.lrr' (did you mean 'optim.lr'?)" in err

@@ -369,7 +369,11 @@ def _first_paragraph(exc: BaseException) -> str:
         return text
     section, cls = section.group(1), cls.group(1)
     rest = text[text.find("Problem with given class_path"):]
-    option = re.search(r"Option '([\w.]+)' is not accepted", rest)
+    option = (re.search(r"Option '([\w.]+)' is not accepted", rest)
+              or re.search(r"unrecognized arguments: --([\w.]+)", rest))
+    group = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", rest)
+    if group:  # a key inside a config group (model.init_args.optim.lrr in a YAML file)
+        option = re.match(r"(.*)", f"{group.group(1)}.{group.group(2)}")
     if option:
         return (f"{section}: {cls} has no option {option.group(1)!r}{class_option_hint(section, cls, option.group(1))}. "
                 f"See `deepres fit --{section}.help {cls}` for the options it takes.")

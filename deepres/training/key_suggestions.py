@@ -30,7 +30,11 @@ def close(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The nearest candidates, best first; for an abbreviation, the keys it abbreviates."""
     pool = sorted({c for c in candidates if not c.endswith("+")})  # "key+": jsonargparse's append syntax
     prefixed = sorted((c for c in pool if c.startswith(word) and c != word), key=len)
-    return prefixed[:n] if prefixed else difflib.get_close_matches(word, pool, n=n, cutoff=0.75)
+    if prefixed:
+        return prefixed[:n]
+    # a key that moved into a group (`lr` -> `optim.lr`), or a near miss inside one (`optim.lrr`)
+    moved = sorted(c for c in pool if c.rsplit(".", 1)[-1] == word and c != word)
+    return moved[:n] or difflib.get_close_matches(word, pool, n=n, cutoff=0.75)
 
 
 def _did_you_mean(found: list[str]) -> str:
