@@ -7,7 +7,7 @@ import pytest
 from deepres.devices import Devices, parse_devices
 from deepres.errors import ConfigError
 from deepres.slurm.submit import ClusterRequest, TrainerSettings, plan
-from deepres.strategies import _device_indices, _processes
+from deepres.strategies.settings import device_indices, processes
 
 
 @pytest.mark.parametrize(("devices", "expected"), [
@@ -29,5 +29,5 @@ def test_submit_and_strategies_agree_on_the_count():
     for devices, per_node in (("0,3", 2), ([0, 1, 2], 3), (4, 4), ("auto", None)):
         checked = plan(ClusterRequest(nodes=2), TrainerSettings(devices=devices, num_nodes=2, accelerator="cpu"))
         assert checked.tasks_per_node == (per_node or 1)
-        assert _processes({"devices": devices, "num_nodes": 2}) == 2 * (per_node or 1)
-    assert _device_indices("0,3") == [0, 3] and _device_indices(4) is None and _device_indices(None) is None
+        assert processes({"devices": devices, "num_nodes": 2}) == 2 * (per_node or 1)
+    assert device_indices("0,3") == [0, 3] and device_indices(4) is None and device_indices(None) is None
