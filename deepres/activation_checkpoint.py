@@ -16,6 +16,7 @@ from torch import nn
 
 from deepres.errors import ConfigError
 from deepres.models.blocks import BlockStack
+from deepres.models.reversible import ReversibleStack
 
 
 def checkpoint_interval(num_blocks: int, every: int | str) -> int:
@@ -42,6 +43,9 @@ def apply_activation_checkpointing(model: nn.Module, every: int | str = "sqrt") 
             f"{type(model).__name__} has no `blocks` BlockStack, so deepres cannot checkpoint it. "
             "Build models with deepres.models.create_model, or expose the repeated structure as a BlockStack."
         )
+    if isinstance(blocks, ReversibleStack):
+        raise ConfigError("a reversible stack stores no activations inside its reversible runs, so activation "
+                          "checkpointing has nothing to save there. Use one of the two, not both.")
     k = checkpoint_interval(len(blocks), every)
     blocks.checkpoint_every = k
     return k

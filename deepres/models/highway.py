@@ -26,6 +26,7 @@ from deepres.models.blocks import (
 )
 from deepres.models.bodies import ConvBody, DenseBody, PreActDenseBody
 from deepres.models.registry import register_model
+from deepres.models.reversible import ReversibleStack, check_reversible, reversible_block
 
 
 class HighwayMLP(nn.Module):
@@ -49,6 +50,7 @@ def highway_mlp(
     body: Literal["post", "pre"] | None = None,
     in_features: int = 784,
     num_classes: int = 10,
+    reversible: bool = False,
 ) -> HighwayMLP:
     """Fully connected net of `depth` hidden layers: 1 plain layer + (depth − 1) blocks.
 
@@ -63,6 +65,8 @@ def highway_mlp(
         activation: relu | tanh | gelu | silu | sigmoid.
         body: "post" = act(W x + b) (the paper's layer); "pre" = W·act(LN(x)) with W zero-initialised,
             the pre-activation form residual branches need. None: "pre" for residual/gated, else "post".
+        reversible: every block a reversible coupling of two width/2 halves (deepres.models.reversible):
+            activation memory independent of depth, half the parameters per block.
     """
     check_gate(gate)
     if depth < 2:
@@ -74,6 +78,16 @@ def highway_mlp(
         raise ConfigError(f"highway_mlp body must be 'post' or 'pre'; got {body!r}.")
     num_blocks = depth - 1
     tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
+    stem = DenseBody(in_features, width, activation)  # the paper's one plain layer first
+    if reversible:
+        check_reversible(gate, width)
+        half = width // 2
+
+        def make_body():
+            return DenseBody(half, half, activation) if body == "post" else PreActDenseBody(half, half, activation)
+
+        blocks = [reversible_block(gate, make_body, lambda b: dense_gate(half, half, b), tb, cb) for _ in range(num_blocks)]
+        return HighwayMLP(stem, ReversibleStack(blocks), nn.Linear(width, num_classes))
     blocks = []
     for _ in range(num_blocks):
         h = DenseBody(width, width, activation) if body == "post" else PreActDenseBody(width, width, activation)
@@ -84,7 +98,6 @@ def highway_mlp(
                 carry_gate=dense_gate(width, width, cb) if gate == "gated" else None,
             )
         )
-    stem = DenseBody(in_features, width, activation)  # the paper's one plain layer first
     return HighwayMLP(stem, BlockStack(blocks), nn.Linear(width, num_classes))
 
 
@@ -120,11 +133,13 @@ def highway_cnn_cifar(
     gate_kernel_size: int = 3,
     num_classes: int = 10,
     in_chans: int = 3,
+    reversible: bool = False,
 ) -> HighwayCNN:
     """Conv Highway net for 32x32 images: stem conv, then stages of 3x3 highway conv layers with
     3x3 conv gates, a max-pool + plain conv transition between stages, 1x1 conv classifier and global
     average pooling. Defaults: 1 + 5 + 1 + 5 + 1 + 6 + 1 = 20 weight layers (the paper counts 19),
-    ≈ 2.3 M parameters. The paper's released runs use gate_bias=-2."""
+    ≈ 2.3 M parameters. The paper's released runs use gate_bias=-2. `reversible`: the blocks inside
+    each stage become reversible couplings of width/2 halves; the transitions store as usual."""
     check_gate(gate)
     widths, blocks_per_stage = list(widths), list(blocks_per_stage)
     if len(widths) != len(blocks_per_stage) or min(blocks_per_stage) < 1:
@@ -139,6 +154,13 @@ def highway_cnn_cifar(
             blocks.append(Transition(in_ch, w))
             in_ch = w
         for _ in range(n):
+            if reversible:
+                check_reversible(gate, w)
+                half = w // 2
+                blocks.append(reversible_block(
+                    gate, lambda half=half: ConvBody(half, half),
+                    lambda b, half=half: conv_gate(half, half, b, kernel_size=gate_kernel_size), tb, cb))
+                continue
             blocks.append(
                 ResidualBlock(
                     ConvBody(w, w), gate,
@@ -147,7 +169,7 @@ def highway_cnn_cifar(
                 )
             )
     head = nn.Sequential(nn.Conv2d(in_ch, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return HighwayCNN(stem, BlockStack(blocks), head)
+    return HighwayCNN(stem, (ReversibleStack if reversible else BlockStack)(blocks), head)
 
 
 @register_model

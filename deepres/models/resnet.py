@@ -31,6 +31,7 @@ from deepres.models.bodies import (
     conv3x3,
 )
 from deepres.models.registry import register_model, register_variant
+from deepres.models.reversible import ReversibleStack, check_reversible, reversible_block
 
 BodyKind = Literal["basic", "bottleneck", "preact_basic", "preact_bottleneck"]
 EXPANSION = {"basic": 1, "bottleneck": 4, "preact_basic": 1, "preact_bottleneck": 4}
@@ -75,8 +76,13 @@ def build_blocks(
     shortcut: Literal["projection", "pad"] = "projection",
     zero_init_last: bool = True,
     gate_group_width: int | None = 16,
+    reversible: bool = False,
 ) -> tuple[BlockStack, int]:
-    """The builder loop: one place that knows every block's index, stride and shape."""
+    """The builder loop: one place that knows every block's index, stride and shape.
+
+    `reversible`: blocks that keep the shape become reversible couplings of two half-width bodies
+    (deepres.models.reversible; post-activation bodies lose the ReLU after the merge, which has no
+    inverse); blocks that change stride or channels stay ordinary blocks."""
     check_gate(gate)
     num_blocks = sum(blocks_per_stage)
     tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
@@ -87,6 +93,10 @@ def build_blocks(
         out_ch = width * EXPANSION[body]
         for i in range(n):
             stride = stage_stride if i == 0 else 1
+            if reversible and stride == 1 and in_ch == out_ch:
+                check_reversible(gate, out_ch)
+                blocks.append(_reversible_block(body, out_ch, width // 2, gate, tb, cb, zero_init, gate_group_width))
+                continue
             if body == "basic":
                 h = BasicBody(in_ch, out_ch, stride, zero_init)
             elif body == "bottleneck":
@@ -113,7 +123,23 @@ def build_blocks(
                 )
             )
             in_ch = out_ch
-    return BlockStack(blocks), in_ch
+    return (ReversibleStack if reversible else BlockStack)(blocks), in_ch
+
+
+def _reversible_block(body: BodyKind, channels: int, width: int, gate: GateKind, tb: float, cb: float,
+                      zero_init: bool, gate_group_width: int | None):
+    half = channels // 2
+
+    def make_body() -> nn.Module:
+        if body == "basic":
+            return BasicBody(half, half, 1, zero_init)
+        if body == "bottleneck":
+            return BottleneckBody(half, width, half, 1, zero_init)
+        if body == "preact_basic":
+            return PreActBasicBody(half, half, 1, zero_init)
+        return PreActBottleneckBody(half, width, half, 1, zero_init)
+
+    return reversible_block(gate, make_body, lambda b: conv_gate(half, half, b, group_width=gate_group_width), tb, cb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +156,7 @@ def imagenet_resnet(
     in_chans: int = 3,
     zero_init_last: bool = True,
     gate_group_width: int | None = 16,
+    reversible: bool = False,
 ) -> ResNet:
     """ImageNet ResNet in torchvision's layout (same parameter count for gate="residual").
 
@@ -140,6 +167,7 @@ def imagenet_resnet(
         gate_bias: transform gate bias, "auto" = −ln(L) − 1 for L blocks.
         carry_bias: carry gate bias of "gated" blocks, "auto" = ln(L) + 1.
         gate_group_width: channels per group of the 1x1 gate convs (None: a full 1x1 conv).
+        reversible: shape-keeping blocks as reversible couplings (deepres.models.reversible).
     """
     layers = list(layers)
     if len(layers) != 4 or min(layers) < 1:
@@ -151,6 +179,7 @@ def imagenet_resnet(
     blocks, out_ch = build_blocks(
         body, 64, [64, 128, 256, 512], layers, [1, 2, 2, 2], gate=gate, gate_bias=gate_bias,
         carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+        reversible=reversible,
     )
     pre_head = [nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)] if body.startswith("preact") else []
     head = nn.Sequential(*pre_head, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
@@ -220,6 +249,7 @@ def cifar_resnet(
     in_chans: int = 3,
     zero_init_last: bool = True,
     gate_group_width: int | None = None,
+    reversible: bool = False,
 ) -> ResNet:
     """CIFAR ResNet of depth 6n+2: 3 stages of n basic blocks (16, 32, 64 channels), option-A
     (parameter-free) shortcuts, as in He et al. 2015, Sec. 4.2."""
@@ -228,6 +258,7 @@ def cifar_resnet(
     blocks, out_ch = build_blocks(
         "basic", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias, carry_bias=carry_bias,
         shortcut="pad", zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+        reversible=reversible,
     )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
     model = ResNet(stem, blocks, head)
@@ -244,6 +275,7 @@ def preact_resnet_cifar(
     in_chans: int = 3,
     zero_init_last: bool = True,
     gate_group_width: int | None = None,
+    reversible: bool = False,
 ) -> ResNet:
     """Pre-activation bottleneck ResNet of depth 9n+2 (He et al. 2016): 3 stages of n units with
     16/32/64 bottleneck widths (64/128/256 outputs); BN-ReLU before the pooled head."""
@@ -252,6 +284,7 @@ def preact_resnet_cifar(
     blocks, out_ch = build_blocks(
         "preact_bottleneck", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias,
         carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
+        reversible=reversible,
     )
     head = nn.Sequential(
         nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
