@@ -446,17 +446,21 @@ def count_training_flops(net: nn.Module, x: torch.Tensor) -> int:
 
     Runs in eval mode (no batch-norm statistics update, no dropout draw) and takes gradients with
     `torch.autograd.grad`, so no `.grad` is touched and no DDP all-reduce fires. Activation
-    checkpointing is switched off for the count: MFU counts the model's FLOPs, not recomputation.
+    checkpointing and the recomputation of reversible blocks are switched off for the count: MFU
+    counts the model's FLOPs, not recomputation.
     """
     params = [p for p in net.parameters() if p.requires_grad]
     modes = {m: m.training for m in net.modules()}
     blocks = getattr(net, "blocks", None)
     every = getattr(blocks, "checkpoint_every", None)
+    stored = getattr(blocks, "store_activations", None)  # deepres.models.reversible.ReversibleStack
     counter = FlopCounterMode(display=False)
     try:
         net.eval()
         if every is not None:
             blocks.checkpoint_every = 0
+        if stored is not None:
+            blocks.store_activations = True
         with counter, torch.enable_grad():
             out = net(x)
             out = out[0] if isinstance(out, tuple) else out
@@ -466,6 +470,8 @@ def count_training_flops(net: nn.Module, x: torch.Tensor) -> int:
             m.training = training
         if every is not None:
             blocks.checkpoint_every = every
+        if stored is not None:
+            blocks.store_activations = stored
     return int(counter.get_total_flops())
 
 

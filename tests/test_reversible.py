@@ -161,3 +161,32 @@ def test_shape_changing_blocks_store_as_usual():
     runs = [len(r) for r in net.blocks.runs()]
     kinds = [isinstance(r[0], ReversibleBlock) for r in net.blocks.runs()]
     assert runs == [2, 1, 1, 1, 1] and kinds == [True, False, True, False, True]
+
+
+def test_diagnostics_see_the_gates_activations_error_flow_and_flops():
+    """The depth diagnostics measure a reversible net as they measure the same net storing its
+    activations: per-block gates and activations, the error-flow ratio, the FLOPs of one step."""
+    from deepres.diagnostics import _Probe, count_training_flops, find_gates
+
+    torch.manual_seed(0)
+    net = create_model("highway_mlp", depth=9, width=8, in_features=8, gate="gated", reversible=True)
+    stored = copy.deepcopy(net)
+    stored.blocks.store_activations = True
+    x = torch.randn(16, 8)
+    results = []
+    for model in (net, stored):
+        gates = find_gates(model.blocks)
+        assert sorted(role for role, _ in gates) == ["carry"] * 16 + ["transform"] * 16  # 2 couplings x 8 blocks
+        probe = _Probe(model.blocks, gates)
+        out = model(x)
+        probe.remove()  # as the callback does before backward
+        out.square().sum().backward()
+        arrays = probe.collect()
+        results.append((arrays, probe.error_flow_ratio()))
+    (a, ratio), (b, ratio_stored) = results
+    assert set(a) == {"act_rms", "gate/carry", "gate/transform"}
+    for key in a:
+        assert a[key].shape == (8,) and torch.allclose(torch.tensor(a[key]), torch.tensor(b[key]))
+    assert ratio == pytest.approx(ratio_stored, rel=1e-5) and ratio > 0
+    assert count_training_flops(net, x) == count_training_flops(stored, x) > 0
+    assert net.blocks.store_activations is False  # the count leaves the setting as it was
