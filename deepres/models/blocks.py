@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from deepres.errors import ConfigError
 
@@ -234,6 +234,8 @@ class BlockStack(nn.ModuleList):
     def __init__(self, blocks=None):
         super().__init__(blocks)
         self.checkpoint_every = 0  # 0: off; k: recompute every k consecutive blocks in backward
+        # torch.utils.checkpoint's context_fn: e.g. selective checkpointing (deepres.activation_checkpoint)
+        self.checkpoint_context_fn = noop_context_fn
 
     def forward(self, x):
         k = self.checkpoint_every
@@ -244,7 +246,8 @@ class BlockStack(nn.ModuleList):
         blocks = list(self)
         last = (len(blocks) - 1) // k * k
         for start in range(0, last, k):
-            x = checkpoint(_Segment(blocks[start : start + k]), x, use_reentrant=False)
+            x = checkpoint(_Segment(blocks[start : start + k]), x, use_reentrant=False,
+                           context_fn=self.checkpoint_context_fn)
         # The last segment is not checkpointed: backward needs its activations first, so storing
         # them costs one segment of memory and saves recomputing it.
         for block in blocks[last:]:
@@ -272,17 +275,17 @@ class _frozen_running_stats:
     def __init__(self, blocks: list[nn.Module]):
         self.norms = [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
+    # No tensor op here: selective checkpointing replays the recompute op by op against the forward.
     def __enter__(self):
-        self.saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                      for m in self.norms]
+        self.saved = [(m, m.momentum, m.num_batches_tracked) for m in self.norms]
         for m in self.norms:
             m.momentum = 0.0  # running = (1 − 0)·running + 0·batch: unchanged
+            m.num_batches_tracked = None  # so the recompute does not count the batch again
 
     def __exit__(self, *exc):
         for m, momentum, nbt in self.saved:
             m.momentum = momentum
-            if nbt is not None:
-                m.num_batches_tracked.copy_(nbt)
+            m.num_batches_tracked = nbt
         return False
 
 
