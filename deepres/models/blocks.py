@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from deepres.errors import ConfigError
+from deepres.models.fused_gate import gated_mix, highway_mix
 
 log = logging.getLogger("deepres")
 
@@ -199,6 +200,9 @@ class ResidualBlock(nn.Module):
         # bodies whose output autograd does not keep take the shortcut in place (deepres.models.bodies)
         self.add_in_place = getattr(body, "output_not_saved", False)
 
+    # σ and the mix as one autograd op (deepres.models.fused_gate); False: the separate ops
+    fused_gate = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         carry_in = x
         if self.shortcut_from_body_input:
@@ -213,11 +217,23 @@ class ResidualBlock(nn.Module):
             if self.gate == "residual":
                 y = h.add_(s) if self.add_in_place else s + h
             elif self.gate == "highway":
-                t = self.transform_gate(x)
-                y = s + t * (h - s)  # = (1 − t)·s + t·h, one multiply fewer
+                if self.fused_gate and _fusable(self.transform_gate):
+                    y = highway_mix(s, self.transform_gate.proj(x), h)  # σ and mix as one op
+                else:
+                    t = self.transform_gate(x)
+                    y = s + t * (h - s)  # = (1 − t)·s + t·h, one multiply fewer
+            elif self.fused_gate and _fusable(self.transform_gate) and _fusable(self.carry_gate):
+                y = gated_mix(s, self.carry_gate.proj(x), self.transform_gate.proj(x), h)
             else:
                 y = self.carry_gate(x) * s + self.transform_gate(x) * h
         return y if self.post is None else self.post(y)
+
+
+def _fusable(gate: Gate) -> bool:
+    """The fused op skips the Gate module: only when nothing watches or pins it (diagnostics hook
+    gates, and then get the separate ops)."""
+    return (gate.pinned is None and not gate._forward_hooks and not gate._forward_pre_hooks
+            and not gate.act._forward_hooks and not nn.modules.module._global_forward_hooks)
 
 
 # ----------------------------------------------------------------------------------------------
