@@ -134,14 +134,16 @@ class _Run:
 
     def __init__(self, blocks: list[ReversibleBlock], device_type: str):
         self.blocks = blocks
-        self.params = [p for b in blocks for p in b.parameters() if p.requires_grad]
+        # per coupling, listed once (module walks cost as much as the small layers' backward)
+        self.coupling_params = {id(c): [p for p in c.parameters() if p.requires_grad] for b in blocks for c in (b.f, b.g)}
+        self.params = [p for b in blocks for c in (b.f, b.g) for p in self.coupling_params[id(c)]]
         self.device_type = device_type
         self.autocast = torch.is_autocast_enabled(device_type)
         self.autocast_dtype = torch.get_autocast_dtype(device_type)
 
 
 def _coupling_backward(coupling: Coupling, y: torch.Tensor, z: torch.Tensor, dy: torch.Tensor,
-                       grads: dict[int, torch.Tensor]):
+                       grads: dict[int, torch.Tensor], params: list[torch.Tensor]):
     """For y = c(z)·x + s(z): rebuild x, return (x, dL/dx, dL/dz) and add dL/dθ into `grads`.
     One forward of the coupling, with autograd, per call (the recomputation)."""
     z = z.detach().requires_grad_(True)
@@ -153,7 +155,6 @@ def _coupling_backward(coupling: Coupling, y: torch.Tensor, z: torch.Tensor, dy:
     if carry is not None and carry.requires_grad:
         outputs.append(carry)
         grad_outputs.append((dy * x).to(carry.dtype))
-    params = [p for p in coupling.parameters() if p.requires_grad]
     found = torch.autograd.grad(outputs, [z, *params], grad_outputs, allow_unused=True)
     for p, g in zip(params, found[1:], strict=True):
         if g is not None:
@@ -188,9 +189,9 @@ class ReversibleFunction(torch.autograd.Function):
         with torch.autocast(run.device_type, dtype=run.autocast_dtype, enabled=run.autocast), \
                 _frozen_running_stats(run.blocks):
             for block in reversed(run.blocks):
-                x2, g2, dz = _coupling_backward(block.g, y2, y1, g2, grads)  # y₂ = c_g(y₁)·x₂ + s_g(y₁)
+                x2, g2, dz = _coupling_backward(block.g, y2, y1, g2, grads, run.coupling_params[id(block.g)])  # y₂ = c_g(y₁)·x₂ + s_g(y₁)
                 g1 = g1 + dz
-                x1, g1, dz = _coupling_backward(block.f, y1, x2, g1, grads)  # y₁ = c_f(x₂)·x₁ + s_f(x₂)
+                x1, g1, dz = _coupling_backward(block.f, y1, x2, g1, grads, run.coupling_params[id(block.f)])  # y₁ = c_f(x₂)·x₁ + s_f(x₂)
                 g2 = g2 + dz
                 y1, y2 = x1, x2
         dx = torch.cat([g1, g2], dim=1)
