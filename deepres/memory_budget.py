@@ -1,4 +1,5 @@
-"""`activation_checkpointing: auto`: pick the cheapest checkpointing that fits a memory budget.
+"""`activation_checkpointing: auto`: pick the cheapest checkpointing that fits a memory budget
+(docs/science.md#choosing-checkpointing-from-a-memory-budget).
 
 The budget (`memory_budget_gb`) is for what one training step allocates on top of the parameters
 and optimizer state: stored activations, their gradients, the parameter gradients and temporaries.
