@@ -41,9 +41,9 @@ def parallelize(
         chosen = choice.setting
         if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
                 or torch.distributed.get_rank() == 0:
-            log.info("activation_checkpointing auto: chose %r, predicted step peak %.2f GB at batch %d "
-                     "(budget %.2f GB; measured: %s)", chosen, choice.predicted_peak_bytes / 2**30, batch_size,
-                     memory_budget_gb, ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in choice.predictions.items()))
+            log.info("activation_checkpointing auto: chose %r, predicted step peak %.3g GB at batch %d "
+                     "(budget %.3g GB; predicted: %s)", chosen, choice.predicted_peak_bytes / 2**30, batch_size,
+                     memory_budget_gb, ", ".join(f"{k} {v / 2**30:.3g} GB" for k, v in choice.predictions.items()))
     elif activation_checkpointing not in (0, "none", None):
         apply_activation_checkpointing(net, activation_checkpointing)
     if compile:

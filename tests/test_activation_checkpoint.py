@@ -144,3 +144,16 @@ def test_auto_refuses_what_cannot_fit_and_says_what_to_do():
                     batch_size=64)
     with pytest.raises(ConfigError, match="needs example_input"):
         parallelize(net, activation_checkpointing="auto", memory_budget_gb=1.0)
+
+
+def test_auto_logs_its_choice_and_the_predicted_peak(caplog):
+    import logging
+
+    from deepres.parallelize import parallelize
+
+    net = create_model("highway_mlp", depth=21, width=32, in_features=16)
+    with caplog.at_level(logging.INFO, logger="deepres"):
+        chosen = parallelize(net, activation_checkpointing="auto", memory_budget_gb=10.0,
+                             example_input=torch.randn(4, 16), batch_size=64)
+    assert chosen == "none"
+    assert "chose 'none', predicted step peak" in caplog.text and "at batch 64" in caplog.text
