@@ -127,24 +127,36 @@ class ReversibleBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run of reversible blocks as one autograd function
+# A run of reversible blocks: one autograd node per block, activations handed back in backward
 # ----------------------------------------------------------------------------------------------
+class _Slot:
+    """The tensor between two consecutive reversible blocks. Forward frees its storage once the next
+    block has consumed it; that block's backward puts the rebuilt tensor back, for the block before.
+    Holds a detached alias, so no reference cycle through autograd's graph."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor.detach()
+        self.version = tensor._version
+        self.between_blocks = False  # True once a next block consumed it: its storage may be freed
+
+
 class _Run:
-    """What backward needs besides tensors: the blocks, their parameters, the autocast state."""
+    """What every block's backward needs besides tensors: its parameters (listed once: module walks
+    cost as much as a small layer's backward) and the autocast state of the forward."""
 
     def __init__(self, blocks: list[ReversibleBlock], device_type: str):
-        self.blocks = blocks
-        # per coupling, listed once (module walks cost as much as the small layers' backward)
         self.coupling_params = {id(c): [p for p in c.parameters() if p.requires_grad] for b in blocks for c in (b.f, b.g)}
-        self.params = [p for b in blocks for c in (b.f, b.g) for p in self.coupling_params[id(c)]]
         self.device_type = device_type
         self.autocast = torch.is_autocast_enabled(device_type)
         self.autocast_dtype = torch.get_autocast_dtype(device_type)
 
+    def params(self, block: ReversibleBlock) -> list[torch.Tensor]:
+        return self.coupling_params[id(block.f)] + self.coupling_params[id(block.g)]
+
 
 def _coupling_backward(coupling: Coupling, y: torch.Tensor, z: torch.Tensor, dy: torch.Tensor,
-                       grads: dict[int, torch.Tensor], params: list[torch.Tensor]):
-    """For y = c(z)·x + s(z): rebuild x, return (x, dL/dx, dL/dz) and add dL/dθ into `grads`.
+                       params: list[torch.Tensor]):
+    """For y = c(z)·x + s(z): rebuild x, return (x, dL/dx, dL/dz, dL/dθ).
     One forward of the coupling, with autograd, per call (the recomputation)."""
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -156,52 +168,65 @@ def _coupling_backward(coupling: Coupling, y: torch.Tensor, z: torch.Tensor, dy:
         outputs.append(carry)
         grad_outputs.append((dy * x).to(carry.dtype))
     found = torch.autograd.grad(outputs, [z, *params], grad_outputs, allow_unused=True)
-    for p, g in zip(params, found[1:], strict=True):
-        if g is not None:
-            grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
     dz = found[0] if found[0] is not None else torch.zeros_like(z)
     dx = dy if carry is None else dy * carry.detach()
-    return x, dx, dz.to(z.dtype)
+    return x, dx, dz.to(z.dtype), list(found[1:])
 
 
-class ReversibleFunction(torch.autograd.Function):
-    """Forward without autograd keeping only the output; backward inverts block by block.
-    The parameters are inputs, so their gradients are returned (not accumulated behind autograd's
-    back) and DDP's / ZeRO's gradient hooks fire as for any other op."""
+class ReversibleBlockFunction(torch.autograd.Function):
+    """One reversible block without autograd in forward. Saves nothing: backward takes the block's
+    output from `out_slot` (put there by the next block's backward, or the run's live output), rebuilds
+    the input, puts it into `in_slot` for the block before, and returns the gradients of the input and
+    of the block's parameters, so they accumulate (and DDP's / ZeRO's hooks fire) block by block."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, run: _Run, *params: torch.Tensor) -> torch.Tensor:
-        ctx.run = run
+    def forward(ctx, x, block, run, in_slot, out_slot_box, *params):
         x1, x2 = x.chunk(2, dim=1)
-        for block in run.blocks:
-            x1, x2 = block((x1, x2))
-        y = torch.cat([x1, x2], dim=1)
-        ctx.save_for_backward(y)
+        y1, y2 = block((x1, x2))
+        y = torch.cat([y1, y2], dim=1)
+        ctx.block, ctx.run, ctx.in_slot = block, run, in_slot
+        out_slot_box.append(_Slot(y))
+        ctx.out_slot = out_slot_box[0]
         return y
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        run: _Run = ctx.run
-        (y,) = ctx.saved_tensors
-        y1, y2 = (t.detach() for t in y.chunk(2, dim=1))
+    def backward(ctx, grad_y):
+        block, run, slot = ctx.block, ctx.run, ctx.out_slot
+        if slot.tensor._version != slot.version:
+            raise RuntimeError("the output of a reversible run was modified in place after the forward; "
+                               "backward needs it to rebuild the inputs. Clone it before modifying it.")
+        y1, y2 = slot.tensor.chunk(2, dim=1)
         g1, g2 = grad_y.chunk(2, dim=1)
-        grads: dict[int, torch.Tensor] = {}
         with torch.autocast(run.device_type, dtype=run.autocast_dtype, enabled=run.autocast), \
-                _frozen_running_stats(run.blocks):
-            for block in reversed(run.blocks):
-                x2, g2, dz = _coupling_backward(block.g, y2, y1, g2, grads, run.coupling_params[id(block.g)])  # y₂ = c_g(y₁)·x₂ + s_g(y₁)
-                g1 = g1 + dz
-                x1, g1, dz = _coupling_backward(block.f, y1, x2, g1, grads, run.coupling_params[id(block.f)])  # y₁ = c_f(x₂)·x₁ + s_f(x₂)
-                g2 = g2 + dz
-                y1, y2 = x1, x2
-        dx = torch.cat([g1, g2], dim=1)
-        return (dx, None, *[grads.get(id(p)) for p in run.params])
+                _frozen_running_stats([block]):
+            x2, g2, dz, grads_g = _coupling_backward(block.g, y2, y1, g2, run.coupling_params[id(block.g)])
+            g1 = g1 + dz
+            x1, g1, dz, grads_f = _coupling_backward(block.f, y1, x2, g1, run.coupling_params[id(block.f)])
+            g2 = g2 + dz
+        if slot.between_blocks:  # rebuilt by the next block's backward; used now, so free it again
+            slot.tensor.untyped_storage().resize_(0)
+        if ctx.in_slot is not None:  # hand the rebuilt input to the block before
+            x = ctx.in_slot.tensor
+            x.untyped_storage().resize_(x.numel() * x.element_size())
+            x[:, : x1.shape[1]].copy_(x1)
+            x[:, x1.shape[1] :].copy_(x2)
+            ctx.in_slot.version = x._version
+        return (torch.cat([g1, g2], dim=1), None, None, None, None, *grads_f, *grads_g)
 
 
 def reversible_run(blocks: list[ReversibleBlock], x: torch.Tensor) -> torch.Tensor:
-    """Apply consecutive reversible blocks keeping no activation inside the run."""
+    """Apply consecutive reversible blocks, keeping only the run's output: each tensor between two
+    blocks is freed as soon as the next block has used it."""
     run = _Run(blocks, x.device.type)
-    return ReversibleFunction.apply(x, run, *run.params)
+    in_slot = None
+    for i, block in enumerate(blocks):
+        box: list[_Slot] = []
+        y = ReversibleBlockFunction.apply(x, block, run, in_slot, box, *run.params(block))
+        if in_slot is not None:  # x was the previous block's output: only this block needed it
+            in_slot.tensor.untyped_storage().resize_(0)
+            in_slot.between_blocks = True
+        in_slot, x = box[0], y
+    return x
 
 
 class ReversibleStack(BlockStack):
@@ -271,5 +296,5 @@ def reversible_block(gate: str, make_body, make_gate, transform_bias: float, car
     return ReversibleBlock(coupling(), coupling())
 
 
-__all__ = ["Coupling", "REVERSIBLE_GATES", "ReversibleBlock", "ReversibleFunction", "ReversibleStack",
+__all__ = ["Coupling", "REVERSIBLE_GATES", "ReversibleBlock", "ReversibleBlockFunction", "ReversibleStack",
            "check_reversible", "couple", "reversible_block", "reversible_run", "uncouple"]
