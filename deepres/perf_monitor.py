@@ -63,9 +63,15 @@ def count_training_flops(net: nn.Module, x: torch.Tensor) -> int:
     modes = {m: m.training for m in net.modules()}
     blocks = getattr(net, "blocks", None)
     every = getattr(blocks, "checkpoint_every", None)
+    # reversible blocks (deepres.models.reversible) are counted with stored activations, not the
+    # recomputation of their inputs; their couplings are not counted block by block
+    stored = getattr(blocks, "store_activations", None)
     counter = _totals_only(FlopCounterMode(display=False))
-    stack = _BlockwiseCount(blocks, counter) if isinstance(blocks, nn.ModuleList) and len(blocks) > 1 else None
+    blockwise = isinstance(blocks, nn.ModuleList) and len(blocks) > 1 and stored is None
+    stack = _BlockwiseCount(blocks, counter) if blockwise else None
     try:
+        if stored is not None:
+            blocks.store_activations = True
         for m in modes:  # net.eval() without Module.__setattr__ per module
             m.__dict__["training"] = False
         if every is not None:
@@ -83,6 +89,8 @@ def count_training_flops(net: nn.Module, x: torch.Tensor) -> int:
             m.__dict__["training"] = training
         if every is not None:
             blocks.checkpoint_every = every
+        if stored is not None:
+            blocks.store_activations = stored
     return int(counter.get_total_flops()) + (stack.skipped_flops if stack is not None else 0)
 
 

@@ -1,16 +1,21 @@
-"""Peak activation memory and step time of very deep nets with and without activation checkpointing.
+"""Peak activation memory and step time of very deep nets: stored activations, activation checkpointing
+(every block, √L, selective) and reversible blocks, side by side.
 
-    python scripts/bench_memory.py                       # both models, all modes (~10 min on 2 cores)
-    python scripts/bench_memory.py --models highway_mlp  # the quick one
+    python scripts/bench_memory.py --models highway_mlp              # ~8 min on 2 busy cores
+    python scripts/bench_memory.py --models preact_resnet1001_cifar  # ~10 min
 
 Each measurement runs in a fresh process: build the model and optimizer, run warm-up steps (so
 gradients and optimizer state exist), reset the kernel's peak-RSS counter (/proc/self/clear_refs),
 run timed steps, and report activation memory = peak RSS during the steps − RSS before them
 (with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave RSS at once); step time
 from a separate process with the default allocator.
-Modes: no checkpointing, every block (k = 1), and k = √L. Baselines are named in every ratio.
-Targets: with √L, activation memory ≤ 0.15 × none at ≤ 1.35 × the step time; activation
-memory at 2000 blocks ≤ 1.5 × that at 1000.
+Modes: no checkpointing ("none"), every block (k = 1), k = √L, selective checkpointing of every
+block (keep matmul/conv outputs, recompute the rest), and the reversible form of the same net
+("reversible"), against that reversible architecture with its activations stored ("reversible-stored":
+the same blocks through ordinary autograd). F and B, the forward and backward times of "none", give
+the floor (2F + B)/(F + B) of any scheme that recomputes one forward. Baselines are named in every ratio.
+Targets: √L step time ≤ 1.35 × none or the floor; selective ≤ 1.15 × none at ≤ 0.5 of its memory;
+reversible ≤ 1.5 × reversible-stored, and its activation memory at 10,000 blocks ≤ 1.2 × that at 1,000.
 """
 
 from __future__ import annotations
@@ -56,8 +61,12 @@ def worker(model: str, overrides: dict, batch: int, every: str, steps: int, warm
 
     torch.manual_seed(0)
     kwargs, shape, _ = MODELS[model]
-    net = create_model(model, **{**kwargs, **overrides})
-    k = apply_activation_checkpointing(net, int(every) if every.isdigit() else every) if every != "none" else 0
+    reversible = every.startswith("reversible")
+    net = create_model(model, **{**kwargs, **overrides, **({"reversible": True} if reversible else {})})
+    if reversible:
+        net.blocks.store_activations = every == "reversible-stored"
+    k = apply_activation_checkpointing(net, int(every) if every.isdigit() else every) \
+        if every != "none" and not reversible else 0
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, *shape)
     y = torch.randint(0, 10, (batch,))
@@ -71,13 +80,22 @@ def worker(model: str, overrides: dict, batch: int, every: str, steps: int, warm
         step()
     before = rss_bytes()
     reset_peak_rss()
-    times = []
+    times, fwd, bwd = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        opt.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
         times.append(time.perf_counter() - t0)
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+    med = len(times) // 2
     return {"model": model, "blocks": len(net.blocks), "every": every, "k": k, "batch": batch,
-            "activation_bytes": peak_rss_bytes() - before, "step_s": sorted(times)[len(times) // 2]}
+            "activation_bytes": peak_rss_bytes() - before, "step_s": sorted(times)[med],
+            "forward_s": sorted(fwd)[med], "backward_s": sorted(bwd)[med]}
 
 
 def run(model: str, overrides: dict, batch: int, every: str, steps: int, warmup: int, threads: int) -> dict:
@@ -97,6 +115,9 @@ def run(model: str, overrides: dict, batch: int, every: str, steps: int, warmup:
     return {**timed, "activation_bytes": mem["activation_bytes"]}
 
 
+MODES = ("none", "1", "sqrt", "selective", "reversible", "reversible-stored")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -105,6 +126,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=2, help="alternating rounds over the modes")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads per measurement")
     p.add_argument("--batch", type=int, help="override the per-model batch size")
+    p.add_argument("--no-depth-scaling", dest="depth_scaling", action="store_false",
+                   help="skip the highway_mlp memory-vs-depth runs (2000 and 10,000 blocks)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -120,33 +143,55 @@ def main() -> None:
           f"(median step), {args.warmup} warm-up step(s) excluded")
     for model in args.models:
         batch = args.batch or MODELS[model][2]
-        results: dict[str, list[dict]] = {m: [] for m in ("none", "1", "sqrt")}
+        results: dict[str, list[dict]] = {m: [] for m in MODES}
         for _ in range(args.trials):
             for mode in results:  # alternate the sides to cancel drift
                 results[mode].append(run(model, {}, batch, mode, args.steps, args.warmup, args.threads))
-        med = {m: {key: sorted(r[key] for r in rs)[len(rs) // 2] for key in ("activation_bytes", "step_s")}
-               for m, rs in results.items()}
+        keys = ("activation_bytes", "step_s", "forward_s", "backward_s")
+        med = {m: {key: sorted(r[key] for r in rs)[len(rs) // 2] for key in keys} for m, rs in results.items()}
         L = results["none"][0]["blocks"]
-        print(f"\n## {model}: {L} blocks, batch {batch}")
-        print("| checkpointing | k | activation memory (MB) | step (s) | memory / none | time / none |")
+        F, B = med["none"]["forward_s"], med["none"]["backward_s"]
+        floor = (2 * F + B) / (F + B)
+        print(f"\n## {model}: {L} blocks, batch {batch}; none: forward F = {F:.3f} s, backward B = {B:.3f} s, "
+              f"recompute floor (2F + B)/(F + B) = {floor:.3f}")
+        print("| mode | k | activation memory (MB) | step (s) | memory / none | time / none |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for m, rs in results.items():
             mem, t = med[m]["activation_bytes"], med[m]["step_s"]
             print(f"| {m} | {rs[0]['k']} | {mem / 2**20:.0f} | {t:.3f} | "
                   f"{mem / med['none']['activation_bytes']:.3f} | {t / med['none']['step_s']:.3f} |")
+
+        def ratio(a: str, b: str, key: str) -> float:
+            return med[a][key] / med[b][key]
+
         print(f"RATIO {model} sqrt-checkpointing activation memory / no checkpointing = "
-              f"{med['sqrt']['activation_bytes'] / med['none']['activation_bytes']:.3f} (target <= 0.15)")
-        print(f"RATIO {model} sqrt-checkpointing step time / no checkpointing = "
-              f"{med['sqrt']['step_s'] / med['none']['step_s']:.3f} (target <= 1.35)")
-    if "highway_mlp" in args.models:
+              f"{ratio('sqrt', 'none', 'activation_bytes'):.3f} (target <= 0.15)")
+        print(f"RATIO {model} sqrt-checkpointing step time / no checkpointing = {ratio('sqrt', 'none', 'step_s'):.3f} "
+              f"(target <= 1.35 or the measured floor {floor:.3f})")
+        print(f"RATIO {model} selective activation memory / no checkpointing = "
+              f"{ratio('selective', 'none', 'activation_bytes'):.3f} (target <= 0.5)")
+        print(f"RATIO {model} selective step time / no checkpointing = {ratio('selective', 'none', 'step_s'):.3f} "
+              f"(target <= 1.15)")
+        print(f"RATIO {model} reversible step time / reversible-stored = "
+              f"{ratio('reversible', 'reversible-stored', 'step_s'):.3f} (target <= 1.5)")
+        print(f"RATIO {model} reversible activation memory / reversible-stored = "
+              f"{ratio('reversible', 'reversible-stored', 'activation_bytes'):.3f}")
+        print(f"RATIO {model} reversible activation memory / no checkpointing = "
+              f"{ratio('reversible', 'none', 'activation_bytes'):.3f}")
+    if "highway_mlp" in args.models and args.depth_scaling:
         batch = args.batch or MODELS["highway_mlp"][2]
         growth = {}
-        for depth in (1001, 2001):
-            rs = [run("highway_mlp", {"depth": depth}, batch, "sqrt", 0, args.warmup, args.threads) for _ in range(args.trials)]
-            growth[depth] = sorted(r["activation_bytes"] for r in rs)[len(rs) // 2]
+        for mode, depths in (("sqrt", (1001, 2001)), ("reversible", (1001, 10001))):
+            for depth in depths:
+                rs = [run("highway_mlp", {"depth": depth}, batch, mode, 0, args.warmup, args.threads)
+                      for _ in range(args.trials)]
+                growth[mode, depth] = sorted(r["activation_bytes"] for r in rs)[len(rs) // 2]
         print(f"\nRATIO highway_mlp sqrt-checkpointing activation memory 2000 blocks / 1000 blocks = "
-              f"{growth[2001] / growth[1001]:.3f} (target <= 1.5; sqrt(2) = 1.414, linear = 2)")
-
+              f"{growth['sqrt', 2001] / growth['sqrt', 1001]:.3f} (target <= 1.5; sqrt(2) = 1.414, linear = 2)")
+        print(f"RATIO highway_mlp reversible activation memory 10,000 blocks / 1,000 blocks = "
+              f"{growth['reversible', 10001] / growth['reversible', 1001]:.3f} "
+              f"({growth['reversible', 1001] / 2**20:.0f} -> {growth['reversible', 10001] / 2**20:.0f} MB; "
+              f"target <= 1.2, linear = 10)")
 
 if __name__ == "__main__":
     main()

@@ -95,3 +95,33 @@ def test_checkpoint_hparams_are_plain_and_rebuild_the_module(tmp_path):
     assert loaded.optim == module.optim and loaded.memory == module.memory and loaded.schedule == module.schedule
     for a, b in zip(loaded.state_dict().values(), module.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_memory_auto_measures_the_module_at_its_data_shape_and_batch(monkeypatch):
+    """model.memory.activation_checkpointing: auto reaches parallelize() with the budget, samples of the
+    module's input shape and the data module's batch size; a roomy budget needs no checkpointing."""
+    import deepres.training.module as module_file
+
+    calls = []
+    real = module_file.parallelize
+
+    def recording(net, **kwargs):
+        calls.append(kwargs)
+        return real(net, **kwargs)
+
+    monkeypatch.setattr(module_file, "parallelize", recording)
+    module = Classifier(depth=4, width=8, memory=MemoryConfig(activation_checkpointing="auto", memory_budget_gb=64.0))
+
+    class Data(L.LightningDataModule):
+        batch_size = 4
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(8, 64), torch.randint(0, 10, (8,))), batch_size=4)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=Data())
+    (kwargs,) = calls
+    assert kwargs["memory_budget_gb"] == 64.0 and kwargs["batch_size"] == 4
+    assert tuple(kwargs["example_input"].shape[1:]) == (64,)
+    assert module.net.blocks.checkpoint_every == 0  # 64 GB: storing every activation fits

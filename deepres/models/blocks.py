@@ -28,9 +28,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from deepres.errors import ConfigError
+from deepres.models.fused_gate import gated_mix, highway_mix
 
 log = logging.getLogger("deepres")
 
@@ -209,6 +210,9 @@ class ResidualBlock(nn.Module):
         # block's transform with probability drop_rate and takes the carry path alone.
         self.drop_rate = float(drop_rate)
 
+    # σ and the mix as one autograd op (deepres.models.fused_gate); False: the separate ops
+    fused_gate = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self._keep_mask(x) if self.drop_rate > 0.0 and self.training else None
         carry_in = x
@@ -233,9 +237,14 @@ class ResidualBlock(nn.Module):
                     h = h * keep
                 y = h.add_(s) if self.add_in_place else s + h
             elif self.gate == "highway":
-                t = self.transform_gate(x)
-                d = t * (h - s)  # y = (1 − t)·s + t·h = s + t·(h − s), one multiply fewer
-                y = s + (d if keep is None else d * keep)
+                if keep is None and self.fused_gate and _fusable(self.transform_gate):
+                    y = highway_mix(s, self.transform_gate.proj(x), h)  # σ and the mix as one op
+                else:
+                    t = self.transform_gate(x)
+                    d = t * (h - s)  # y = (1 − t)·s + t·h = s + t·(h − s), one multiply fewer
+                    y = s + (d if keep is None else d * keep)
+            elif keep is None and self.fused_gate and _fusable(self.transform_gate) and _fusable(self.carry_gate):
+                y = gated_mix(s, self.carry_gate.proj(x), self.transform_gate.proj(x), h)
             else:
                 y = self.carry_gate(x) * s + self.transform_gate(x) * h
                 if keep is not None:  # a dropped sample carries its input: y = s
@@ -265,6 +274,13 @@ class ResidualBlock(nn.Module):
         return ", ".join(extra)
 
 
+def _fusable(gate: Gate) -> bool:
+    """The fused op skips the Gate module: only when nothing watches or pins it (diagnostics hook
+    gates, and then get the separate ops)."""
+    return (gate.pinned is None and not gate._forward_hooks and not gate._forward_pre_hooks
+            and not gate.act._forward_hooks and not nn.modules.module._global_forward_hooks)
+
+
 # ----------------------------------------------------------------------------------------------
 # The stack of blocks every model exposes as `.blocks`
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +295,8 @@ class BlockStack(nn.ModuleList):
     def __init__(self, blocks=None):
         super().__init__(blocks)
         self.checkpoint_every = 0  # 0: off; k: recompute every k consecutive blocks in backward
+        # torch.utils.checkpoint's context_fn: e.g. selective checkpointing (deepres.activation_checkpoint)
+        self.checkpoint_context_fn = noop_context_fn
         # observer(i, y) after block i of a forward (deepres.depth_probe): one call per block instead
         # of two forward hooks per block; never called by a checkpoint's recomputation
         self.observer: Callable[[int, object], None] | None = None
@@ -306,7 +324,8 @@ class BlockStack(nn.ModuleList):
         blocks = list(self)
         last = (len(blocks) - 1) // k * k
         for start in range(0, last, k):
-            x = checkpoint(_Segment(blocks[start : start + k], start, observe), x, use_reentrant=False)
+            x = checkpoint(_Segment(blocks[start : start + k], start, observe), x, use_reentrant=False,
+                           context_fn=self.checkpoint_context_fn)
         # The last segment is not checkpointed: backward needs its activations first, so storing
         # them costs one segment of memory and saves recomputing it.
         for i, block in enumerate(blocks[last:], last):
@@ -341,17 +360,17 @@ class _frozen_running_stats:
     def __init__(self, blocks: list[nn.Module]):
         self.norms = [m for b in blocks for m in b.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
+    # No tensor op here: selective checkpointing replays the recompute op by op against the forward.
     def __enter__(self):
-        self.saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                      for m in self.norms]
+        self.saved = [(m, m.momentum, m.num_batches_tracked) for m in self.norms]
         for m in self.norms:
             m.momentum = 0.0  # running = (1 − 0)·running + 0·batch: unchanged
+            m.num_batches_tracked = None  # so the recompute does not count the batch again
 
     def __exit__(self, *exc):
         for m, momentum, nbt in self.saved:
             m.momentum = momentum
-            if nbt is not None:
-                m.num_batches_tracked.copy_(nbt)
+            m.num_batches_tracked = nbt
         return False
 
 

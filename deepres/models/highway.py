@@ -44,6 +44,7 @@ from deepres.models.init_presets import (
     zero_classifier_,
 )
 from deepres.models.registry import register_model
+from deepres.models.reversible import ReversibleStack, check_reversible, reversible_block
 
 # the dense branch each residual preset's paper uses: ReZero/SkipInit/DeepNorm act(W x + b) with no norm
 # before it, LayerScale a pre-norm branch, Fixup two layers with scalar biases
@@ -85,6 +86,7 @@ def highway_mlp(
     num_classes: int = 10,
     init: InitName = "default",
     drop_path: float = 0.0,
+    reversible: bool = False,
 ) -> HighwayMLP:
     """Fully connected net of `depth` hidden layers: 1 plain layer + (depth − 1) blocks.
 
@@ -103,6 +105,8 @@ def highway_mlp(
         init: default | rezero | skipinit | layerscale | fixup | deepnorm (gate="residual") |
             orthogonal (gate="plain"); deepres.models.init_presets, docs/science.md#depth-aware-initialisation-presets.
         drop_path: stochastic depth, the drop rate of the last block (linear in the block index).
+        reversible: every block a reversible coupling of two width/2 halves (deepres.models.reversible):
+            activation memory independent of depth, half the parameters per block.
     """
     check_gate(gate)
     check_init(init, gate, conv=False)
@@ -118,6 +122,16 @@ def highway_mlp(
         raise ConfigError(f"highway_mlp body must be 'post' or 'pre'; got {body!r}.")
     num_blocks = depth - 1
     tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
+    stem = DenseBody(in_features, width, activation)  # the paper's one plain layer first
+    if reversible:
+        check_reversible(gate, width, init, drop_path)
+        half = width // 2
+
+        def make_body():
+            return DenseBody(half, half, activation) if body == "post" else PreActDenseBody(half, half, activation)
+
+        blocks = [reversible_block(gate, make_body, lambda b: dense_gate(half, half, b), tb, cb) for _ in range(num_blocks)]
+        return HighwayMLP(stem, ReversibleStack(blocks), nn.Linear(width, num_classes))
     blocks = []
     for _ in range(num_blocks):
         h = _dense_body(body, width, activation, num_blocks, zero_init=init == "default")
@@ -131,7 +145,6 @@ def highway_mlp(
                 **block_scales(init, num_blocks, width),
             )
         )
-    stem = DenseBody(in_features, width, activation)  # the paper's one plain layer first
     model = HighwayMLP(stem, BlockStack(blocks), nn.Linear(width, num_classes))
     _finish(model, init, drop_path, activation)
     return model
@@ -182,6 +195,7 @@ def highway_cnn_cifar(
     init: InitName = "default",
     norm: str | None = None,
     drop_path: float = 0.0,
+    reversible: bool = False,
 ) -> HighwayCNN:
     """Conv Highway net for 32x32 images: stem conv, then stages of 3x3 highway conv layers with
     3x3 conv gates, a max-pool + plain conv transition between stages, 1x1 conv classifier and global
@@ -190,7 +204,9 @@ def highway_cnn_cifar(
 
     `init`: default | rezero | skipinit | layerscale | fixup | deepnorm (gate="residual") |
     delta_orthogonal (gate="plain"); `norm`: batch | group | layer | none (unset: none for the
-    norm-free presets, else batch); `drop_path`: stochastic depth rate of the last block."""
+    norm-free presets, else batch); `drop_path`: stochastic depth rate of the last block.
+    `reversible`: the blocks inside each stage become reversible couplings of width/2 halves; the
+    transitions store as usual."""
     check_gate(gate)
     check_init(init, gate, conv=True)
     check_drop_path(drop_path, gate)
@@ -211,6 +227,13 @@ def highway_cnn_cifar(
             blocks.append(Transition(in_ch, w, norm=body_norm))
             in_ch = w
         for _ in range(n):
+            if reversible:
+                check_reversible(gate, w, init, drop_path)
+                half = w // 2
+                blocks.append(reversible_block(
+                    gate, lambda half=half: ConvBody(half, half, norm=body_norm),
+                    lambda b, half=half: conv_gate(half, half, b, kernel_size=gate_kernel_size), tb, cb))
+                continue
             h = ConvBody(w, w, norm=body_norm)
             if init == "fixup":  # Fixup needs m >= 2 layers per branch: a zero-initialised 1x1 conv ends it
                 h.append(nn.Conv2d(w, w, 1))
@@ -225,10 +248,9 @@ def highway_cnn_cifar(
                 )
             )
     head = nn.Sequential(nn.Conv2d(in_ch, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = HighwayCNN(stem, BlockStack(blocks), head)
+    model = HighwayCNN(stem, (ReversibleStack if reversible else BlockStack)(blocks), head)
     _finish(model, init, drop_path)
     return model
-
 
 
 @register_model

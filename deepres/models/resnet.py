@@ -43,6 +43,7 @@ from deepres.models.init_presets import (
     zero_classifier_,
 )
 from deepres.models.registry import register_model, register_variant
+from deepres.models.reversible import ReversibleStack, check_reversible, reversible_block
 
 BodyKind = Literal["basic", "bottleneck", "preact_basic", "preact_bottleneck"]
 EXPANSION = {"basic": 1, "bottleneck": 4, "preact_basic": 1, "preact_bottleneck": 4}
@@ -90,9 +91,14 @@ def build_blocks(
     init: str = "default",
     norm: str = "batch",
     drop_path: float = 0.0,
+    reversible: bool = False,
 ) -> tuple[BlockStack, int]:
     """The builder loop: one place that knows every block's index, stride and shape.
-    `norm` is already resolved (resolve_norm); Fixup's bodies get scalar biases in the norms' place."""
+    `norm` is already resolved (resolve_norm); Fixup's bodies get scalar biases in the norms' place.
+
+    `reversible`: blocks that keep the shape become reversible couplings of two half-width bodies
+    (deepres.models.reversible; post-activation bodies lose the ReLU after the merge, which has no
+    inverse); blocks that change stride or channels stay ordinary blocks."""
     check_gate(gate)
     num_blocks = sum(blocks_per_stage)
     tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
@@ -104,6 +110,11 @@ def build_blocks(
         out_ch = width * EXPANSION[body]
         for i in range(n):
             stride = stage_stride if i == 0 else 1
+            if reversible and stride == 1 and in_ch == out_ch:
+                check_reversible(gate, out_ch, init, drop_path)
+                blocks.append(_reversible_block(body, out_ch, width // 2, gate, tb, cb, zero_init, gate_group_width,
+                                                body_norm))
+                continue
             if body == "basic":
                 h = BasicBody(in_ch, out_ch, stride, zero_init, body_norm)
             elif body == "bottleneck":
@@ -134,7 +145,7 @@ def build_blocks(
                 )
             )
             in_ch = out_ch
-    stack = BlockStack(blocks)
+    stack = (ReversibleStack if reversible else BlockStack)(blocks)
     if drop_path:
         stack.set_drop_path(drop_path)
     return stack, in_ch
@@ -158,6 +169,22 @@ def _finish(model: ResNet, init: str) -> ResNet:
     return model
 
 
+def _reversible_block(body: BodyKind, channels: int, width: int, gate: GateKind, tb: float, cb: float,
+                      zero_init: bool, gate_group_width: int | None, norm: str = "batch"):
+    half = channels // 2
+
+    def make_body() -> nn.Module:
+        if body == "basic":
+            return BasicBody(half, half, 1, zero_init, norm)
+        if body == "bottleneck":
+            return BottleneckBody(half, width, half, 1, zero_init, norm)
+        if body == "preact_basic":
+            return PreActBasicBody(half, half, 1, zero_init, norm)
+        return PreActBottleneckBody(half, width, half, 1, zero_init, norm)
+
+    return reversible_block(gate, make_body, lambda b: conv_gate(half, half, b, group_width=gate_group_width), tb, cb)
+
+
 # ----------------------------------------------------------------------------------------------
 # ImageNet ResNets
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +202,7 @@ def imagenet_resnet(
     init: InitName = "default",
     norm: str | None = None,
     drop_path: float = 0.0,
+    reversible: bool = False,
 ) -> ResNet:
     """ImageNet ResNet in torchvision's layout (same parameter count for gate="residual").
 
@@ -189,6 +217,7 @@ def imagenet_resnet(
             delta_orthogonal (gate="plain"); docs/science.md#depth-aware-initialisation-presets.
         norm: batch | group | layer | none; unset: none for the norm-free presets, else batch.
         drop_path: stochastic depth, the drop rate of the last block (linear in the block index).
+        reversible: shape-keeping blocks as reversible couplings (deepres.models.reversible).
     """
     norm = _check_presets(init, norm, drop_path, gate)
     stem_norm = "scalar_bias" if init == "fixup" else norm
@@ -203,6 +232,7 @@ def imagenet_resnet(
         body, 64, [64, 128, 256, 512], layers, [1, 2, 2, 2], gate=gate, gate_bias=gate_bias,
         carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
         init=init, norm=norm, drop_path=drop_path,
+        reversible=reversible,
     )
     pre_head = [make_norm(stem_norm, out_ch), nn.ReLU(inplace=True)] if body.startswith("preact") else []
     head = nn.Sequential(*pre_head, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
@@ -274,6 +304,7 @@ def cifar_resnet(
     init: InitName = "default",
     norm: str | None = None,
     drop_path: float = 0.0,
+    reversible: bool = False,
 ) -> ResNet:
     """CIFAR ResNet of depth 6n+2: 3 stages of n basic blocks (16, 32, 64 channels), option-A
     (parameter-free) shortcuts, as in He et al. 2015, Sec. 4.2. `init`, `norm`, `drop_path`: as
@@ -286,6 +317,7 @@ def cifar_resnet(
         "basic", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias, carry_bias=carry_bias,
         shortcut="pad", zero_init_last=zero_init_last, gate_group_width=gate_group_width,
         init=init, norm=norm, drop_path=drop_path,
+        reversible=reversible,
     )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(out_ch, num_classes))
     return _finish(ResNet(stem, blocks, head), init)
@@ -304,6 +336,7 @@ def preact_resnet_cifar(
     init: InitName = "default",
     norm: str | None = None,
     drop_path: float = 0.0,
+    reversible: bool = False,
 ) -> ResNet:
     """Pre-activation bottleneck ResNet of depth 9n+2 (He et al. 2016): 3 stages of n units with
     16/32/64 bottleneck widths (64/128/256 outputs); BN-ReLU before the pooled head. `init`, `norm`,
@@ -315,6 +348,7 @@ def preact_resnet_cifar(
         "preact_bottleneck", 16, [16, 32, 64], [n] * 3, [1, 2, 2], gate=gate, gate_bias=gate_bias,
         carry_bias=carry_bias, zero_init_last=zero_init_last, gate_group_width=gate_group_width,
         init=init, norm=norm, drop_path=drop_path,
+        reversible=reversible,
     )
     head = nn.Sequential(
         make_norm("scalar_bias" if init == "fixup" else norm, out_ch), nn.ReLU(inplace=True),

@@ -71,11 +71,16 @@ class MemoryConfig:
 
     activation_checkpointing: int | str = 0
     """Recompute activations in backward: every k blocks (k >= 1), "sqrt" (segments of about √L
-    blocks), "all"; 0 = off."""
+    blocks), "all"; "selective" (keep matmul/conv outputs, recompute norms, activations and gates;
+    also "selective:k", "selective:sqrt"); "auto" (the cheapest setting whose measured peak fits
+    `memory_budget_gb`); 0 = off."""
     compile: bool = False
     """torch.compile each block."""
     channels_last: bool = False
     """NHWC memory layout for conv nets (faster convolutions on GPUs with tensor cores)."""
+    memory_budget_gb: float | None = None
+    """For activation_checkpointing "auto": GB one training step may allocate on a device beyond the
+    parameters and optimizer state (deepres.memory_budget)."""
 
 
 

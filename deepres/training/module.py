@@ -76,8 +76,16 @@ class DeepresModule(L.LightningModule):
     def configure_model(self) -> None:
         if self._parallelized:
             return
+        auto = {}
+        if self.memory.activation_checkpointing == "auto":
+            # measured on random samples of the data's shape, on the training device, at the per-device batch
+            device = self.trainer.strategy.root_device
+            self.net.to(device)
+            auto = dict(memory_budget_gb=self.memory.memory_budget_gb,
+                        example_input=torch.randn(8, *self.hparams["input_shape"], device=device),
+                        batch_size=int(getattr(self.trainer.datamodule, "batch_size", 8) or 8))
         parallelize(self.net, activation_checkpointing=self.memory.activation_checkpointing,
-                    compile=self.memory.compile, channels_last=self.memory.channels_last)
+                    compile=self.memory.compile, channels_last=self.memory.channels_last, **auto)
         self._parallelized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +154,8 @@ class Classifier(DeepresModule):
             input_shape: one sample's shape; linked from the data module.
             optim: the optimizer: name, lr, momentum, nesterov, betas, weight_decay.
             schedule: the learning-rate schedule: name, warmup_steps, milestones, gamma, min_lr_ratio.
-            memory: how the net runs: activation_checkpointing, compile, channels_last.
+            memory: how the net runs: activation_checkpointing (k, sqrt, all, selective, auto), compile,
+                channels_last, memory_budget_gb (for auto).
             label_smoothing: cross-entropy label smoothing.
             init_from: start from these weights: a torchvision or timm ResNet state dict (.pth,
                 .safetensors; loaded by name, gates left at init, the head too if the class count
