@@ -166,7 +166,8 @@ def test_shape_changing_blocks_store_as_usual():
 def test_diagnostics_see_the_gates_activations_error_flow_and_flops():
     """The depth diagnostics measure a reversible net as they measure the same net storing its
     activations: per-block gates and activations, the error-flow ratio, the FLOPs of one step."""
-    from deepres.diagnostics import _Probe, count_training_flops, find_gates
+    from deepres.depth_probe import Probe, find_gates
+    from deepres.perf_monitor import count_training_flops
 
     torch.manual_seed(0)
     net = create_model("highway_mlp", depth=9, width=8, in_features=8, gate="gated", reversible=True)
@@ -177,7 +178,7 @@ def test_diagnostics_see_the_gates_activations_error_flow_and_flops():
     for model in (net, stored):
         gates = find_gates(model.blocks)
         assert sorted(role for role, _ in gates) == ["carry"] * 16 + ["transform"] * 16  # 2 couplings x 8 blocks
-        probe = _Probe(model.blocks, gates)
+        probe = Probe(model.blocks, gates)
         out = model(x)
         probe.remove()  # as the callback does before backward
         out.square().sum().backward()

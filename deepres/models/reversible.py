@@ -245,6 +245,9 @@ class ReversibleStack(BlockStack):
 
     def __init__(self, blocks=None):
         super().__init__(blocks)
+        # the reversible runs do not call BlockStack's per-block observer: without the attribute the depth
+        # probe (deepres.depth_probe) hooks each block instead, which the runs do call
+        del self.observer
         self.store_activations = False
 
     def runs(self) -> list[list[nn.Module]]:
