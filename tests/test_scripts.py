@@ -81,9 +81,9 @@ def test_lstm_adding(tmp_path):
 def test_bench_overhead(tmp_path):
     run_script("bench_overhead", tmp_path)
     rows, markdown = read_outputs(tmp_path, "overhead")
-    assert {r["side"] for r in rows} == {"deepres", "hand"}
+    assert {r["side"] for r in rows} == {"deepres", "deepres, no wandb", "hand"}
     assert all(float(r["ms_per_step"]) > 0 for r in rows)
-    assert markdown.count("≤ 1.03 |") == 2
+    assert markdown.count("≤ 1.03 |") >= 2 and "no wandb" in markdown  # both ratios against the target
 
 
 def test_bench_model_cost(tmp_path):

@@ -468,7 +468,12 @@ def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_righ
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     sessions = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(sessions) >= 2 and sorted((run_dir / "wandb").glob("offline-run-*")) == sessions
-    assert "could not start run" not in text and "without wandb" not in text, text[-3000:]
+    assert "could not start run" not in text, text[-3000:]
+    # srun's SIGTERM reaches the wandb service as well: an attempt being stopped may lose it for its last
+    # flush (one warning; metrics.csv keeps everything), but never before it was told to stop
+    for attempt in text.split("[deepres.sbatch] job ")[1:]:
+        lost = attempt.find("lost its wandb service")
+        assert lost < 0 or "SIGTERM" in attempt[:lost], attempt[-3000:]
     sync = re.findall(r"^    wandb sync (.+)$", text, re.M)[-1].split()
     assert [(tmp_path / p).resolve() for p in sync] == [s.resolve() for s in sessions]  # all of them, in order
 
