@@ -57,3 +57,24 @@ def test_hooked_or_pinned_gates_take_the_separate_ops():
     x = torch.randn(2, 8)
     h = block.body(x)
     assert torch.allclose(block(x), h)
+
+
+def test_a_gate_watched_in_forward_but_not_in_backward_recomputes_the_same_ops():
+    """The diagnostics hook the gates for one forward and remove the hooks before backward; under
+    activation checkpointing the recomputation must still run the separate gate ops it saved for."""
+    import torch
+
+    from deepres.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("highway_mlp", depth=7, width=8, in_features=8, num_classes=3)
+    net.blocks.checkpoint_every = 2
+    x = torch.randn(4, 8)
+    reference = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+    handle = net.blocks[0].transform_gate.register_forward_hook(lambda *_: None)
+    out = net(x)
+    handle.remove()
+    grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+    for a, b in zip(grads, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert net.blocks[0].fused_gate is True  # the block runs fused again afterwards

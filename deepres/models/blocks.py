@@ -348,12 +348,34 @@ class _Segment:
     def __call__(self, x):
         self.calls += 1
         observe = self.observe if self.calls == 1 else None
-        with _frozen_running_stats(self.blocks) if self.calls > 1 else contextlib.nullcontext():
+        if self.calls == 1:
+            # blocks whose gate is watched now (the diagnostics' hooks, removed before backward) run the
+            # separate gate ops; the recomputation must run the same ops, or it saves other tensors
+            self.unfused = [b for b in self.blocks if isinstance(b, ResidualBlock) and b.fused_gate
+                            and not _block_fusable(b)]
+        with _frozen_running_stats(self.blocks) if self.calls > 1 else contextlib.nullcontext(), \
+                _separate_gate_ops(self.unfused if self.calls > 1 else []):
             for i, block in enumerate(self.blocks, self.start):
                 x = block(x)
                 if observe is not None:
                     observe(i, x)
         return x
+
+
+def _block_fusable(block: ResidualBlock) -> bool:
+    gates = [g for g in (block.transform_gate, block.carry_gate) if g is not None]
+    return all(_fusable(g) for g in gates)
+
+
+@contextlib.contextmanager
+def _separate_gate_ops(blocks: list[ResidualBlock]):
+    for b in blocks:
+        b.fused_gate = False
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.fused_gate  # back to the class default
 
 
 class _frozen_running_stats:
