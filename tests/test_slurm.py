@@ -549,17 +549,21 @@ def test_submit_refuses_tasks_per_node_that_contradict_devices_and_submits_nothi
 
 
 @pytest.mark.slurm
-def test_dry_run_prints_a_valid_script_and_submits_nothing(slurm_cluster, tmp_path):
-    before = _job_ids(slurm_cluster)
-    result = _deepres(slurm_cluster, tmp_path, "submit", "--nodes", "2", "--tasks-per-node", "1", "--time", "5",
-                      "--name", "dry", "--dry-run", "--trainer.max_steps", "3")
+def _accepted_by_bash_and_sbatch(result, tmp_path, env) -> None:
+    """A `deepres submit --dry-run` printed a script that bash parses and sbatch --test-only accepts."""
     assert result.returncode == 0, result.stderr
     script = tmp_path / "dry.sbatch"
     script.write_text(result.stdout)
     subprocess.run(["bash", "-n", str(script)], check=True)
-    test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=slurm_cluster, capture_output=True,
-                               text=True)
+    test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=env, capture_output=True, text=True)
     assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+
+
+def test_dry_run_prints_a_valid_script_and_submits_nothing(slurm_cluster, tmp_path):
+    before = _job_ids(slurm_cluster)
+    result = _deepres(slurm_cluster, tmp_path, "submit", "--nodes", "2", "--tasks-per-node", "1", "--time", "5",
+                      "--name", "dry", "--dry-run", "--trainer.max_steps", "3")
+    _accepted_by_bash_and_sbatch(result, tmp_path, slurm_cluster)
     assert "--trainer.num_nodes 2" in result.stdout and "--run.name dry" in result.stdout
     assert _job_ids(slurm_cluster) == before
     assert not (tmp_path / "runs").exists()
@@ -625,13 +629,7 @@ def test_dry_run_of_a_sweep_with_memory_and_site_setup_passes_bash_and_sbatch_te
     result = _deepres(slurm_cluster, tmp_path, "submit", "--tasks-per-node", "1", "--time", "5", "--mem", "100M",
                       "--setup", str(setup), "--python", PYTHON, "--name", "dry-sweep", "--dry-run",
                       "--sweep", "model.depth=3,5", "--array-limit", "1", "--", "--trainer.max_steps", "3")
-    assert result.returncode == 0, result.stderr
-    script = tmp_path / "dry.sbatch"
-    script.write_text(result.stdout)
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=slurm_cluster, capture_output=True,
-                               text=True)
-    assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
+    _accepted_by_bash_and_sbatch(result, tmp_path, slurm_cluster)
     for line in ("#SBATCH --mem=100M", "#SBATCH --array=0-1%1", "export DEEPRES_SITE=1"):
         assert line in result.stdout.splitlines()
     assert _job_ids(slurm_cluster) == before and not (tmp_path / "runs").exists()
