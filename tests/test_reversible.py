@@ -31,6 +31,8 @@ def _perturbed(net: torch.nn.Module) -> None:
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("name, kwargs, shape", BODIES)
 def test_custom_backward_passes_gradcheck_in_float64(name, kwargs, shape, gate):
+    """The input gradient by torch.autograd.gradcheck; the parameters' gradients, which the run
+    accumulates into .grad during loss.backward(), against central differences along a random direction."""
     torch.manual_seed(0)
     net = create_model(name, gate=gate, reversible=True, **kwargs).double()
     _perturbed(net)
@@ -42,14 +44,30 @@ def test_custom_backward_passes_gradcheck_in_float64(name, kwargs, shape, gate):
         for b in list(net.blocks)[:first]:
             x = b(x)
     x.requires_grad_(True)
-    params = [p for b in blocks for p in b.parameters()]
-
-    def run(x, *params):  # the parameters are gradcheck's inputs, used by the blocks themselves
-        return reversible_run(blocks, x)
-
     fast = name != "highway_mlp"  # conv nets: random projections of the Jacobian (torch's fast mode)
-    # inputs and every parameter of the run (its returned gradients are checked too)
-    assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast)
+    assert torch.autograd.gradcheck(lambda x: reversible_run(blocks, x), (x,), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                    fast_mode=fast)
+
+    params = [p for b in blocks for p in b.parameters()]
+    w = torch.randn_like(reversible_run(blocks, x))  # loss = <w, run(x)>
+    for p in params:
+        p.grad = None
+    (reversible_run(blocks, x) * w).sum().backward()
+    v = [torch.randn_like(p) for p in params]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, v, strict=True)).item()
+
+    def loss_along(step: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, v, strict=True):
+                p.add_(step * d)
+            value = (reversible_run(blocks, x) * w).sum().item()
+            for p, d in zip(params, v, strict=True):
+                p.sub_(step * d)
+        return value
+
+    eps = 1e-6
+    numeric = (loss_along(eps) - loss_along(-eps)) / (2 * eps)
+    assert abs(analytic - numeric) <= 1e-5 + 1e-5 * abs(numeric), (analytic, numeric)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
@@ -191,3 +209,16 @@ def test_diagnostics_see_the_gates_activations_error_flow_and_flops():
     assert ratio == pytest.approx(ratio_stored, rel=1e-5) and ratio > 0
     assert count_training_flops(net, x) == count_training_flops(stored, x) > 0
     assert net.blocks.store_activations is False  # the count leaves the setting as it was
+
+
+def test_autograd_grad_for_the_input_leaves_parameter_gradients_alone():
+    """Only loss.backward() accumulates the run's parameter gradients: torch.autograd.grad for the input
+    (error flow, memory probes) gets the same input gradient as backward and writes no .grad."""
+    torch.manual_seed(0)
+    net = create_model("highway_mlp", depth=12, width=16, in_features=8, reversible=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(net(x).sum(), [x])
+    assert all(p.grad is None for p in net.parameters())
+    net(x).sum().backward()
+    assert torch.allclose(x.grad, gx)
+    assert all(p.grad is not None for p in net.blocks.parameters())

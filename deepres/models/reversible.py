@@ -23,7 +23,10 @@ The carry and transform of each half depend only on the *other* half, so the blo
 `ReversibleStack` runs every maximal run of consecutive reversible blocks as one
 `torch.autograd.Function` that keeps only the run's output: backward walks the run from its end,
 rebuilds each block's input from its output and recomputes one coupling at a time to get the
-gradients, so stored activations are one block's worth per run, whatever its length. Blocks that
+gradients, so stored activations are one block's worth per run, whatever its length, and the
+autograd graph has one node per run (the parameters' gradients are accumulated by the recomputation's
+own small graphs, so DDP with find_unused_parameters=True, which looks for them in the forward graph,
+does not see them: use the default DDP settings). Blocks that
 change the shape (stride, channels) are ordinary blocks and store their activations as usual.
 
 Bodies must be deterministic (no dropout): the recomputation must see the same function. Batch-norm
@@ -80,6 +83,19 @@ class Coupling(nn.Module):
         self.body = body
         self.transform_gate = transform_gate if gate != "residual" else None
         self.carry_gate = carry_gate if gate == "gated" else None
+        self._params: tuple[nn.Parameter, ...] | None = None
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters that need gradients. The list of parameters is walked once and kept: a module
+        walk per coupling per step costs as much as a small layer's backward, and a list built per
+        step and held until backward would be memory that grows with depth."""
+        if self._params is None:
+            self._params = tuple(self.parameters())
+        return [p for p in self._params if p.requires_grad]
+
+    def _apply(self, fn, recurse=True):  # .to(), .double(), to_empty() may swap the parameter objects
+        self._params = None
+        return super()._apply(fn, recurse)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         h = self.body(z)
@@ -132,37 +148,23 @@ class ReversibleBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# A run of reversible blocks: one autograd node per block, activations handed back in backward
+# A run of reversible blocks: one autograd node for the whole run, activations rebuilt in backward
 # ----------------------------------------------------------------------------------------------
-class _Slot:
-    """The tensor between two consecutive reversible blocks. Forward frees its storage once the next
-    block has consumed it; that block's backward puts the rebuilt tensor back, for the block before.
-    Holds a detached alias, so no reference cycle through autograd's graph."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor.detach()
-        self.version = tensor._version
-        self.between_blocks = False  # True once a next block consumed it: its storage may be freed
-
-
 class _Run:
-    """What every block's backward needs besides tensors: its parameters (listed once: module walks
-    cost as much as a small layer's backward) and the autocast state of the forward."""
+    """What the run's backward needs besides tensors: its blocks and the autocast state of the forward."""
 
     def __init__(self, blocks: list[ReversibleBlock], device_type: str):
-        self.coupling_params = {id(c): [p for p in c.parameters() if p.requires_grad] for b in blocks for c in (b.f, b.g)}
+        self.blocks = blocks
         self.device_type = device_type
         self.autocast = torch.is_autocast_enabled(device_type)
         self.autocast_dtype = torch.get_autocast_dtype(device_type)
 
-    def params(self, block: ReversibleBlock) -> list[torch.Tensor]:
-        return self.coupling_params[id(block.f)] + self.coupling_params[id(block.g)]
-
 
 def _coupling_backward(coupling: Coupling, y: torch.Tensor, z: torch.Tensor, dy: torch.Tensor,
-                       params: list[torch.Tensor]):
-    """For y = c(z)·x + s(z): rebuild x, return (x, dL/dx, dL/dz, dL/dθ).
-    One forward of the coupling, with autograd, per call (the recomputation)."""
+                       params: list[torch.Tensor] | None):
+    """For y = c(z)·x + s(z): rebuild x, return (x, dL/dx, dL/dz), and accumulate dL/dθ into the
+    parameters' .grad (through their gradient accumulators, so DDP's and ZeRO's hooks fire as in any
+    backward) unless `params` is None. One forward of the coupling, with autograd, per call."""
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         carry, shift = coupling(z)
@@ -172,66 +174,74 @@ def _coupling_backward(coupling: Coupling, y: torch.Tensor, z: torch.Tensor, dy:
     if carry is not None and carry.requires_grad:
         outputs.append(carry)
         grad_outputs.append((dy * x).to(carry.dtype))
-    found = torch.autograd.grad(outputs, [z, *params], grad_outputs, allow_unused=True)
-    dz = found[0] if found[0] is not None else torch.zeros_like(z)
+    if params is None:
+        (dz,) = torch.autograd.grad(outputs, [z], grad_outputs, allow_unused=True)
+    else:
+        torch.autograd.backward(outputs, grad_outputs, inputs=[z, *params])
+        dz = z.grad
+    dz = dz if dz is not None else torch.zeros_like(z)
     dx = dy if carry is None else dy * carry.detach()
-    return x, dx, dz.to(z.dtype), list(found[1:])
+    return x, dx, dz
 
 
-class ReversibleBlockFunction(torch.autograd.Function):
-    """One reversible block without autograd in forward. Saves nothing: backward takes the block's
-    output from `out_slot` (put there by the next block's backward, or the run's live output), rebuilds
-    the input, puts it into `in_slot` for the block before, and returns the gradients of the input and
-    of the block's parameters, so they accumulate (and DDP's / ZeRO's hooks fire) block by block."""
+class ReversibleRunFunction(torch.autograd.Function):
+    """A run of consecutive reversible blocks as one autograd node. Forward runs the blocks without
+    autograd and keeps only the run's output; backward walks the blocks from the end, rebuilds each
+    block's input from its output, recomputes one coupling at a time and accumulates its parameters'
+    gradients as it goes (block by block, so DDP buckets and ZeRO reductions start during backward).
+
+    The parameters are not inputs of the node: an autograd edge and gradient accumulator per parameter
+    for the whole forward is the bookkeeping that would grow with depth. `anchor`, an empty leaf that
+    requires grad, stands for them: backward runs even when the run's input needs no gradient, and the
+    parameters' gradients are accumulated only when the engine would accumulate the anchor's, i.e. in
+    `loss.backward()`, not in `torch.autograd.grad(...)` or `backward(inputs=...)` calls that ask for
+    other tensors (those see the run's input gradient only)."""
 
     @staticmethod
-    def forward(ctx, x, block, run, in_slot, out_slot_box, *params):
-        x1, x2 = x.chunk(2, dim=1)
-        y1, y2 = block((x1, x2))
-        y = torch.cat([y1, y2], dim=1)
-        ctx.block, ctx.run, ctx.in_slot = block, run, in_slot
-        out_slot_box.append(_Slot(y))
-        ctx.out_slot = out_slot_box[0]
+    def forward(ctx, x, run, anchor):
+        pair = x.chunk(2, dim=1)
+        for block in run.blocks:
+            pair = block(pair)
+        y = torch.cat(pair, dim=1)
+        ctx.run = run
+        ctx.out, ctx.out_version = y.detach(), y._version
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        block, run, slot = ctx.block, ctx.run, ctx.out_slot
-        if slot.tensor._version != slot.version:
+        run, y = ctx.run, ctx.out
+        if y._version != ctx.out_version:
             raise RuntimeError("the output of a reversible run was modified in place after the forward; "
                                "backward needs it to rebuild the inputs. Clone it before modifying it.")
-        y1, y2 = slot.tensor.chunk(2, dim=1)
+        y1, y2 = y.chunk(2, dim=1)
         g1, g2 = grad_y.chunk(2, dim=1)
+        accumulate = _will_run(ctx.anchor_node)
         with torch.autocast(run.device_type, dtype=run.autocast_dtype, enabled=run.autocast), \
-                _frozen_running_stats([block]):
-            x2, g2, dz, grads_g = _coupling_backward(block.g, y2, y1, g2, run.coupling_params[id(block.g)])
-            g1 = g1 + dz
-            x1, g1, dz, grads_f = _coupling_backward(block.f, y1, x2, g1, run.coupling_params[id(block.f)])
-            g2 = g2 + dz
-        if slot.between_blocks:  # rebuilt by the next block's backward; used now, so free it again
-            slot.tensor.untyped_storage().resize_(0)
-        if ctx.in_slot is not None:  # hand the rebuilt input to the block before
-            x = ctx.in_slot.tensor
-            x.untyped_storage().resize_(x.numel() * x.element_size())
-            x[:, : x1.shape[1]].copy_(x1)
-            x[:, x1.shape[1] :].copy_(x2)
-            ctx.in_slot.version = x._version
-        return (torch.cat([g1, g2], dim=1), None, None, None, None, *grads_f, *grads_g)
+                _frozen_running_stats(run.blocks):
+            for block in reversed(run.blocks):
+                x2, g2, dz = _coupling_backward(block.g, y2, y1, g2, block.g.trainable() if accumulate else None)
+                g1 = g1 + dz.to(g1.dtype)
+                x1, g1, dz = _coupling_backward(block.f, y1, x2, g1, block.f.trainable() if accumulate else None)
+                g2 = g2 + dz.to(g2.dtype)
+                y1, y2 = x1, x2
+        return torch.cat([g1, g2], dim=1), None, None
+
+
+def _will_run(node) -> bool:
+    """Whether the current backward executes `node` (a gradient accumulator): torch's own test, the one
+    behind torch.autograd.graph.register_multi_grad_hook."""
+    check = getattr(torch._C, "_will_engine_execute_node", None)
+    return True if check is None else bool(check(node))
 
 
 def reversible_run(blocks: list[ReversibleBlock], x: torch.Tensor) -> torch.Tensor:
-    """Apply consecutive reversible blocks, keeping only the run's output: each tensor between two
-    blocks is freed as soon as the next block has used it."""
+    """Apply consecutive reversible blocks, keeping only the run's output."""
     run = _Run(blocks, x.device.type)
-    in_slot = None
-    for i, block in enumerate(blocks):
-        box: list[_Slot] = []
-        y = ReversibleBlockFunction.apply(x, block, run, in_slot, box, *run.params(block))
-        if in_slot is not None:  # x was the previous block's output: only this block needed it
-            in_slot.tensor.untyped_storage().resize_(0)
-            in_slot.between_blocks = True
-        in_slot, x = box[0], y
-    return x
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    y = ReversibleRunFunction.apply(x, run, anchor)
+    if y.grad_fn is not None:  # the anchor's gradient accumulator: asked in backward whether it runs
+        y.grad_fn.anchor_node = y.grad_fn.next_functions[-1][0]
+    return y
 
 
 class ReversibleStack(BlockStack):
@@ -304,5 +314,5 @@ def reversible_block(gate: str, make_body, make_gate, transform_bias: float, car
     return ReversibleBlock(coupling(), coupling())
 
 
-__all__ = ["Coupling", "REVERSIBLE_GATES", "ReversibleBlock", "ReversibleBlockFunction", "ReversibleStack",
+__all__ = ["Coupling", "REVERSIBLE_GATES", "ReversibleBlock", "ReversibleRunFunction", "ReversibleStack",
            "check_reversible", "couple", "reversible_block", "reversible_run", "uncouple"]
