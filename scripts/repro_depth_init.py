@@ -13,6 +13,9 @@ For each net and depth L (hidden layers of `highway_mlp`, width 50, ReLU; 1 plai
      validation accuracy (360 digits) of checkpoints/last.ckpt, and the wall time of the fit.
 The plain delta-orthogonal net is the conv net (`highway_cnn_cifar` with one stage of 16 channels on
 1×8×8 digits, no norm); its training runs stop at --conv-max-depth (a conv layer costs ~40× a dense one).
+It is trained with Adam (lr 1e-3) instead: at init a delta-orthogonal net is a per-pixel map (only the
+centre taps are non-zero), and with SGD at lr 0.05–0.002 this 16-channel norm-free conv net stays at
+chance even at depth 10, as does the same net with PyTorch's default init; Adam breaks the symmetry.
 
 "SGD did not stall for networks with more than 1000 layers" (Srivastava et al. 2015, Sec. 4.1) is
 tested at 1,000 and 10,000: stalled = final training loss above 90 % of the initial ln 10 ≈ 2.30.
@@ -55,6 +58,10 @@ SHORT = {"default": "highway (default bias)", "minus3": "highway (bias −3)", "
 DEPTH_AWARE = ("highway (default bias)", "residual + rezero", "residual + fixup", "residual + layerscale",
                "residual + skipinit", "residual + deepnorm")
 STALL = 0.9 * math.log(10)
+# extra `deepres fit` arguments for one net (the rest use the default job's optimizer)
+FIT_ARGS: dict[str, list[str]] = {
+    "plain + delta-orthogonal (conv)": ["--model.optim.name", "adam", "--model.optim.lr", "1e-3"],
+}
 
 
 def model_args(net: str, depth: int) -> tuple[str, dict]:
@@ -111,7 +118,7 @@ def run_one(job: dict) -> dict:
             "--trainer.check_val_every_n_epoch", "100000", "--trainer.num_sanity_val_steps", "0",
             "--seed_everything", str(seed), "--data.seed", str(seed), "--wandb.enabled", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--run.root", job["root"], "--run.name", job["name"]]
+            "--run.root", job["root"], "--run.name", job["name"], *FIT_ARGS.get(net, [])]
     log_path = Path(job["root"]) / f"{job['name']}.log"
     start = time.perf_counter()
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -148,12 +155,14 @@ def fmt(v, spec: str) -> str:
 
 def write_table(path: Path, rows: list[dict], header: str) -> None:
     depths = sorted({r["depth"] for r in rows})
-    steps = sorted({r["steps"] for r in rows})
+    trained_steps = [r["steps"] for r in rows if r["final_train_loss"] != ""] or [r["steps"] for r in rows]
+    usual_steps = max(set(trained_steps), key=trained_steps.count)
     cell = {(r["net"], r["depth"]): r for r in rows}
     lines = ["### Depth-aware initialisation: which rule trains at 10,000 layers", "", header, "",
-             f"`highway_mlp` (width 50, ReLU) on the digits, {', '.join(map(str, steps))} SGD steps of batch 64 per run "
+             f"`highway_mlp` (width 50, ReLU) on the digits, {usual_steps} SGD steps of batch 64 per run (unless the cell says) "
              "(lr 0.05, cosine, Nesterov 0.9), one seed. Each cell: error-flow ratio at init / final training loss / "
-             "validation accuracy / wall time of the `deepres fit` run; – = not run.", "",
+             "validation accuracy / wall time of the `deepres fit` run; – = not run. "
+             + " ".join(f"{net}: `{' '.join(extra)}`." for net, extra in FIT_ARGS.items()), "",
              "| net | " + " | ".join(f"L = {d}" for d in depths) + " |",
              "| --- | " + " | ".join("---" for _ in depths) + " |"]
     for net in NETS:
@@ -166,6 +175,8 @@ def write_table(path: Path, rows: list[dict], header: str) -> None:
             text = f"{r['error_flow_ratio']:.3g}"
             if r["final_train_loss"] != "":
                 text += f" / {r['final_train_loss']:.3f} / {100 * r['val_acc']:.1f} % / {r['fit_s']:.0f} s"
+                if r["steps"] != usual_steps:
+                    text += f" ({r['steps']} steps)"
             cells.append(text)
         lines.append(f"| {net} | " + " | ".join(cells) + " |")
     lines += ["", stall_sentence(rows), "", "Every run: `docs/results/depth_init.csv`.", "",
@@ -182,8 +193,10 @@ def stall_sentence(rows: list[dict]) -> str:
             continue
         moving = [r["net"] for r in trained if r["final_train_loss"] < STALL]
         stalled = [r["net"] for r in trained if r["final_train_loss"] >= STALL]
+        diverged = [r["net"] for r in trained if math.isnan(r["final_train_loss"])]
         parts.append(f"L = {d}: SGD moved the loss below {STALL:.2f} for {', '.join(moving) or 'none'}"
-                     + (f"; stalled for {', '.join(stalled)}." if stalled else "."))
+                     + (f"; stalled for {', '.join(stalled)}" if stalled else "")
+                     + (f"; diverged (NaN) for {', '.join(diverged)}" if diverged else "") + ".")
     return "Did SGD stall (Srivastava et al. 2015: not beyond 1000 layers)? " + " ".join(parts)
 
 
@@ -244,7 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the table, summary and figure from the CSV")
     args = parser.parse_args(argv)
+    if args.render_only:
+        rows = read_csv(args.out_dir / "depth_init.csv")
+        old = (args.out_dir / "depth_init.md").read_text().splitlines() if (args.out_dir / "depth_init.md").exists() else []
+        header = old[2] if len(old) > 2 else f"`{command_line('repro_depth_init.py', argv)}`"
+        write_table(args.out_dir / "depth_init.md", rows, header)
+        write_summary(args.out_dir / "depth_init_summary.md", rows)
+        plot(args.out_dir / "depth_init.png", rows)
+        return 0
     if args.quick:
         args.depths, args.steps = [10], 20
     env = environment(1)
