@@ -222,3 +222,16 @@ def test_autograd_grad_for_the_input_leaves_parameter_gradients_alone():
     net(x).sum().backward()
     assert torch.allclose(x.grad, gx)
     assert all(p.grad is not None for p in net.blocks.parameters())
+
+
+def test_ddp_that_searches_for_unused_parameters_is_refused_for_reversible_nets():
+    """DDP's find_unused_parameters=True would reduce a reversible run's parameters as unused: the
+    launching process refuses it and names the plain ddp strategy instead."""
+    from deepres.strategies import resolve_strategy
+    from deepres.training import Classifier
+
+    trainer = {"strategy": "ddp_find_unused_parameters_true", "accelerator": "cpu", "devices": 2}
+    with pytest.raises(ConfigError, match="Use --trainer.strategy ddp with reversible blocks"):
+        resolve_strategy(trainer, model=Classifier(depth=4, width=8, reversible=True))
+    assert resolve_strategy(trainer, model=Classifier(depth=4, width=8)) == "ddp_find_unused_parameters_true"
+    assert resolve_strategy({**trainer, "strategy": "ddp"}, model=Classifier(depth=4, width=8, reversible=True))

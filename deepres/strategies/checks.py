@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
-from lightning.pytorch.strategies import Strategy
 
 from deepres.errors import ConfigError
 from deepres.strategies.deepspeed import DeepSpeedStrategy
@@ -26,11 +26,13 @@ _DEEPSPEED_PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-t
 
 
 def check_trainer_config(trainer: TrainerSettings, strategy: str | Strategy | None = None, *,
-                         batch_size: int | None = None, num_blocks: int | None = None) -> None:
+                         batch_size: int | None = None, num_blocks: int | None = None,
+                         reversible: bool = False) -> None:
     """Refuse Trainer settings that cannot run, with one message naming the flags and the fix.
 
     Runs in the launching process, before Lightning starts any other process. `batch_size` (per process, as
-    the data module has it) and `num_blocks` (the net's) are checked when given.
+    the data module has it) and `num_blocks` (the net's) are checked when given; `reversible`: the net is
+    built from reversible blocks.
     """
     strategy = strategy_object(trainer.get("strategy", "auto")) if strategy is None else strategy
     accelerator = accelerator_name(trainer)
@@ -49,11 +51,28 @@ def check_trainer_config(trainer: TrainerSettings, strategy: str | Strategy | No
     if isinstance(strategy, PipelineStrategy):
         check_pipeline(strategy, processes=processes(trainer), batch_size=batch_size, precision=precision,
                        trainer=trainer, num_blocks=num_blocks)
+    if reversible and _finds_unused_parameters(strategy):
+        raise ConfigError(
+            f"--trainer.strategy {name} with reversible blocks: DDP's find_unused_parameters=True looks for every "
+            "parameter in the forward graph, and a reversible run's parameters get their gradients from the "
+            "recomputation in backward instead, so DDP would reduce them as unused. Use --trainer.strategy ddp "
+            "with reversible blocks (every parameter of a deepres net is used in each step)."
+        )
     if on_cpu and trainer.get("sync_batchnorm"):
         raise ConfigError(
             "--trainer.sync_batchnorm true on CPU: torch's SyncBatchNorm runs on GPUs only. "
             "Drop sync_batchnorm for CPU runs (each process then normalises over its own batch)."
         )
+
+
+def _finds_unused_parameters(strategy: str | Strategy) -> bool:
+    """Whether this DDP strategy (an object or a registry name such as ddp_find_unused_parameters_true)
+    searches the forward graph for unused parameters."""
+    if isinstance(strategy, DDPStrategy):
+        return bool(strategy._ddp_kwargs.get("find_unused_parameters"))
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        return bool(StrategyRegistry[strategy]["init_params"].get("find_unused_parameters"))
+    return False
 
 
 def _check_deepspeed(

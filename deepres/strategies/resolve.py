@@ -32,7 +32,8 @@ def resolve_strategy(trainer: TrainerSettings, *, batch_size: int | None = None,
     Raises `ConfigError` for a combination that cannot run.
     """
     strategy = strategy_object(trainer.get("strategy", "auto"), timeout=timeout, processes=processes(trainer))
-    check_trainer_config(trainer, strategy, batch_size=batch_size, num_blocks=_num_blocks(model))
+    check_trainer_config(trainer, strategy, batch_size=batch_size, num_blocks=_num_blocks(model),
+                         reversible=_reversible(model))
     if timeout is not None and accelerator_name(trainer) == "cuda":
         nccl_watchdog_environment(timeout)
     if isinstance(strategy, PipelineStrategy):
@@ -75,6 +76,13 @@ def nccl_watchdog_environment(timeout: timedelta) -> dict[str, str]:
     for key, value in settings.items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in settings}
+
+
+def _reversible(model: Any) -> bool:
+    """Whether a deepres LightningModule's net is built from reversible blocks."""
+    from deepres.models.reversible import ReversibleStack
+
+    return isinstance(getattr(getattr(model, "net", None), "blocks", None), ReversibleStack)
 
 
 def _num_blocks(model: Any) -> int | None:
