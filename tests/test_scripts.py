@@ -117,3 +117,19 @@ def test_make_results_assemble_pastes_fragments(tmp_path):
     results.write_text("<!-- begin missing.md -->\n<!-- end missing.md -->\n")
     done = subprocess.run([str(SCRIPTS / "make_results.sh"), "--assemble"], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "no missing.md" in done.stderr
+
+
+def test_depth_init_sweep_and_render(tmp_path):
+    module = run_script("repro_depth_init", tmp_path, "--nets", "default", "rezero")
+    rows, markdown = read_outputs(tmp_path, "depth_init")
+    assert {(r["net"], int(r["depth"])) for r in rows} == {("highway (default bias)", 10), ("residual + rezero", 10)}
+    by = {r["net"]: r for r in rows}
+    assert float(by["residual + rezero"]["error_flow_ratio"]) == pytest.approx(1.0, abs=1e-6)  # identity blocks
+    assert 0.3 < float(by["highway (default bias)"]["error_flow_ratio"]) < 1.0  # the carry product ≈ e^(−1/e)
+    assert all(float(r["final_train_loss"]) < 2.0 for r in rows)  # 20 steps move the loss off ln 10
+    assert "| highway (default bias) | " in markdown and "| plain + He | – |" in markdown
+    # the table, summary and figure are rebuilt from the CSV alone
+    (tmp_path / "depth_init_summary.md").unlink()
+    assert module.main(["--render-only", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "depth_init.md").read_text() == markdown
+    assert "| Error flow at init, depth-aware presets, L = 10 |" in (tmp_path / "depth_init_summary.md").read_text()
