@@ -60,7 +60,7 @@ def test_checkpointing_with_ddp_zero_and_torchrun_changes_nothing(tmp_path):
 
 
 def test_reversible_blocks_under_ddp_zero_and_bf16(tmp_path):
-    """Reversible blocks return their parameters' gradients from one autograd function: DDP's and
+    """Reversible runs accumulate their parameters' gradients during backward's recomputation: DDP's and
     ZeRO's gradient hooks fire for them as for any op, so both strategies end at the same parameters,
     and bf16-mixed trains them too."""
     rev = ["--model.arch_args", "{reversible: true}"]

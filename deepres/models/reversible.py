@@ -26,7 +26,7 @@ rebuilds each block's input from its output and recomputes one coupling at a tim
 gradients, so stored activations are one block's worth per run, whatever its length, and the
 autograd graph has one node per run (the parameters' gradients are accumulated by the recomputation's
 own small graphs, so DDP with find_unused_parameters=True, which looks for them in the forward graph,
-does not see them: use the default DDP settings). Blocks that
+would not see them; deepres refuses that combination). Blocks that
 change the shape (stride, channels) are ordinary blocks and store their activations as usual.
 
 Bodies must be deterministic (no dropout): the recomputation must see the same function. Batch-norm
@@ -83,19 +83,11 @@ class Coupling(nn.Module):
         self.body = body
         self.transform_gate = transform_gate if gate != "residual" else None
         self.carry_gate = carry_gate if gate == "gated" else None
-        self._params: tuple[nn.Parameter, ...] | None = None
 
     def trainable(self) -> list[nn.Parameter]:
-        """The parameters that need gradients. The list of parameters is walked once and kept: a module
-        walk per coupling per step costs as much as a small layer's backward, and a list built per
-        step and held until backward would be memory that grows with depth."""
-        if self._params is None:
-            self._params = tuple(self.parameters())
-        return [p for p in self._params if p.requires_grad]
-
-    def _apply(self, fn, recurse=True):  # .to(), .double(), to_empty() may swap the parameter objects
-        self._params = None
-        return super()._apply(fn, recurse)
+        """The parameters that need gradients, listed when backward reaches this coupling (a list
+        built in forward and held until backward would be memory that grows with depth)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         h = self.body(z)
@@ -230,8 +222,7 @@ class ReversibleRunFunction(torch.autograd.Function):
 def _will_run(node) -> bool:
     """Whether the current backward executes `node` (a gradient accumulator): torch's own test, the one
     behind torch.autograd.graph.register_multi_grad_hook."""
-    check = getattr(torch._C, "_will_engine_execute_node", None)
-    return True if check is None else bool(check(node))
+    return bool(torch._C._will_engine_execute_node(node))
 
 
 def reversible_run(blocks: list[ReversibleBlock], x: torch.Tensor) -> torch.Tensor:
