@@ -4,8 +4,8 @@
     deepres configs                                       list the configs `--config NAME` accepts
     deepres shard SRC OUT | --index SHARDS | --verify OUT write, index or verify webdataset shards
     deepres submit --config FILE [...]                    submit to SLURM (deepres.slurm); --sweep: a job array
-    deepres sweep-summary RUNS/NAME                       a sweep's points and final metrics (deepres.sweep_summary)
-    deepres report RUN_DIR [--out DIR]                    PNG figures from a run directory (deepres.report)
+    deepres sweep-summary RUNS/NAME                       a sweep's points and final metrics (deepres.observability.sweep_summary)
+    deepres report RUN_DIR [--out DIR]                    PNG figures from a run directory (deepres.observability.report)
     deepres convert-zero CKPT_DIR OUT                     DeepSpeed ZeRO checkpoint -> plain state dict
 
 Each sub-command lives in its own module and is imported only when used, so `deepres shard`
@@ -25,9 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "configs": ("deepres.config_names", "main"),
     "shard": ("deepres.data.shard_writer", "main"),
     "submit": ("deepres.slurm.submit", "main"),
-    "sweep-summary": ("deepres.sweep_summary", "main"),
-    "report": ("deepres.report", "main"),
-    "convert-zero": ("deepres.strategies", "convert_zero_main"),
+    "sweep-summary": ("deepres.observability.sweep_summary", "main"),
+    "report": ("deepres.observability.report", "main"),
+    "convert-zero": ("deepres.training.convert_zero", "convert_zero_main"),
 }
 
 

@@ -23,7 +23,7 @@ VERSION = lightning.__version__
 # ------------------------------------------------------------------------------------ names and helpers
 #: Type of a checkpoint path as Lightning's CheckpointIO takes it (str, Path, or a remote URL).
 PathLike = _PATH
-#: What a logger's ``experiment`` returns on ranks other than 0 (deepres.wandb_logging falls back to it when
+#: What a logger's ``experiment`` returns on ranks other than 0 (deepres.observability.wandb_logging falls back to it when
 #: wandb cannot start, so that training goes on).
 DummyExperiment = _DummyExperiment
 
@@ -84,7 +84,7 @@ OVERRIDES: list[tuple[str, str, tuple[str, ...] | None, str]] = [
     ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "_fs", None, "deepres.training.run_dir: the same"),
     ("lightning.pytorch.loggers.CSVLogger", "_experiment", None, "deepres.training.run_dir: the same"),
     ("lightning.pytorch.loggers.WandbLogger", "_experiment", None,
-     "deepres.wandb_logging: the run, to finish it and print the sync command"),
+     "deepres.observability.wandb_logging: the run, to finish it and print the sync command"),
     ("lightning.pytorch.strategies.DeepSpeedStrategy", "_setup_model_and_optimizer",
      ("self", "model", "optimizer", "lr_scheduler"),
      "deepres.strategies: Lightning's body with a CPU device argument (DeepSpeed on CPU processes)"),

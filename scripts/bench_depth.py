@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(1)
     print(env, flush=True)
     from deepres.data import DigitsDataModule
-    from deepres.diagnostics import count_training_flops
     from deepres.models import create_model
+    from deepres.observability.diagnostics import count_training_flops
 
     data = DigitsDataModule()
     data.setup("fit")

@@ -34,8 +34,8 @@ from evidence import quiet_lightning  # scripts/ is on sys.path
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from deepres.diagnostics import DepthDiagnostics, PerfMonitor
 from deepres.models import create_model
+from deepres.observability.diagnostics import DepthDiagnostics, PerfMonitor
 from deepres.training.run_dir import environment
 
 HOOKS = ("setup", "on_train_start", "on_train_batch_start", "on_before_backward", "on_before_optimizer_step",

@@ -56,8 +56,8 @@ def worker(model: str, overrides: dict, batch: int, every: str, steps: int, warm
     import torch
 
     torch.set_num_threads(threads)
-    from deepres.activation_checkpoint import apply_activation_checkpointing
     from deepres.models import create_model
+    from deepres.parallelize.activation_checkpoint import apply_activation_checkpointing
 
     torch.manual_seed(0)
     kwargs, shape, _ = MODELS[model]

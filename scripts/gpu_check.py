@@ -416,7 +416,7 @@ def prepare_preact(s: dict) -> dict:
 
 def run_preact(s: dict, prepared: dict) -> dict:
     """bench_memory.py's step on the device: SGD with momentum, warm-up step, then the measured step."""
-    from deepres.activation_checkpoint import apply_activation_checkpointing
+    from deepres.parallelize.activation_checkpoint import apply_activation_checkpointing
 
     device = s["device"]
     torch.manual_seed(0)

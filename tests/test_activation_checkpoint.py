@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from deepres.activation_checkpoint import apply_activation_checkpointing, checkpoint_interval
 from deepres.errors import ConfigError
 from deepres.models import create_model
+from deepres.parallelize.activation_checkpoint import apply_activation_checkpointing, checkpoint_interval
 
 CASES = [
     ("resnet20_cifar", {"depth": 14}, (4, 3, 16, 16)),  # batch norm: running stats must match too
@@ -86,7 +86,7 @@ def test_selective_checkpointing_gives_the_same_gradients(name, kwargs, shape, e
 def test_selective_keeps_matmul_outputs_and_recomputes_the_rest():
     """Memory: less than storing everything, more than storing block inputs only; and the trailing
     conv of pre-activation bodies is not kept (that alone would cost a full tensor per block)."""
-    from deepres.memory_budget import step_peak_bytes
+    from deepres.parallelize.memory_budget import step_peak_bytes
 
     x = torch.randn(16, 3, 16, 16)  # activations well above the parameter gradients
     peaks = {}
@@ -107,8 +107,8 @@ def test_selective_setting_is_validated():
 
 
 def test_auto_picks_checkpointing_only_when_the_budget_needs_it():
-    from deepres.memory_budget import step_peak_bytes
     from deepres.parallelize import parallelize
+    from deepres.parallelize.memory_budget import step_peak_bytes
 
     batch = 256
     x = torch.randn(batch, 16)
@@ -123,7 +123,7 @@ def test_auto_picks_checkpointing_only_when_the_budget_needs_it():
         assert all(p.grad is None for p in net.parameters())
         assert all(torch.equal(a, b) for a, b in zip(before.values(), net.state_dict().values(), strict=True))
         measured[budget_gb] = step_peak_bytes(net, x)  # the chosen setting, at the training batch
-        from deepres.memory_budget import choose_checkpointing
+        from deepres.parallelize.memory_budget import choose_checkpointing
 
         choice = choose_checkpointing(net, x[:8], batch, budget_gb)
         assert choice.setting == chosen[budget_gb]

@@ -1,4 +1,4 @@
-"""deepres.diagnostics and deepres.wandb_logging on tiny models and short CPU fits.
+"""deepres.observability.diagnostics and deepres.observability.wandb_logging on tiny models and short CPU fits.
 
 The wandb checks read the offline run's own transaction log (`run-<id>.wandb`: wandb's LevelDB-style
 record log of protobuf `Record`s), not a mock.
@@ -24,7 +24,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from deepres.diagnostics import (
+from deepres.errors import ConfigError
+from deepres.models import create_model
+from deepres.models.error_flow import error_flow_ratio
+from deepres.observability.diagnostics import (
     DEPTH_FILE,
     DepthDiagnostics,
     PerfMonitor,
@@ -33,10 +36,13 @@ from deepres.diagnostics import (
     find_gates,
     spread,
 )
-from deepres.errors import ConfigError
-from deepres.models import create_model
-from deepres.models.error_flow import error_flow_ratio
-from deepres.wandb_logging import RUN_ID_FILE, WandbConfig, has_credentials, make_wandb_logger, resolve_mode
+from deepres.observability.wandb_logging import (
+    RUN_ID_FILE,
+    WandbConfig,
+    has_credentials,
+    make_wandb_logger,
+    resolve_mode,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -407,7 +413,7 @@ def test_wandb_failing_to_start_does_not_stop_training(tmp_path, monkeypatch):
     """A dashboard must never end a training job: if wandb.init raises, logging goes on without it."""
     import wandb
 
-    from deepres.wandb_logging import DeepresWandbLogger
+    from deepres.observability.wandb_logging import DeepresWandbLogger
 
     def refuse(**_kwargs):
         raise RuntimeError("run ID abc is in use")

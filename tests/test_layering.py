@@ -1,18 +1,28 @@
 """The package's layers, checked from the imports of every module under deepres/ (parsed, not run).
 
-    deepres.models         single-device torch code: no training loop, data, strategies, SLURM, CLI,
-                           lightning, deepspeed, wandb or torch.distributed (parallelism, checkpointing
-                           and compilation are applied to models from outside)
-    deepres.data, .strategies, .training
-                           never the command line (deepres.cli, deepres.training.cli) that wires them
-    deepres.wandb_logging, deepres.diagnostics (with deepres.depth_probe, deepres.perf_monitor)
-                           not the CLI either; diagnostics not the `deepres report` command
-    deepres.depth_figures  shared by diagnostics and report, so it imports neither (nor training)
+Bottom to top; a module imports deepres modules of its own layer or below, never above:
+
+    deepres.errors, .files          standard library only
+    deepres.lightning_compat, .devices, .config_names
+                                    small shared helpers
+    deepres.models, .data           single-device nets and the data they train on
+    deepres.parallelize, .pipeline, .slurm
+                                    what is applied to a net from outside (activation checkpointing, the
+                                    memory budget, compile), cutting it into pipeline stages, job scripts
+    deepres.strategies, .observability
+                                    DDP/ZeRO/pipeline strategies; diagnostics, dashboards, reports
+    deepres.training                the run: its plan, module, checkpoints, the `deepres fit` wiring
+    deepres.cli                     the command line
+
+Within the layers, finer rules:
+    deepres.models         no training loop, data, strategies, SLURM, lightning, deepspeed, wandb or
+                           torch.distributed (parallelism, checkpointing and compilation are applied from outside)
+    deepres.observability  the depth probe needs no Lightning, the monitor no probe; the figures are shared by
+                           diagnostics and report, so they import neither; diagnostics never the report command
     the shard loader       (deepres.data.shards, .shard_stream, .shard_sets) reads deepres.data.shard_format,
                            never the `deepres shard` writer (.shard_writer, .shard_convert, .shard_index,
                            .shard_jobs, .image_sources)
     the shard writer       and shard_format: no Lightning, torch or loader, so that `deepres shard` starts fast
-    deepres.files, .errors the bottom: standard library only
 
 Every import counts, also one inside a function, because a lazy import is still a dependency.
 """
@@ -25,32 +35,42 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "deepres"
-CLI = ("deepres.cli", "deepres.training.cli")
 SHARD_FORMAT = ("deepres.data.shard_format",)
 SHARD_LOADER = ("deepres.data.shards", "deepres.data.shard_stream", "deepres.data.shard_sets")
 SHARD_WRITER = ("deepres.data.shard_writer", "deepres.data.shard_convert", "deepres.data.shard_index",
                 "deepres.data.shard_jobs", "deepres.data.image_sources")
+
+LAYERS = [
+    ("deepres.errors", "deepres.files"),
+    ("deepres.lightning_compat", "deepres.devices", "deepres.config_names"),
+    ("deepres.models", "deepres.data"),
+    ("deepres.parallelize", "deepres.pipeline", "deepres.slurm"),
+    ("deepres.strategies", "deepres.observability"),
+    ("deepres.training",),
+    ("deepres.cli", "deepres.__main__"),
+]
+PROBE, MONITOR = "deepres.observability.depth_probe", "deepres.observability.perf_monitor"
+DIAGNOSTICS, FIGURES, REPORT = "deepres.observability.diagnostics", "deepres.observability.depth_figures", "deepres.observability.report"
 
 # (modules the rule is about, imports they must not have)
 RULES = [
     (("deepres.models",),
      ("deepres.training", "deepres.data", "deepres.strategies", "deepres.slurm", "deepres.cli",
       "lightning", "pytorch_lightning", "deepspeed", "wandb", "torch.distributed")),
-    (("deepres.data", "deepres.strategies", "deepres.training"), CLI),
-    (("deepres.wandb_logging", "deepres.diagnostics", "deepres.depth_probe", "deepres.perf_monitor"),
-     ("deepres.training.cli",)),
-    (("deepres.diagnostics", "deepres.depth_probe", "deepres.perf_monitor"), ("deepres.report",)),
+    ((DIAGNOSTICS, PROBE, MONITOR), (REPORT,)),
     # the diagnostics' two halves stand alone: the probe needs no Lightning, the monitor no probe
-    (("deepres.depth_probe",), ("lightning", "deepres.diagnostics", "deepres.perf_monitor")),
-    (("deepres.perf_monitor",), ("deepres.diagnostics", "deepres.depth_probe")),
+    ((PROBE,), ("lightning", DIAGNOSTICS, MONITOR)),
+    ((MONITOR,), (DIAGNOSTICS, PROBE)),
     # the pieces both sides share sit below them
-    (("deepres.depth_figures",), ("deepres.diagnostics", "deepres.report", "deepres.training", "lightning", "wandb")),
-    (("deepres.files", "deepres.errors"), ("deepres", "torch", "lightning", "numpy")),
+    ((FIGURES,), (DIAGNOSTICS, REPORT, "lightning", "wandb")),
+    (("deepres.files", "deepres.errors"), ("torch", "lightning", "numpy")),
     # training reads shards through the format module; converting, indexing and verifying stay out of it
     (SHARD_LOADER + SHARD_FORMAT, SHARD_WRITER),
     (SHARD_WRITER + SHARD_FORMAT, ("lightning", "pytorch_lightning", "torch", "deepres.data.base",
                                    "deepres.data.recipes", *SHARD_LOADER)),
 ]
+# every layer: nothing from the layers above it
+RULES += [(layer, tuple(m for above in LAYERS[i + 1:] for m in above)) for i, layer in enumerate(LAYERS)]
 
 
 def within(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -109,14 +129,28 @@ def test_the_check_names_the_offending_import(tmp_path):
     pkg = tmp_path / "deepres"
     (pkg / "models").mkdir(parents=True)
     (pkg / "models" / "__init__.py").write_text("")
-    (pkg / "models" / "net.py").write_text("import torch\n\n\ndef f():\n    from ..training import module\n")
-    (pkg / "diagnostics.py").write_text("from deepres import report\n")
+    (pkg / "models" / "net.py").write_text("import torch\n\n\ndef f():\n    from ..data import digits\n")
+    (pkg / "observability").mkdir()
+    (pkg / "observability" / "diagnostics.py").write_text("from deepres.observability import report\n")
+    (pkg / "parallelize").mkdir()
+    (pkg / "parallelize" / "budget.py").write_text("def f():\n    from deepres.training import module\n")
     found = violations(pkg)
-    assert any(line.startswith("deepres/models/net.py:5: deepres.models.net imports deepres.training")
+    assert any(line.startswith("deepres/models/net.py:5: deepres.models.net imports deepres.data")
                for line in found), found
-    assert any(line.startswith("deepres/diagnostics.py:1: deepres.diagnostics imports deepres.report")
-               for line in found), found
-    assert len(found) == 2, found  # `import torch` in deepres.models is allowed
+    assert any(line.startswith("deepres/observability/diagnostics.py:1: deepres.observability.diagnostics imports "
+                               "deepres.observability.report") for line in found), found
+    # a layer importing one above it: the layer rule itself
+    assert any(line.startswith("deepres/parallelize/budget.py:2: deepres.parallelize.budget imports deepres.training")
+               and "must not import" in line for line in found), found
+    assert len(found) == 3, found  # `import torch` in deepres.models is allowed
+
+
+def test_every_package_is_in_a_layer():
+    """A new package or top-level module has to be placed in a layer, else no rule covers it."""
+    placed = {m for layer in LAYERS for m in layer}
+    top = {module_name(p, PACKAGE) for p in PACKAGE.glob("*.py")} | {
+        f"deepres.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert top - {"deepres"} - {"deepres.configs"} <= placed, sorted(top - placed)
 
 
 def test_the_shard_loader_and_writer_rules_cover_every_shard_module():

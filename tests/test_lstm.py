@@ -203,7 +203,7 @@ def test_time_checkpointing_on_a_measured_step(tmp_path, cell):
     recomputation in backward must take the forward's path (the reference loop) again."""
     from test_diagnostics import depth_records, fit, loader  # the diagnostics tests' small training loop
 
-    from deepres.diagnostics import DepthDiagnostics
+    from deepres.observability.diagnostics import DepthDiagnostics
 
     torch.manual_seed(0)
     net = create_model("lstm", cell=cell, hidden_size=8, output_size=10, time_checkpoint=4)
@@ -215,8 +215,8 @@ def test_time_checkpointing_on_a_measured_step(tmp_path, cell):
 def test_activation_checkpointed_depth_lstm_on_a_measured_step(tmp_path):
     from test_diagnostics import depth_records, fit, loader
 
-    from deepres.activation_checkpoint import apply_activation_checkpointing
-    from deepres.diagnostics import DepthDiagnostics
+    from deepres.observability.diagnostics import DepthDiagnostics
+    from deepres.parallelize.activation_checkpoint import apply_activation_checkpointing
 
     torch.manual_seed(0)
     net = create_model("depth_lstm", depth=6, width=8, in_features=64)

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from deepres.errors import ConfigError
 from deepres.models import create_model, list_models
+from deepres.models.contract import is_deep_net
 from deepres.pipeline.runtime import Pipeline, bubble_fraction, layout_for
-from deepres.pipeline.split import Layout, adapter_for, block_ranges, partition
+from deepres.pipeline.split import Layout, block_ranges, partition
 from deepres.pipeline.state import merge_optimizer_states, named_optimizer_state
 from deepres.strategies import PipelineStrategy, resolve_strategy
 from deepres.training import Classifier
@@ -69,9 +70,9 @@ def test_entry_blocks_exit_is_the_nets_own_forward(arch):
     net = create_model(arch, **small).eval()
     x = {"highway_mlp": torch.randn(3, 12), "lstm": torch.randn(3, 5, 2),
          "depth_lstm": torch.randn(3, 12)}.get(arch, torch.randn(3, 3, 32, 32))
-    adapter = adapter_for(net)
+    assert is_deep_net(net)
     with torch.no_grad():
-        assert torch.allclose(adapter.exit(net, net.blocks(adapter.entry(net, x))), net(x), atol=1e-6)
+        assert torch.allclose(net.exit(net.blocks(net.entry(x))), net(x), atol=1e-6)
 
 
 def test_balance_by_parameters_by_time_and_by_hand():

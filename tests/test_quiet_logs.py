@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-from pathlib import Path
 
 from deepres.training.progress import ProgressLines, ThrottledProgressBar, progress_callback
 from tests.procs import run

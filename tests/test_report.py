@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from deepres import cli
-from deepres.report import DepthHistory, main, read_depth_file
+from deepres.observability.report import DepthHistory, main, read_depth_file
 
 DEPTH_FIGURES = {"grad_norm.png", "gates.png", "act_rms.png", "error_flow.png"}
 

@@ -166,7 +166,7 @@ def test_refusals_name_the_problem_and_the_fix(kwargs, match):
 
 
 def test_checkpointing_a_reversible_stack_is_refused():
-    from deepres.activation_checkpoint import apply_activation_checkpointing
+    from deepres.parallelize.activation_checkpoint import apply_activation_checkpointing
 
     net = create_model("highway_mlp", depth=4, width=8, in_features=4, reversible=True)
     assert isinstance(net.blocks, ReversibleStack)
@@ -184,8 +184,8 @@ def test_shape_changing_blocks_store_as_usual():
 def test_diagnostics_see_the_gates_activations_error_flow_and_flops():
     """The depth diagnostics measure a reversible net as they measure the same net storing its
     activations: per-block gates and activations, the error-flow ratio, the FLOPs of one step."""
-    from deepres.depth_probe import Probe, find_gates
-    from deepres.perf_monitor import count_training_flops
+    from deepres.observability.depth_probe import Probe, find_gates
+    from deepres.observability.perf_monitor import count_training_flops
 
     torch.manual_seed(0)
     net = create_model("highway_mlp", depth=9, width=8, in_features=8, gate="gated", reversible=True)

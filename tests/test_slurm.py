@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from deepres.errors import ConfigError
 from deepres.slurm import requeue
 from deepres.slurm.callback import SlurmRequeue
-from deepres.slurm.submit import ClusterRequest, Plan, TrainerSettings, job_block, plan, render
+from deepres.slurm.submit import ClusterRequest, Plan, ProcessLayout, job_block, plan, render
 from deepres.training.checkpoints import CheckpointFiles, damage, find_resume_checkpoint, load_checkpoint
 from deepres.training.run_checkpoint import RunCheckpoint
 
@@ -35,24 +35,24 @@ PYTHON = sys.executable
 
 # ============================================================================ checking the request (pure)
 def test_plan_fills_devices_nodes_and_accelerator_the_config_leaves_open():
-    checked = plan(ClusterRequest(nodes=2, tasks_per_node=3), TrainerSettings())
+    checked = plan(ClusterRequest(nodes=2, tasks_per_node=3), ProcessLayout())
     assert (checked.nodes, checked.tasks_per_node, checked.gpus_per_node) == (2, 3, 0)
     assert checked.trainer_overrides == [
         "--trainer.devices", "3", "--trainer.num_nodes", "2", "--trainer.accelerator", "cpu",
     ]
-    on_gpus = plan(ClusterRequest(gpus_per_node=4), TrainerSettings(devices=4))
+    on_gpus = plan(ClusterRequest(gpus_per_node=4), ProcessLayout(devices=4))
     assert (on_gpus.nodes, on_gpus.tasks_per_node, on_gpus.gpus_per_node) == (1, 4, 4)
     assert on_gpus.trainer_overrides == ["--trainer.accelerator", "gpu"]
 
 
 def test_plan_takes_the_counts_from_the_trainer_when_the_request_leaves_them_open():
-    checked = plan(ClusterRequest(), TrainerSettings(num_nodes=2, devices=[0, 1], accelerator="cpu"))
+    checked = plan(ClusterRequest(), ProcessLayout(num_nodes=2, devices=[0, 1], accelerator="cpu"))
     assert (checked.nodes, checked.tasks_per_node, checked.trainer_overrides) == (2, 2, [])
 
 
 def test_plan_refuses_tasks_per_node_that_disagree_with_devices():
     with pytest.raises(ConfigError) as err:
-        plan(ClusterRequest(tasks_per_node=2), TrainerSettings(devices=1, accelerator="cpu"))
+        plan(ClusterRequest(tasks_per_node=2), ProcessLayout(devices=1, accelerator="cpu"))
     message = str(err.value)
     assert "--tasks-per-node 2" in message and "trainer.devices=1" in message
     assert "--trainer.devices 2" in message  # the fix
@@ -60,36 +60,36 @@ def test_plan_refuses_tasks_per_node_that_disagree_with_devices():
 
 def test_plan_refuses_nodes_that_disagree_with_num_nodes():
     with pytest.raises(ConfigError, match=r"--nodes 2 disagrees with trainer.num_nodes=4.*--trainer.num_nodes 2"):
-        plan(ClusterRequest(nodes=2), TrainerSettings(num_nodes=4))
+        plan(ClusterRequest(nodes=2), ProcessLayout(num_nodes=4))
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_notebook", {"class_path": "x.DDPSpawnStrategy"}])
 def test_plan_refuses_strategies_that_spawn_their_own_processes(strategy):
     with pytest.raises(ConfigError, match="starts its own processes.*--trainer.strategy ddp"):
-        plan(ClusterRequest(nodes=2), TrainerSettings(strategy=strategy))
-    plan(ClusterRequest(), TrainerSettings(strategy="ddp_spawn"))  # one process: nothing to launch
+        plan(ClusterRequest(nodes=2), ProcessLayout(strategy=strategy))
+    plan(ClusterRequest(), ProcessLayout(strategy="ddp_spawn"))  # one process: nothing to launch
 
 
 def test_plan_refuses_a_time_limit_not_longer_than_the_signal_lead():
     with pytest.raises(ConfigError, match=r"--time 2:00 \(120 s\) is not longer than --signal-lead 120"):
-        plan(ClusterRequest(time="2:00", signal_lead=120), TrainerSettings())
-    assert plan(ClusterRequest(time="2:01", signal_lead=120), TrainerSettings()).nodes == 1
+        plan(ClusterRequest(time="2:00", signal_lead=120), ProcessLayout())
+    assert plan(ClusterRequest(time="2:01", signal_lead=120), ProcessLayout()).nodes == 1
     with pytest.raises(ConfigError, match="not a SLURM time"):
-        plan(ClusterRequest(time="two hours"), TrainerSettings())
+        plan(ClusterRequest(time="two hours"), ProcessLayout())
 
 
 def test_plan_refuses_gpus_without_a_gpu_accelerator_and_the_reverse():
     with pytest.raises(ConfigError, match="accelerator=cpu would leave the GPUs idle"):
-        plan(ClusterRequest(gpus_per_node=2), TrainerSettings(accelerator="cpu"))
+        plan(ClusterRequest(gpus_per_node=2), ProcessLayout(accelerator="cpu"))
     with pytest.raises(ConfigError, match="no GPUs are requested.*--gpus-per-node 1"):
-        plan(ClusterRequest(), TrainerSettings(accelerator="gpu"))
+        plan(ClusterRequest(), ProcessLayout(accelerator="gpu"))
 
 
 @pytest.mark.parametrize("request_", [ClusterRequest(nodes=0), ClusterRequest(tasks_per_node=0),
                                       ClusterRequest(gpus_per_node=-1), ClusterRequest(signal_lead=0)])
 def test_plan_refuses_counts_that_are_not_positive(request_):
     with pytest.raises(ConfigError, match="give"):
-        plan(request_, TrainerSettings())
+        plan(request_, ProcessLayout())
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from deepres.errors import ConfigError
 from deepres.slurm.render import render
-from deepres.slurm.request import ClusterRequest, Plan, TrainerSettings, plan
+from deepres.slurm.request import ClusterRequest, TrainerSettings, plan
 from deepres.slurm.submit import main as submit_main
 from deepres.slurm.submit import split_passthrough
 from deepres.slurm.sweep import Sweep
@@ -188,7 +187,7 @@ def test_sweep_dry_run_resolves_every_value_and_refuses_a_bad_one(tmp_path):
 
 
 def test_sweep_summary_tabulates_finished_incomplete_and_pending_points_and_plots_one_key(tmp_path):
-    from deepres.sweep_summary import main as summary_main
+    from deepres.observability.sweep_summary import main as summary_main
 
     sweep_dir = tmp_path / "runs" / "sw"
     Sweep.parse(["model.depth=10,100,1000"]).write(sweep_dir, array_limit=None)

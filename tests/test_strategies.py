@@ -31,13 +31,13 @@ from deepres.errors import ConfigError
 from deepres.strategies import (
     DeepSpeedStrategy,
     check_trainer_config,
-    convert_zero_main,
     deepspeed_config_from_trainer,
     extension_cache_dir,
     resolve_strategy,
     use_persistent_extension_cache,
 )
 from deepres.training.checkpoints import checkpoint_global_step
+from deepres.training.convert_zero import convert_zero_main
 
 TINY = Path(__file__).with_name("_tiny.py")
 REPO = TINY.parent.parent

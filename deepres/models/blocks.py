@@ -96,7 +96,7 @@ def check_gate(gate: str) -> None:
 # Gates
 # ----------------------------------------------------------------------------------------------
 class GateActivation(nn.Sigmoid):
-    """The σ of a gate, as its own module so that outside code (deepres.diagnostics) can hook
+    """The σ of a gate, as its own module so that outside code (deepres.observability.diagnostics) can hook
     every gate's openness without the model doing anything for it."""
 
 
@@ -288,16 +288,16 @@ class BlockStack(nn.ModuleList):
     """The repeated structure of a model: `x = block(x)` for every block in order.
 
     Outside code walks it (diagnostics, compile, pipeline stages) and sets `checkpoint_every`
-    (see deepres.activation_checkpoint) without changing the model's code or parameter names.
+    (see deepres.parallelize.activation_checkpoint) without changing the model's code or parameter names.
     A block may carry a tuple of tensors (e.g. the (h, c) state of a depth-LSTM).
     """
 
     def __init__(self, blocks=None):
         super().__init__(blocks)
         self.checkpoint_every = 0  # 0: off; k: recompute every k consecutive blocks in backward
-        # torch.utils.checkpoint's context_fn: e.g. selective checkpointing (deepres.activation_checkpoint)
+        # torch.utils.checkpoint's context_fn: e.g. selective checkpointing (deepres.parallelize.activation_checkpoint)
         self.checkpoint_context_fn = noop_context_fn
-        # observer(i, y) after block i of a forward (deepres.depth_probe): one call per block instead
+        # observer(i, y) after block i of a forward (deepres.observability.depth_probe): one call per block instead
         # of two forward hooks per block; never called by a checkpoint's recomputation
         self.observer: Callable[[int, object], None] | None = None
 

@@ -68,9 +68,14 @@ class HighwayMLP(nn.Module):
         super().__init__()
         self.stem, self.blocks, self.head = stem, blocks, head
 
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x.flatten(1))  # (B, in_features) -> (B, width)
+
+    def exit(self, y: torch.Tensor) -> torch.Tensor:
+        return self.head(y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)  # (B, in_features)
-        return self.head(self.blocks(self.stem(x)))
+        return self.exit(self.blocks(self.entry(x)))
 
 
 @register_model
@@ -165,8 +170,14 @@ class HighwayCNN(nn.Module):
         super().__init__()
         self.stem, self.blocks, self.head = stem, blocks, head
 
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    def exit(self, y: torch.Tensor) -> torch.Tensor:
+        return self.head(y)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        return self.exit(self.blocks(self.entry(x)))
 
 
 class Transition(nn.Module):

@@ -17,7 +17,7 @@ call, so parameter names, checkpoints and optimizer state are those of the refer
 cell has no forget-gate parameters: its rows are constant zeros with bias `PINNED_GATE_BIAS`, where
 σ rounds to exactly 1.0 in float16, bfloat16, float32 and float64, so the carry stays exactly 1.0
 and nothing trains it. The reference loop (`fused=False`) runs instead while a gate has a forward
-hook (deepres.diagnostics on its measured steps), so the gates are still read on those steps.
+hook (deepres.observability.diagnostics on its measured steps), so the gates are still read on those steps.
 
 Memory over time (Gruslys et al. 2016, "Memory-Efficient Backpropagation Through Time"):
 `time_checkpoint=k` keeps only the (h, c) state every k steps and recomputes the k steps in between
@@ -243,10 +243,16 @@ class SequenceModel(nn.Module):
         if isinstance(blocks[-1], RecurrentLayer):
             blocks[-1].last_step_only = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # (B, T, input_size): the layers read the sequence as it is
+
+    def exit(self, y: torch.Tensor) -> torch.Tensor:
         # contiguous(): a copy of the last step, so that the head does not keep a whole (B, T, F) output
         # alive for backward (its saved input would otherwise be a view of it: O(T) memory)
-        return self.head(self.blocks(x)[:, -1].contiguous())  # (B, T or 1, F) -> (B, output_size)
+        return self.head(y[:, -1].contiguous())  # (B, T or 1, F) -> (B, output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.exit(self.blocks(self.entry(x)))
 
 
 @register_model
@@ -308,6 +314,13 @@ class DepthLSTM(nn.Module):
     def __init__(self, stem: nn.Module, blocks: BlockStack, head: nn.Module):
         super().__init__()
         self.stem, self.blocks, self.head = stem, blocks, head
+
+    def entry(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        u = self.stem(x.flatten(1))  # (B, H): the constant input of every step
+        return u, torch.tanh(u), torch.zeros_like(u)  # (input, h0, c0)
+
+    def exit(self, y: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.head(y[1])  # the last step's h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.stem(x.flatten(1))  # (B, H)

@@ -34,6 +34,7 @@ from torch import nn
 from deepres.errors import ConfigError
 from deepres.models.blocks import ResidualBlock
 from deepres.models.bodies import BasicBody, BottleneckBody
+from deepres.models.contract import blocks_of
 
 HeadMode = str  # "load" (strict), "skip" (leave at init), "auto" (skip only when the class count differs)
 
@@ -57,7 +58,7 @@ class LoadReport:
 
 def _blocks_by_stage(model: nn.Module) -> list[tuple[int, int, ResidualBlock]]:
     """(stage, index in stage, block) for every block; a stage starts where the output width changes."""
-    if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or not hasattr(model, "stem"):
+    if not isinstance(blocks_of(model), nn.ModuleList) or not hasattr(model, "stem"):
         raise ConfigError(f"{type(model).__name__} is not a deepres ResNet (stem, blocks, head): torchvision "
                           "and timm ResNet weights load into deepres's ImageNet ResNets (resnet18 ... resnet200).")
     out, stage, j, width = [], 0, 0, None

@@ -71,8 +71,14 @@ class ResNet(nn.Module):
         self.blocks = blocks
         self.head = head
 
+    def entry(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    def exit(self, y: torch.Tensor) -> torch.Tensor:
+        return self.head(y)  # (B, num_classes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))  # (B, num_classes)
+        return self.exit(self.blocks(self.entry(x)))
 
 
 def build_blocks(

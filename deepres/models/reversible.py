@@ -68,7 +68,7 @@ class Coupling(nn.Module):
     """One half of a reversible block: z ↦ (carry c(z) or None for 1, shift t(z)·F(z)).
 
     The half it updates is y = c·x + shift; the attribute names `transform_gate` / `carry_gate` are
-    those of ResidualBlock, so deepres.diagnostics finds the gates the same way."""
+    those of ResidualBlock, so deepres.observability.diagnostics finds the gates the same way."""
 
     def __init__(self, body: nn.Module, gate: str, transform_gate: Gate | None = None,
                  carry_gate: Gate | None = None):
@@ -247,7 +247,7 @@ class ReversibleStack(BlockStack):
     def __init__(self, blocks=None):
         super().__init__(blocks)
         # the reversible runs do not call BlockStack's per-block observer: without the attribute the depth
-        # probe (deepres.depth_probe) hooks each block instead, which the runs do call
+        # probe (deepres.observability.depth_probe) hooks each block instead, which the runs do call
         del self.observer
         self.store_activations = False
 

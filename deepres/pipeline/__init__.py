@@ -1,3 +1,3 @@
 """Pipeline parallelism over `net.blocks` (docs/pipeline.md): `split` cuts the net into stages, `runtime` runs
 torch.distributed.pipelining's schedules over them, `state` averages gradients, clips by the global norm and
-gathers checkpoints. deepres.strategies.pipeline puts it under Lightning."""
+gathers checkpoints. deepres.pipeline.strategy puts it under Lightning."""

@@ -25,7 +25,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
-from deepres.pipeline.split import Layout, StageModule, adapter_for, net_blocks, prune
+from deepres.pipeline.split import Layout, StageModule, check_cuttable, net_blocks, prune
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,11 @@ class Pipeline:
     @classmethod
     def cut(cls, net: nn.Module, *, ranges: list[tuple[int, int]], layout: Layout, pp_rank: int,
             microbatches: int, schedule: str) -> Pipeline:
-        adapter = adapter_for(net)
+        check_cuttable(net)
         net_blocks(net)
         indices = layout.stages_of(pp_rank)
         last = layout.num_stages - 1
-        modules = [StageModule(net, *ranges[k], first=k == 0, last=k == last, adapter=adapter) for k in indices]
+        modules = [StageModule(net, *ranges[k], first=k == 0, last=k == last) for k in indices]
         owned = {i for k in indices for i in range(*ranges[k])}
         prune(net, owned, first=0 in indices, last=last in indices)
         return cls(modules, indices, layout, pp_rank, microbatches, schedule)

@@ -3,8 +3,8 @@
 A net is `exit(blocks(entry(x)))`: `entry` runs everything before the first block (the stem, a flatten),
 `exit` everything after the last (the head). Stage 0 runs `entry` and the first run of blocks, the last
 stage the last run of blocks and `exit`; the stages in between run blocks only. Where a model's forward
-does more than `head(blocks(stem(x)))`, its entry and exit are spelt out in `ADAPTERS`; a user's model
-can define `pipeline_entry(x)` and `pipeline_exit(y)` methods instead.
+is a net's own `entry` and `exit` (the net contract, deepres.models.contract); a user's model that has
+`blocks`, `entry` and `exit` is cut the same way.
 
 How many blocks each stage gets (`balance`): by measured forward + backward time of each block on one
 micro-batch (the default: blocks of a ResNet cost different amounts at different resolutions), by
@@ -24,50 +24,23 @@ from torch import nn
 
 from deepres.errors import ConfigError
 from deepres.models.blocks import BlockStack
-from deepres.models.highway import HighwayCNN, HighwayMLP
-from deepres.models.lstm import DepthLSTM, SequenceModel
-from deepres.models.resnet import ResNet
+from deepres.models.contract import blocks_of, is_deep_net
 
 HEAD = "head"  # the child module that goes to the last stage; every other non-block child goes to the first
 
 
-@dataclass(frozen=True)
-class Adapter:
-    """What a net does before its first block and after its last one."""
-
-    entry: Callable[[nn.Module, Any], Any]
-    exit: Callable[[nn.Module, Any], Any]
-
-
-def _depth_lstm_entry(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u = net.stem(x.flatten(1))
-    return u, torch.tanh(u), torch.zeros_like(u)
-
-
-ADAPTERS: dict[type, Adapter] = {
-    HighwayMLP: Adapter(lambda net, x: net.stem(x.flatten(1)), lambda net, y: net.head(y)),
-    HighwayCNN: Adapter(lambda net, x: net.stem(x), lambda net, y: net.head(y)),
-    ResNet: Adapter(lambda net, x: net.stem(x), lambda net, y: net.head(y)),
-    SequenceModel: Adapter(lambda net, x: x, lambda net, y: net.head(y[:, -1].contiguous())),
-    DepthLSTM: Adapter(_depth_lstm_entry, lambda net, y: net.head(y[1])),
-}
-
-
-def adapter_for(net: nn.Module) -> Adapter:
-    if callable(getattr(net, "pipeline_entry", None)) and callable(getattr(net, "pipeline_exit", None)):
-        return Adapter(lambda n, x: n.pipeline_entry(x), lambda n, y: n.pipeline_exit(y))
-    for cls in type(net).__mro__:
-        if cls in ADAPTERS:
-            return ADAPTERS[cls]
-    raise ConfigError(
-        f"--trainer.strategy pipeline cannot cut a {type(net).__name__}: deepres knows where the blocks of its own "
-        "models start and end, not of this one. Give the model `pipeline_entry(x)` (everything before "
-        "`self.blocks`) and `pipeline_exit(y)` (everything after) methods, or use --trainer.strategy ddp."
-    )
+def check_cuttable(net: nn.Module) -> None:
+    """Refuse a net that does not keep the net contract (deepres.models.contract): blocks, entry, exit."""
+    if not is_deep_net(net):
+        raise ConfigError(
+            f"--trainer.strategy pipeline cannot cut a {type(net).__name__}: a net is cut at its `blocks`, and needs "
+            "`entry(x)` (everything before the blocks) and `exit(y)` (everything after) methods, as deepres's own "
+            "nets have (deepres.models.contract). Add them, or use --trainer.strategy ddp."
+        )
 
 
 def net_blocks(net: nn.Module) -> BlockStack:
-    blocks = getattr(net, "blocks", None)
+    blocks = blocks_of(net)
     if not isinstance(blocks, BlockStack):
         raise ConfigError(
             f"--trainer.strategy pipeline cuts a net at its `blocks`, and {type(net).__name__} has no `blocks` "
@@ -157,7 +130,7 @@ def measured_costs(net: nn.Module, sample: torch.Tensor, repeats: int = 3) -> li
     """Per-block forward + backward seconds on `sample` (one micro-batch), best of `repeats`; the stem's
     and the head's time count on the first and the last block. Runs in train mode without touching
     BatchNorm statistics or any `.grad`."""
-    adapter = adapter_for(net)
+    check_cuttable(net)
     blocks = net_blocks(net)
     saved = {m: (m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
              for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -184,14 +157,14 @@ def measured_costs(net: nn.Module, sample: torch.Tensor, repeats: int = 3) -> li
     try:
         for m in saved:
             m.momentum = 0.0
-        entry = _with_params(lambda x: adapter.entry(net, x), [p for n, c in net.named_children()
+        entry = _with_params(net.entry, [p for n, c in net.named_children()
                                                                if c is not blocks and n != HEAD for p in c.parameters()])
         x, stem_time = timed(entry, sample)
         costs = []
         for block in blocks:
             x, seconds = timed(_with_params(block, list(block.parameters())), x)
             costs.append(seconds)
-        head = _with_params(lambda y: adapter.exit(net, y), list(getattr(net, HEAD, nn.Identity()).parameters()))
+        head = _with_params(net.exit, list(getattr(net, HEAD, nn.Identity()).parameters()))
         _, head_time = timed(head, x)
     finally:
         for m, (momentum, tracked) in saved.items():
@@ -283,12 +256,11 @@ class StageModule(nn.Module):
     blocks' input (first stage) and output (last stage) over the micro-batches: the two ends of the
     error-flow ratio."""
 
-    def __init__(self, net: nn.Module, start: int, end: int, *, first: bool, last: bool, adapter: Adapter):
+    def __init__(self, net: nn.Module, start: int, end: int, *, first: bool, last: bool):
         super().__init__()
         blocks = net_blocks(net)
         self.__dict__["net"] = net  # not a submodule: the stage owns only its parts of it
         self.first, self.last, self.start, self.end = first, last, start, end
-        self.adapter = adapter
         self.blocks = BlockStack([blocks[i] for i in range(start, end)])
         self.blocks.checkpoint_every = blocks.checkpoint_every
         self.ends = nn.ModuleDict({name: child for name, child in net.named_children() if child is not blocks
@@ -300,12 +272,12 @@ class StageModule(nn.Module):
     def forward(self, *args: Any) -> Any:
         x = args[0] if len(args) == 1 else tuple(args)
         if self.first:
-            x = self.adapter.entry(self.net, x)
+            x = self.net.entry(x)
             x = self._watch(x, "grad_in_sq")
         x = self.blocks(x)
         if self.last:
             x = self._watch(x, "grad_out_sq")
-            x = self.adapter.exit(self.net, x)
+            x = self.net.exit(x)
         return x
 
     def _watch(self, x: Any, key: str) -> Any:

@@ -53,7 +53,7 @@ class ClusterRequest:
 
 
 @dataclass
-class TrainerSettings:
+class ProcessLayout:
     """The trainer keys that decide how many processes run where (from the resolved training config)."""
 
     num_nodes: int = 1
@@ -107,7 +107,7 @@ def _strategy_name(strategy: Any) -> str:
     return str(strategy).lower()
 
 
-def plan(request: ClusterRequest, trainer: TrainerSettings) -> Plan:
+def plan(request: ClusterRequest, trainer: ProcessLayout) -> Plan:
     """Check the request against the trainer; fill what the trainer leaves open. Raises ConfigError."""
     if request.gres is not None and request.gpus_per_node is not None:
         raise ConfigError(f"--gres {request.gres} and --gpus-per-node {request.gpus_per_node}: two requests for the "

@@ -30,7 +30,7 @@ import yaml
 
 from deepres.errors import ConfigError
 from deepres.slurm.render import cluster_block, job_block, render, replace_block, template_text  # noqa: F401
-from deepres.slurm.request import ClusterRequest, Plan, TrainerSettings, plan  # noqa: F401
+from deepres.slurm.request import ClusterRequest, Plan, ProcessLayout, plan  # noqa: F401
 from deepres.slurm.requeue import DEFAULT_SIGNAL_LEAD, SUBMIT_SCRIPT
 from deepres.slurm.sweep import Sweep, record_array_job
 
@@ -43,7 +43,7 @@ def _print_config_command(config: Path | None, overrides: list[str]) -> list[str
             *overrides, "--print_config"]
 
 
-def _trainer_settings(command: list[str], result: subprocess.CompletedProcess[str]) -> TrainerSettings:
+def _trainer_settings(command: list[str], result: subprocess.CompletedProcess[str]) -> ProcessLayout:
     if result.returncode != 0:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-12:]
         raise ConfigError(
@@ -52,7 +52,7 @@ def _trainer_settings(command: list[str], result: subprocess.CompletedProcess[st
             " --print_config"
         )
     trainer = (yaml.safe_load(result.stdout) or {}).get("trainer") or {}
-    return TrainerSettings(
+    return ProcessLayout(
         num_nodes=int(trainer.get("num_nodes") or 1),
         devices=trainer.get("devices", "auto"),
         accelerator=trainer.get("accelerator", "auto"),
@@ -66,7 +66,7 @@ def _run_print_config(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, check=False, env=env)
 
 
-def resolve_trainer(config: Path | None, overrides: list[str]) -> TrainerSettings:
+def resolve_trainer(config: Path | None, overrides: list[str]) -> ProcessLayout:
     """The trainer settings ``deepres fit`` would use, from its own config printer.
 
     Asking the training CLI (rather than reading the YAML here) applies its defaults, the config and the
@@ -76,7 +76,7 @@ def resolve_trainer(config: Path | None, overrides: list[str]) -> TrainerSetting
     return _trainer_settings(command, _run_print_config(command))
 
 
-def resolve_sweep(config: Path | None, overrides: list[str], sweep: Sweep) -> TrainerSettings:
+def resolve_sweep(config: Path | None, overrides: list[str], sweep: Sweep) -> ProcessLayout:
     """Resolve every value of every swept key (a bad value fails now, not in task 4 of the array, hours later);
     all points must need the same resources, since one array asks SLURM for the same for every task."""
     points = sweep.checks()

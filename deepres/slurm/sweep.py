@@ -12,7 +12,7 @@ gives six points, array tasks 0-5 in the order of the product (the last key vari
 
 Each array task is a job of its own to SLURM: it is preempted, requeued (``scontrol requeue <array>_<task>``,
 deepres.slurm.requeue) and resumed from its own run directory without touching the others.
-``deepres sweep-summary runs/<name>`` tabulates the points' final metrics (deepres.sweep_summary).
+``deepres sweep-summary runs/<name>`` tabulates the points' final metrics (deepres.observability.sweep_summary).
 
 Standard library only.
 """

@@ -14,31 +14,30 @@ NCCL on GPUs), a `deepres.strategies.DeepSpeedStrategy` whose DeepSpeed config i
     names.py       strategy names and YAML objects -> strategy objects
     checks.py      the refusals
     resolve.py     resolve_strategy: the three above, and the DeepSpeed config completed
-    deepspeed.py   DeepSpeed ZeRO on CPUs and GPUs, the config translation, `deepres convert-zero`
-    pipeline.py    `trainer.strategy: pipeline` (deepres.pipeline does the cutting and the schedules)
+    deepspeed.py   DeepSpeed ZeRO on CPUs and GPUs, the config translation
+
+The pipeline strategy lives with the rest of the pipeline, in deepres.pipeline.strategy.
 """
 
+from deepres.pipeline.strategy import PipelineStrategy
 from deepres.strategies.checks import check_trainer_config
 from deepres.strategies.deepspeed import (
     CPU_ADAM_OP,
     CPU_OPS,
     DeepSpeedStrategy,
     build_deepspeed_ops,
-    convert_zero_checkpoint,
-    convert_zero_main,
     deepspeed_config_from_trainer,
     extension_cache_dir,
     lightning_deepspeed_names,
     use_deepspeed_cpu_accelerator,
     use_persistent_extension_cache,
 )
-from deepres.strategies.pipeline import PipelineStrategy
 from deepres.strategies.resolve import nccl_watchdog_environment, resolve_strategy
 from deepres.strategies.settings import TrainerSettings
 
 __all__ = [
     "CPU_ADAM_OP", "CPU_OPS", "DeepSpeedStrategy", "PipelineStrategy", "TrainerSettings", "build_deepspeed_ops",
-    "check_trainer_config", "convert_zero_checkpoint", "convert_zero_main", "deepspeed_config_from_trainer",
+    "check_trainer_config", "deepspeed_config_from_trainer",
     "extension_cache_dir", "lightning_deepspeed_names", "nccl_watchdog_environment", "resolve_strategy",
     "use_deepspeed_cpu_accelerator", "use_persistent_extension_cache",
 ]

@@ -10,9 +10,9 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 
 from deepres.errors import ConfigError
+from deepres.pipeline.strategy import PipelineStrategy, check_pipeline
 from deepres.strategies.deepspeed import DeepSpeedStrategy
 from deepres.strategies.names import strategy_object
-from deepres.strategies.pipeline import PipelineStrategy, check_pipeline
 from deepres.strategies.settings import (
     TrainerSettings,
     accelerator_name,

@@ -14,7 +14,7 @@ How the YAML maps onto the DeepSpeed config (`deepspeed_config_from_trainer`):
     data.batch_size: b (per process)            train_micro_batch_size_per_gpu = b
     init_args.config: ds.json                   the file is the base; keys it sets win, the rest is added
 
-Activation checkpointing is deepres's own (deepres.activation_checkpoint), applied to the model before the
+Activation checkpointing is deepres's own (deepres.parallelize.activation_checkpoint), applied to the model before the
 strategy sees it, so the DeepSpeed `activation_checkpointing` section stays Lightning's default (off).
 """
 
@@ -34,10 +34,6 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from typing_extensions import override
-
-from deepres.errors import ConfigError
-from deepres.lightning_compat import is_deepspeed_checkpoint
-from deepres.training.checkpoints import deepspeed_checkpoint_globals, load_checkpoint
 
 # The DeepSpeed op every CPU run JIT-compiles: the shared-memory all-reduce, built when DeepSpeed starts
 # its process group (≈35 s on 2 cores). deepres's generated configs need no other.
@@ -223,53 +219,3 @@ def lightning_deepspeed_names() -> dict[str, dict[str, Any]]:
         for name in StrategyRegistry.available_strategies()
         if issubclass(StrategyRegistry[name]["strategy"], _LightningDeepSpeedStrategy)
     }
-
-
-
-# ---------------------------------------------------------------------------------------------------------
-# deepres convert-zero
-# ---------------------------------------------------------------------------------------------------------
-
-
-def convert_zero_checkpoint(checkpoint_dir: str | Path, output_file: str | Path, *, trusted: bool = False) -> Path:
-    """Write a ZeRO checkpoint directory (as Lightning's DeepSpeed strategy saves it) as one Lightning .ckpt
-    with fp32 weights, loadable with `torch.load` or `LightningModule.load_from_checkpoint`, no DeepSpeed."""
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-    checkpoint_dir, output_file = Path(checkpoint_dir), Path(output_file)
-    if not checkpoint_dir.is_dir() or not is_deepspeed_checkpoint(checkpoint_dir):
-        raise ConfigError(
-            f"{checkpoint_dir} is not a DeepSpeed ZeRO checkpoint directory (one holding a `latest` file and a "
-            "`checkpoint/` folder, e.g. runs/NAME/checkpoints/last.ckpt/ of a deepspeed_stage_* run)."
-        )
-    if output_file.is_dir():
-        raise ConfigError(f"{output_file} is a directory; give the output file, e.g. {output_file / 'model.ckpt'}.")
-    if not trusted:
-        # DeepSpeed's converter unpickles every file with weights_only=False: check each one first with the
-        # loader that cannot run code, so a crafted file is refused before DeepSpeed opens it.
-        allow = deepspeed_checkpoint_globals()
-        for file in sorted(checkpoint_dir.rglob("*.pt")):
-            load_checkpoint(file, mmap=True, option="--trust (deepres convert-zero)", allow=allow)
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file)
-    return output_file
-
-
-def convert_zero_main(argv: list[str] | None = None) -> int:
-    """`deepres convert-zero CKPT_DIR OUT`: a ZeRO checkpoint directory -> one plain .ckpt file."""
-    parser = argparse.ArgumentParser(
-        prog="deepres convert-zero",
-        description="Turn a DeepSpeed ZeRO checkpoint directory into one .ckpt file with fp32 weights "
-        "(torch.load(OUT)['state_dict']) that loads without DeepSpeed.",
-    )
-    parser.add_argument("checkpoint_dir", help="the ZeRO checkpoint directory, e.g. runs/NAME/checkpoints/last.ckpt")
-    parser.add_argument("output", help="the file to write, e.g. model.ckpt")
-    parser.add_argument("--trust", action="store_true",
-                        help="load files that need more than tensors and plain containers (only for files you trust)")
-    args = parser.parse_args(argv)
-    try:
-        convert_zero_checkpoint(args.checkpoint_dir, args.output, trusted=args.trust)
-    except ConfigError as err:
-        print(f"deepres convert-zero: {err}", file=sys.stderr)
-        return 2
-    return 0

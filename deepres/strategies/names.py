@@ -8,8 +8,8 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 
 from deepres.errors import ConfigError
 from deepres.lightning_compat import deepspeed_available
+from deepres.pipeline.strategy import PipelineStrategy
 from deepres.strategies.deepspeed import DeepSpeedStrategy, lightning_deepspeed_names
-from deepres.strategies.pipeline import PipelineStrategy
 
 
 def strategy_object(strategy: str | Strategy, *, timeout: timedelta | None = None,

@@ -9,6 +9,8 @@ from typing import Any
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from lightning.pytorch.strategies import Strategy
 
+from deepres.models.contract import blocks_of
+from deepres.pipeline.strategy import PipelineStrategy
 from deepres.strategies.checks import check_trainer_config
 from deepres.strategies.deepspeed import (
     deepspeed_config_from_trainer,
@@ -16,7 +18,6 @@ from deepres.strategies.deepspeed import (
     use_persistent_extension_cache,
 )
 from deepres.strategies.names import strategy_object
-from deepres.strategies.pipeline import PipelineStrategy
 from deepres.strategies.settings import TrainerSettings, accelerator_name, precision_name, processes
 
 
@@ -82,10 +83,10 @@ def _reversible(model: Any) -> bool:
     """Whether a deepres LightningModule's net is built from reversible blocks."""
     from deepres.models.reversible import ReversibleStack
 
-    return isinstance(getattr(getattr(model, "net", None), "blocks", None), ReversibleStack)
+    return isinstance(blocks_of(model), ReversibleStack)
 
 
 def _num_blocks(model: Any) -> int | None:
     """len(model.net.blocks) of a deepres LightningModule (None for anything else)."""
-    blocks = getattr(getattr(model, "net", None), "blocks", None)
+    blocks = blocks_of(model)
     return len(blocks) if blocks is not None and hasattr(blocks, "__len__") else None

@@ -18,14 +18,14 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
-from deepres.diagnostics import diagnostics_callbacks
+from deepres.observability.diagnostics import diagnostics_callbacks
+from deepres.observability.wandb_logging import make_wandb_logger
 from deepres.slurm.job import SlurmJob
 from deepres.training.checkpoints import BackgroundCheckpointFiles, CheckpointFiles, find_resume_checkpoint
 from deepres.training.faults import FaultReport
 from deepres.training.progress import progress_callback
 from deepres.training.run_checkpoint import RunCheckpoint
-from deepres.training.run_dir import RunCSVLogger
-from deepres.wandb_logging import make_wandb_logger
+from deepres.training.run_dir import RunCSVLogger, run_info
 
 
 @dataclass
@@ -49,7 +49,7 @@ def trainer_parts(*, run: Any, wandb: Any, diagnostics: Any, trainer: Any, run_d
     if user_logger not in (None, True, False):
         loggers += as_list(user_logger)
     if user_logger is not False:  # `trainer.logger: false` turns wandb off, the CSV log stays
-        wandb_logger = make_wandb_logger(wandb, run_dir, resolved_config)
+        wandb_logger = make_wandb_logger(wandb, run_dir, {**resolved_config, "run_info": run_info()})
         loggers += [wandb_logger] if wandb_logger else []
 
     requeue, slurm_plugins = slurm_job.requeue_policy_and_plugins() if slurm_job else (None, [])

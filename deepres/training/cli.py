@@ -26,13 +26,12 @@ import yaml
 from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
-from deepres.diagnostics import DiagnosticsConfig
 from deepres.errors import ConfigError
+from deepres.observability.diagnostics import DiagnosticsConfig
+from deepres.observability.wandb_logging import WandbConfig
 from deepres.slurm.job import SlurmJob, prepare_process
 from deepres.strategies import resolve_strategy
 from deepres.training.assembly import trainer_parts
-from deepres.training.quiet_logs import quiet_third_party
-from deepres.training.key_suggestions import class_option_hint, suggest
 from deepres.training.checkpoints import (
     CheckpointWriteError,
     checkpoint_global_step,
@@ -42,6 +41,8 @@ from deepres.training.checkpoints import (
     load_checkpoint,
     remove_stale_temporaries,
 )
+from deepres.training.key_suggestions import class_option_hint, suggest
+from deepres.training.quiet_logs import quiet_third_party
 from deepres.training.run_dir import (
     ENV_RESUME,
     ENV_RUN_DIR,
@@ -57,7 +58,6 @@ from deepres.training.run_dir import (
     write_finished,
     write_run_info,
 )
-from deepres.wandb_logging import WandbConfig
 
 DEFAULT_MODEL = "deepres.training.Classifier"
 DEFAULT_DATA = "deepres.data.DigitsDataModule"

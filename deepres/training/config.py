@@ -80,7 +80,7 @@ class MemoryConfig:
     """NHWC memory layout for conv nets (faster convolutions on GPUs with tensor cores)."""
     memory_budget_gb: float | None = None
     """For activation_checkpointing "auto": GB one training step may allocate on a device beyond the
-    parameters and optimizer state (deepres.memory_budget)."""
+    parameters and optimizer state (deepres.parallelize.memory_budget)."""
 
 
 

@@ -22,9 +22,9 @@ from deepres.lightning_compat import should_update_logs
 from deepres.models import create_model, model_arguments
 from deepres.models.pretrained import load_weights_file
 from deepres.parallelize import parallelize
-from deepres.training.ema import WeightEMA
 from deepres.training.config import MemoryConfig, OptimizerConfig, ScheduleConfig, as_hparams, coerce
-from deepres.training.optim import build_optimizer, lr_lambda
+from deepres.training.ema import WeightEMA
+from deepres.training.optim import build_optimizer, fused_allowed, lr_lambda
 
 
 class DeepresModule(L.LightningModule):
@@ -84,8 +84,10 @@ class DeepresModule(L.LightningModule):
             auto = dict(memory_budget_gb=self.memory.memory_budget_gb,
                         example_input=torch.randn(8, *self.hparams["input_shape"], device=device),
                         batch_size=int(getattr(self.trainer.datamodule, "batch_size", 8) or 8))
+        self.memory_decision: dict = {}  # what ran, for the run plan (deepres.training.plan)
         parallelize(self.net, activation_checkpointing=self.memory.activation_checkpointing,
-                    compile=self.memory.compile, channels_last=self.memory.channels_last, **auto)
+                    compile=self.memory.compile, channels_last=self.memory.channels_last,
+                    decision=self.memory_decision, **auto)
         self._parallelized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,9 @@ class DeepresModule(L.LightningModule):
         return should_update_logs(self._trainer)  # Lightning's own test, not copied
 
     def configure_optimizers(self):
-        opt = build_optimizer(self.net, self.optim)
+        trainer = self.trainer
+        opt = build_optimizer(self.net, self.optim, fused=fused_allowed(
+            precision=str(trainer.precision), gradient_clip_val=trainer.gradient_clip_val))
         factor = lr_lambda(self.schedule, total_steps=int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -8,6 +8,7 @@ closing the carry path: docs/science.md#the-highway-transform-gate-bias).
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
@@ -27,8 +28,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def implementation(model: nn.Module) -> dict[str, bool]:
-    """torch.optim's fused kernels where every parameter allows them (float, on CPU or CUDA).
+def implementation(model: nn.Module, *, fused: bool = True) -> dict[str, bool]:
+    """torch.optim's fused kernels where every parameter allows them (float, on CPU or CUDA) and
+    `fused` is not switched off.
 
     The same update, one kernel per parameter group instead of a Python loop over tensors: on the
     default job's 400 parameter tensors (1 CPU thread) SGD with Nesterov momentum takes 0.75 ms
@@ -36,13 +38,23 @@ def implementation(model: nn.Module) -> dict[str, bool]:
     default (its foreach kernels are CUDA-only fast paths).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    ok = bool(params) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    ok = fused and bool(params) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok else {}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def fused_allowed(*, precision: str, gradient_clip_val: float | None) -> bool:
+    """Whether a fused optimizer may run under these Trainer settings.
+
+    A fused optimizer unscales gradients inside its own step (torch marks it `_step_supports_amp_scaling`),
+    so under mixed precision Lightning cannot clip gradients before the step and refuses the pair: clipping
+    with bf16-mixed or 16-mixed therefore takes the plain implementation (the same update).
+    """
+    return not (gradient_clip_val and "mixed" in str(precision))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, *, fused: bool = True) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    impl = implementation(model)
+    impl = implementation(model, fused=fused)
     betas = tuple(cfg.betas)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepres.errors import ConfigError
+from deepres.models.contract import blocks_of, net_of
 
 
 def _batch_input(batch: Any) -> torch.Tensor | None:
@@ -61,7 +62,7 @@ def count_training_flops(net: nn.Module, x: torch.Tensor) -> int:
     through FlopCounterMode's module tracking grows faster than the stack)."""
     params = [p for p in net.parameters() if p.requires_grad]
     modes = {m: m.training for m in net.modules()}
-    blocks = getattr(net, "blocks", None)
+    blocks = blocks_of(net)
     every = getattr(blocks, "checkpoint_every", None)
     # reversible blocks (deepres.models.reversible) are counted with stored activations, not the
     # recomputation of their inputs; their couplings are not counted block by block
@@ -208,8 +209,8 @@ class PerfMonitor(Callback):
             self._samples += x.shape[0]
 
     def _count_flops(self, trainer: Trainer, pl_module: LightningModule, x: torch.Tensor | None) -> float | None:
-        net = getattr(pl_module, "net", None)
-        if x is None or not isinstance(net, nn.Module):
+        net = net_of(pl_module)
+        if x is None or net is None:
             rank_zero_warn("PerfMonitor: no `net` module or no tensor input in the batch; FLOPs and MFU are not logged.")
             return None
         if is_zero_partitioned(trainer) and trainer.strategy.zero_stage_3:

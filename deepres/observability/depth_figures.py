@@ -1,6 +1,6 @@
 """The depth records of a run and the per-block figures drawn from them.
 
-`deepres.diagnostics.DepthDiagnostics` writes `depth.jsonl` (one JSON record per measured step) and
+`deepres.observability.diagnostics.DepthDiagnostics` writes `depth.jsonl` (one JSON record per measured step) and
 sends these figures to wandb as heatmaps; `deepres report` draws the same figures into PNGs. Both
 import them from here, so the callback does not depend on the report command.
 """

@@ -35,6 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from typing_extensions import override
 
 from deepres.errors import ConfigError
+from deepres.models.contract import net_of
 from deepres.pipeline.runtime import SCHEDULES, Pipeline, layout_for
 from deepres.pipeline.split import block_ranges, net_blocks, shared_across_stages
 from deepres.pipeline.state import (
@@ -148,8 +149,8 @@ class PipelineStrategy(DDPStrategy):
 
     def _cut(self, trainer: Any) -> None:
         module = self.lightning_module
-        net = getattr(module, "net", None)
-        if net is None:
+        net = net_of(module)
+        if net is None or net is module:
             raise ConfigError("--trainer.strategy pipeline cuts the LightningModule's `net` at its blocks; this module "
                               "has no `net`. Keep the model as `self.net` (as deepres's modules do).")
         blocks = net_blocks(net)
@@ -356,7 +357,7 @@ class PipelineStrategy(DDPStrategy):
                     if isinstance(value, torch.Tensor) and key != "step":
                         state[key] = value.to(self.root_device)
 
-    # -- depth diagnostics across stages (deepres.diagnostics) ---------------------------------------
+    # -- depth diagnostics across stages (deepres.observability.diagnostics) ---------------------------------------
     def gather_depth_measurements(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float] | None:
         """Per-block arrays (NaN where a block lives elsewhere) merged over the stages, and the error-flow ratio
         from block 0's input (first stage) to the last block's output (last stage); None except on rank 0."""

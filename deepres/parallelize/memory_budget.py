@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from deepres.activation_checkpoint import apply_activation_checkpointing
 from deepres.errors import ConfigError
+from deepres.models.contract import blocks_of
 from deepres.models.reversible import ReversibleStack
+from deepres.parallelize.activation_checkpoint import apply_activation_checkpointing
 
 log = logging.getLogger("deepres")
 CANDIDATES = ("none", "selective", "sqrt")  # in order of step time: the first that fits wins
@@ -93,7 +94,7 @@ def choose_checkpointing(net: nn.Module, example_input: torch.Tensor, batch_size
                           f"at least 2 samples; got {n}.")
     budget = memory_budget_gb * 2**30
     b1, b2 = max(1, n // 2), n
-    candidates = ("none",) if isinstance(getattr(net, "blocks", None), ReversibleStack) else CANDIDATES
+    candidates = ("none",) if isinstance(blocks_of(net), ReversibleStack) else CANDIDATES
     saved = {k: v.clone() for k, v in net.named_buffers()}  # batch-norm statistics
     predictions: dict[str, float] = {}
     try:

@@ -34,7 +34,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from deepres.errors import ConfigError
 from deepres.files import atomic_write_bytes
 from deepres.lightning_compat import DummyExperiment, wandb_init_arguments
-from deepres.training.run_dir import run_info
 
 RUN_ID_FILE = "wandb_run_id"
 WandbMode = Literal["auto", "online", "offline", "disabled"]
@@ -237,5 +236,5 @@ def make_wandb_logger(cfg: WandbConfig, run_dir: str | Path, run_config: dict[st
         mode=mode,
         log_model=cfg.log_model,
         settings=_settings(cfg),
-        config={**run_config, "run_info": run_info()},  # git SHA, package versions, command
+        config=run_config,  # with the caller's run_info: git SHA, package versions, command
     )

@@ -18,13 +18,13 @@ What goes where, so that a 1000-block net stays usable:
   - the full per-block arrays go to `depth.jsonl` in the run directory (one JSON line per sampled step,
     rank 0 only); `deepres report` draws its figures from it.
 
-The probe (deepres.depth_probe: the stack's observer, one call per block, and a hook per gate) is
+The probe (deepres.observability.depth_probe: the stack's observer, one call per block, and a hook per gate) is
 attached only for the sampled steps' forward pass and removed before backward (so activation-checkpoint
 recomputation does not count twice); the other steps run the bare model.
 
 `diagnostics_callbacks(DiagnosticsConfig(...), run_dir)` builds both from the `diagnostics:` YAML section,
-with `PerfMonitor` (deepres.perf_monitor: step time, samples/s, FLOP/s, MFU). What one measured step
-records lives in deepres.depth_probe.
+with `PerfMonitor` (deepres.observability.perf_monitor: step time, samples/s, FLOP/s, MFU). What one measured step
+records lives in deepres.observability.depth_probe.
 """
 
 from __future__ import annotations
@@ -43,10 +43,22 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from deepres.depth_figures import DEPTH_FILE, DepthHistory, gate_figure, grad_norm_figure, read_depth_file
-from deepres.depth_probe import GATE_ROLES, Probe, block_key, find_gates, is_compiled, spread
 from deepres.errors import ConfigError
-from deepres.perf_monitor import PerfMonitor, count_training_flops, is_zero_partitioned, log_metrics
+from deepres.models.contract import blocks_of, net_of
+from deepres.observability.depth_figures import (
+    DEPTH_FILE,
+    DepthHistory,
+    gate_figure,
+    grad_norm_figure,
+    read_depth_file,
+)
+from deepres.observability.depth_probe import GATE_ROLES, Probe, block_key, find_gates, is_compiled, spread
+from deepres.observability.perf_monitor import (
+    PerfMonitor,
+    count_training_flops,
+    is_zero_partitioned,
+    log_metrics,
+)
 
 __all__ = [
     "DEPTH_FILE", "GATE_ROLES", "DepthDiagnostics", "DiagnosticsConfig", "PerfMonitor", "block_key",
@@ -57,9 +69,8 @@ _HEATMAP_COLUMNS = 1024  # in-memory history kept for wandb heatmaps; thinned by
 
 
 def _net_blocks(pl_module: LightningModule) -> tuple[nn.Module, nn.Module] | None:
-    net = getattr(pl_module, "net", None)
-    blocks = getattr(net, "blocks", None)
-    return (net, blocks) if isinstance(blocks, nn.Module) else None
+    net, blocks = net_of(pl_module), blocks_of(pl_module)
+    return (net, blocks) if blocks is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +148,7 @@ class DepthDiagnostics(Callback):
             return
         _, blocks = found
         # Under pipeline parallelism the blocks live on several ranks: every rank measures its own and the
-        # strategy gathers them on rank 0 (`gather_depth_measurements`, deepres.strategies.pipeline).
+        # strategy gathers them on rank 0 (`gather_depth_measurements`, deepres.pipeline.strategy).
         self.gather = getattr(trainer.strategy, "gather_depth_measurements", None)
         self.enabled = trainer.is_global_zero or callable(self.gather)
         self.gates = find_gates(blocks)
@@ -295,7 +306,7 @@ class DepthDiagnostics(Callback):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class DiagnosticsConfig:
-    """Depth diagnostics and throughput logging (deepres.diagnostics)."""
+    """Depth diagnostics and throughput logging (deepres.observability.diagnostics)."""
 
     enabled: bool = True
     """Log depth/… and perf/… metrics. They cost about 1 % of step time at the default interval."""

@@ -1,4 +1,4 @@
-"""What one measured step of `deepres.diagnostics.DepthDiagnostics` records, block by block.
+"""What one measured step of `deepres.observability.diagnostics.DepthDiagnostics` records, block by block.
 
 `Probe` wraps the block stack's forward for that one step (no hook on any block: a 10,000-block net
 would otherwise pay 20,000 Python hook calls) and hooks only the gates, whose values live inside

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from deepres.errors import ConfigError
 from deepres.models.blocks import BlockStack, ResidualBlock
+from deepres.models.contract import blocks_of
 from deepres.models.reversible import ReversibleStack
 
 aten = torch.ops.aten
@@ -104,7 +105,7 @@ def checkpoint_interval(num_blocks: int, every: int | str) -> int:
 def apply_activation_checkpointing(model: nn.Module, every: int | str = "sqrt", selective: bool = False) -> int:
     """Checkpoint every `every` consecutive blocks of `model.blocks`; returns the interval used.
     `every` may also be "selective" / "selective:k" (then `selective` is implied)."""
-    blocks = getattr(model, "blocks", None)
+    blocks = blocks_of(model)
     if not isinstance(blocks, BlockStack):
         raise ConfigError(
             f"{type(model).__name__} has no `blocks` BlockStack, so deepres cannot checkpoint it. "

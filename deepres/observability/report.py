@@ -6,8 +6,8 @@
     act_rms.png              root-mean-square activation per block over training
     error_flow.png           ‖∂L/∂x₀‖ / ‖∂L/∂x_L‖ over training (1.0: the error reaches block 0 undiminished)
 
-The depth figures come from `depth.jsonl`, written by `deepres.diagnostics.DepthDiagnostics`; their
-functions live in `deepres.depth_figures`, which that callback also uses for its wandb heatmaps. A
+The depth figures come from `depth.jsonl`, written by `deepres.observability.diagnostics.DepthDiagnostics`; their
+functions live in `deepres.observability.depth_figures`, which that callback also uses for its wandb heatmaps. A
 missing piece (no gates, no metrics file) is skipped with a note.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from deepres.depth_figures import (
+from deepres.observability.depth_figures import (
     DEPTH_FILE,
     DepthHistory,
     act_rms_figure,
@@ -131,7 +131,7 @@ def render(run_dir: Path, out_dir: Path) -> tuple[list[Path], list[str]]:
             notes.append("grad_norm.png: no gradient norms in depth.jsonl (DeepSpeed ZeRO runs do not record them)")
     else:
         notes.append(f"grad_norm.png, gates.png, act_rms.png, error_flow.png: no {DEPTH_FILE} in {run_dir} "
-                     "(add deepres.diagnostics.DepthDiagnostics to the trainer callbacks)")
+                     "(add deepres.observability.diagnostics.DepthDiagnostics to the trainer callbacks)")
 
     for name, fig in figures.items():
         if fig is not None:
