@@ -3,10 +3,10 @@
     deepres fit                                     # the built-in default: 100-layer Highway MLP on digits
     deepres fit --config configs/resnet110_cifar10.yaml --data.data_dir ~/data/cifar
     deepres fit --model.depth 1000 --trainer.max_epochs 5
-    deepres fit --name my-run --ckpt_path last      # resume the newest run called my-run
+    deepres fit --run.name my-run --ckpt_path last  # resume the run called my-run
     deepres fit --print_config                      # the full resolved configuration
 
-Outputs go to `<run.root>/<run.name>/`: config.yaml, run_info.json, metrics.csv, checkpoints/.
+Outputs go to `<run.root>/<run.name>/`: plan.json, config.yaml, run_info.json, metrics.csv, checkpoints/.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from deepres.training.checkpoints import (
     load_checkpoint,
     remove_stale_temporaries,
 )
-from deepres.training.key_suggestions import class_option_hint, suggest
+from deepres.training.key_suggestions import choice_hint, class_option_hint, suggest, where_in_config
+from deepres.training.plan import build_plan, effective_model_options, plan_report
 from deepres.training.quiet_logs import quiet_third_party
 from deepres.training.run_dir import (
     ENV_RESUME,
@@ -139,6 +140,30 @@ class DeepresCLI(LightningCLI):
         })
 
     def parse_arguments(self, parser, args) -> None:
+        argv = list(sys.argv[1:] if args is None else args)
+        printing = [a for a in argv if a.partition("=")[0] == "--print_config"]
+        if printing:
+            # Printed after parsing, with the architecture's own values where the config leaves a block option
+            # unset (`depth: null` is the default net's 100 blocks): the YAML a user edits shows what runs.
+            self._parse_or_suggest(parser, [a for a in argv if a not in printing])
+            self._print_effective_config(parser, skip_null="skip_null" in printing[0])
+            raise SystemExit(0)
+        self._parse_or_suggest(parser, args)
+
+    def _print_effective_config(self, parser, *, skip_null: bool) -> None:
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        init_args = cfg.get("model", {}).get("init_args") if cfg.get("model") else None
+        if init_args is not None:
+            build_plan(cfg)  # a printed config is a runnable one: the same checks as a run
+            for key, value in effective_model_options(init_args).items():
+                if init_args.get(key) is None and key in init_args:
+                    init_args[key] = value
+        dumped = parser.dump(self.config, skip_none=skip_null)
+        loaded = yaml.safe_load(dumped)
+        print(yaml.safe_dump(loaded.get(sub, loaded) if sub else loaded, sort_keys=False), end="")
+
+    def _parse_or_suggest(self, parser, args) -> None:
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
@@ -165,6 +190,8 @@ class DeepresCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        # Every value and combination checked before a directory, a process or a wandb run exists.
+        self.plan = build_plan(cfg)
         run = cfg.run
         if not run.name:
             configs = cfg.get("config") or []
@@ -253,7 +280,8 @@ class DeepresCLI(LightningCLI):
         # configured (trainer.logger / callbacks / plugins), or setting kwargs would drop it.
         parts = trainer_parts(run=run, wandb=cfg.wandb, diagnostics=cfg.diagnostics, trainer=cfg.trainer,
                               run_dir=self.run_dir, resolved_config=resolved, slurm_job=SlurmJob.current())
-        kwargs.update(logger=parts.loggers, callbacks=parts.callbacks, plugins=parts.plugins)
+        kwargs.update(logger=parts.loggers, callbacks=[plan_report(self.plan, self.run_dir), *parts.callbacks],
+                      plugins=parts.plugins)
         self.run_checkpoint = parts.run_checkpoint
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.is_global_zero:
@@ -331,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if cause is not None:
             print(f"deepres: error: {cause}", file=sys.stderr)
             return 2
-        print(f"deepres: error: {_first_paragraph(e)}\nRun `deepres {argv[0] if argv else 'fit'} --help` for the valid options, "
+        print(f"deepres: error: {_first_paragraph(e, argv)}\nRun `deepres {argv[0] if argv else 'fit'} --help` for the valid options, "
               "or `--print_config` for the full configuration.", file=sys.stderr)
         return 2
     except Exception as e:
@@ -356,7 +384,7 @@ def _config_error_in(exc: BaseException) -> ConfigError | None:
     return None
 
 
-def _first_paragraph(exc: BaseException) -> str:
+def _first_paragraph(exc: BaseException, argv: list[str] | None = None) -> str:
     """One line out of jsonargparse's nested type-check report, naming the key and the fix."""
     import re
 
@@ -375,11 +403,17 @@ def _first_paragraph(exc: BaseException) -> str:
     if group:  # a key inside a config group (model.init_args.optim.lrr in a YAML file)
         option = re.match(r"(.*)", f"{group.group(1)}.{group.group(2)}")
     if option:
-        return (f"{section}: {cls} has no option {option.group(1)!r}{class_option_hint(section, cls, option.group(1))}. "
+        where = where_in_config(argv or [], f"{section}.init_args.{option.group(1)}") or where_in_config(argv or [], f"{section}.{option.group(1)}")
+        return (f"{section}: {cls} has no option {option.group(1)!r}{where}{class_option_hint(section, cls, option.group(1))}. "
                 f"See `deepres fit --{section}.help {cls}` for the options it takes.")
     key = re.search(r'Parser key "([\w.]+)"', rest)
     expected = re.findall(r"Expected a <class '([\w.]+)'>", rest)
     given = re.search(r"Given value: (.*)", rest)
+    nested = re.search(r"NestedArg\(key='([\w.]+)', val='([^']*)'\)", rest)
+    if nested and (hint := choice_hint(section, cls, nested.group(1), nested.group(2))):
+        return hint
+    if key and given and (hint := choice_hint(section, cls, key.group(1), given.group(1).strip("'\""))):
+        return hint
     if key:
         return (f"{section}.{key.group(1)}: {given.group(1) if given else 'value'!r} is not a valid value"
                 f"{' (expected ' + ' or '.join(dict.fromkeys(expected)) + ')' if expected else ''}.")

@@ -129,28 +129,62 @@ def suggest(message: str, parser: Any, argv: list[str]) -> str | None:
         found = [f"{section}.{f}" for f in close(key, {k[len(section) + 1:] for k in keys
                                                         if k.startswith(section + ".")})]
         return _in_config(f"{section}.{key}", found, argv)
-    option = re.search(r"Option '([\w.]+)' is not accepted", message)
+    option = (re.search(r"Option '([\w.]+)' is not accepted", message)
+              or re.search(r"Subcommand '\w+' does not accept option '([\w.]+)'", message))
     if option:
         dotted = option[1]
         top = {k.split(".")[0] for k in keys}
         head = dotted.split(".")[0]
         if head not in top:
             found = close(head, top)
-            where = _where(argv, dotted)
+            where = where_in_config(argv, dotted)
             return f"{head}{where} is not a section{_did_you_mean(found)}."
         return _in_config(dotted, close(dotted, keys), argv)
     return None
 
 
-def _where(argv: list[str], dotted: str) -> str:
+def where_in_config(argv: list[str], dotted: str) -> str:
     path = _file_with_key(argv, dotted)
     return f" (in {path})" if path else ""
 
 
 def _in_config(dotted: str, found: list[str], argv: list[str]) -> str:
-    return f"{dotted}{_where(argv, dotted)} is not a key{_did_you_mean(found)}."
+    return f"{dotted}{where_in_config(argv, dotted)} is not a key{_did_you_mean(found)}."
 
 
 def class_option_hint(section: str, class_path: str, option: str) -> str:
     """" (did you mean 'depth'?)" for ``model: <class> has no option 'dpeth'`` (empty when nothing is near)."""
     return _did_you_mean([repr(f) for f in close(option, class_keys(class_path))])
+
+
+def field_choices(class_path: str, dotted: str) -> tuple[str, ...]:
+    """The fixed choices of a class's argument or of a field of its config groups (``optim.name`` of the
+    Classifier: sgd, adamw, adam), from its Literal type; () when it has none."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(cls.__init__)
+    except (ImportError, AttributeError, ValueError, TypeError, NameError):
+        return ()
+    head, _, rest = dotted.partition(".")
+    hint = hints.get(head)
+    if rest:
+        group = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        hint = typing.get_type_hints(group).get(rest) if group is not None else None
+    return _literal_values(hint)
+
+
+def _literal_values(hint: Any) -> tuple[str, ...]:
+    if typing.get_origin(hint) is typing.Literal:
+        return tuple(str(a) for a in typing.get_args(hint))
+    return tuple(v for arg in typing.get_args(hint) for v in _literal_values(arg))
+
+
+def choice_hint(section: str, class_path: str, dotted: str, value: str) -> str | None:
+    """One line for a value outside a field's fixed choices: the choices, and the nearest one."""
+    choices = field_choices(class_path, dotted)
+    if not choices:
+        return None
+    near = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+    return (f"--{section}.{dotted} {value!r} is not one of {', '.join(choices)}"
+            f"{' (did you mean ' + repr(near[0]) + '?)' if near else ''}.")

@@ -104,6 +104,28 @@ class DeepresModule(L.LightningModule):
             return True
         return should_update_logs(self._trainer)  # Lightning's own test, not copied
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._last_loss = loss.detach()  # no .item(): read once, at the end (no sync per step)
+
+    @property
+    def last_train_loss(self) -> float | None:
+        """The loss of the newest training step (for runs that end before their first logged step)."""
+        loss = getattr(self, "_last_loss", None)
+        return None if loss is None else float(loss)
+
+    def on_train_end(self) -> None:
+        # A run shorter than trainer.log_every_n_steps logs no training row: record its final loss anyway,
+        # in metrics.csv and wandb (rank 0: the loggers write on rank 0 only) and in finished.json.
+        trainer = self.trainer
+        if "train/loss" in trainer.callback_metrics or self.last_train_loss is None:
+            return
+        trainer.callback_metrics["train/loss"] = self._last_loss.float().cpu()
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/loss": self.last_train_loss}, step=max(trainer.global_step - 1, 0))
+            logger.save()
+
     def configure_optimizers(self):
         trainer = self.trainer
         opt = build_optimizer(self.net, self.optim, fused=fused_allowed(

@@ -113,6 +113,9 @@ class ProgressLines(ProgressBar):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._enabled:
             metrics = self._metrics(trainer, pl_module, "val/") or self._metrics(trainer, pl_module, "train/")
+            last = getattr(pl_module, "last_train_loss", None)
+            if not metrics and last is not None:  # ended before its first logged step
+                metrics = f"train/loss={last:.4g}"
             self._say(f"{self._epochs(trainer)} done  {self._steps(trainer)}  {metrics}")
 
 
