@@ -89,7 +89,7 @@ def test_a_misspelt_key_in_a_yaml_file_names_the_file_and_the_key(tmp_path, caps
         in capsys.readouterr().err
     assert run(tmp_path, "--config", str(tmp_path / "net.yaml")) == 2
     err = capsys.readouterr().err
-    assert f"has no option 'depht' (in {tmp_path / 'net.yaml'}) (did you mean 'depth'?)" in err, err
+    assert f"has no option 'depht' (did you mean 'depth'?) (in {tmp_path / 'net.yaml'})" in err, err
 
 
 def test_print_config_shows_the_values_that_run_and_runs_as_printed(tmp_path, capsys):

@@ -298,7 +298,8 @@ class BlockStack(nn.ModuleList):
         # torch.utils.checkpoint's context_fn: e.g. selective checkpointing (deepres.parallelize.activation_checkpoint)
         self.checkpoint_context_fn = noop_context_fn
         # observer(i, y) after block i of a forward (deepres.observability.depth_probe): one call per block instead
-        # of two forward hooks per block; never called by a checkpoint's recomputation
+        # of two forward hooks per block; never called by a checkpoint's recomputation. observer(None, None): the
+        # forward since the last call does not count (its gate values are dropped)
         self.observer: Callable[[int, object], None] | None = None
 
     def set_drop_path(self, rate: float) -> None:

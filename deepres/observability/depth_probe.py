@@ -116,7 +116,11 @@ class Probe:
             self._observe(index, out)
         return hook
 
-    def _observe(self, index: int, out) -> None:
+    def _observe(self, index: int | None, out) -> None:
+        if index is None:  # a forward that must not count (a pipeline's metadata inference): drop its gate values
+            for key in self.gate_keys:
+                del self.values[key][len(self.owners[key]):]
+            return
         y = _stream(out)
         if isinstance(y, torch.Tensor):
             self.values["act_rms"].append(torch.linalg.vector_norm(y.detach(), dtype=torch.float32))

@@ -86,9 +86,16 @@ class Pipeline:
         self.group = group
         stages = [PipelineStage(m, stage_index=k, num_stages=self.layout.num_stages, device=device, group=group)
                   for m, k in zip(self.modules, self.indices, strict=True)]
+        for stage, module in zip(stages, self.modules, strict=True):
+            _mark_metadata_inference(stage, module)
         kind = SCHEDULES[self.schedule_name]
         target = stages[0] if kind.style == "single" else stages
         self.schedule = kind.cls(target, n_microbatches=self.microbatches, loss_fn=loss_fn, scale_grads=True)
+
+    @property
+    def inferring(self) -> bool:
+        """Whether torch's schedule is inside its metadata inference (see `_mark_metadata_inference`)."""
+        return any(m.inferring for m in self.modules)
 
     # -- steps ---------------------------------------------------------------------------------------
     def _inputs(self, x: Any, y: Any) -> dict[str, Any]:
@@ -105,7 +112,7 @@ class Pipeline:
         for p in self.parameters():
             p.grad = None
         for module in self.modules:
-            module.measure, module.grad_in_sq, module.grad_out_sq = measure, None, None
+            module.measure, module.grad_in_sq, module.grad_out_sq = measure, [], []
         losses: list[torch.Tensor] = []
         kwargs = self._inputs(x, y)
         if self.has_last:
@@ -128,7 +135,34 @@ class Pipeline:
         """Σ over micro-batches of ‖∂L/∂x‖² at the blocks' input (first stage) and output (last stage)."""
         first = next((m.grad_in_sq for m in self.modules if m.first), None)
         last = next((m.grad_out_sq for m in self.modules if m.last), None)
-        return first, last
+        return self._step_total(first), self._step_total(last)
+
+    @staticmethod
+    def _step_total(values: list[torch.Tensor] | None) -> torch.Tensor | None:
+        return torch.stack(values).sum() if values else None
+
+
+# torch's PipelineStage learns the shapes the stages exchange by running one forward and backward of its own before
+# the first step (torch >= 2.10: `_forward_metadata_inference` / `_backward_metadata_inference`; older releases: a
+# forward-only `_shape_inference`). Those runs see micro-batch 0 again, or uninitialised tensors on later stages, and
+# must not reach the diagnostics or the loss's metrics: the stage module is told while they run.
+_INFERENCE_METHODS = ("_forward_metadata_inference", "_backward_metadata_inference", "_shape_inference")
+
+
+def _mark_metadata_inference(stage: Any, module: StageModule) -> None:
+    for name in _INFERENCE_METHODS:
+        method = getattr(stage, name, None)
+        if method is None:
+            continue
+
+        def marked(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+            module.inferring = True
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                module.inferring = False
+
+        setattr(stage, name, marked)
 
 
 def _split(x: Any, parts: int) -> list[Any]:

@@ -266,11 +266,26 @@ class StageModule(nn.Module):
         self.ends = nn.ModuleDict({name: child for name, child in net.named_children() if child is not blocks
                                    and ((name == HEAD and last) or (name != HEAD and first))})
         self.measure = False
-        self.grad_in_sq: torch.Tensor | None = None
-        self.grad_out_sq: torch.Tensor | None = None
+        # True while torch's schedule runs its metadata inference (a forward and backward before the first step, on
+        # micro-batch 0 or on uninitialised tensors of its shape): nothing is measured or observed then
+        self.inferring = False
+        # ‖∂L/∂x‖² of each micro-batch's backward, in order (see Pipeline.boundary_grad_squares)
+        self.grad_in_sq: list[torch.Tensor] = []
+        self.grad_out_sq: list[torch.Tensor] = []
 
     def forward(self, *args: Any) -> Any:
         x = args[0] if len(args) == 1 else tuple(args)
+        # the depth probe observes the net's stack (deepres.observability.depth_probe): report this stage's blocks
+        # to it under their index in the whole net, so that activations and gates are measured on every stage
+        observe, start = net_blocks(self.net).observer, self.start
+        self.blocks.observer = None if observe is None or self.inferring else (lambda i, y: observe(start + i, y))
+        try:
+            return self._run(x)
+        finally:
+            if observe is not None and self.inferring:
+                observe(None, None)  # the gates the metadata inference ran do not count either
+
+    def _run(self, x: Any) -> Any:
         if self.first:
             x = self.net.entry(x)
             x = self._watch(x, "grad_in_sq")
@@ -281,7 +296,7 @@ class StageModule(nn.Module):
         return x
 
     def _watch(self, x: Any, key: str) -> Any:
-        if not (self.measure and torch.is_grad_enabled()):
+        if not (self.measure and torch.is_grad_enabled()) or self.inferring:
             return x
         stream = _stream(x)
         if not isinstance(stream, torch.Tensor) or not stream.is_floating_point():
@@ -291,9 +306,7 @@ class StageModule(nn.Module):
             x = (x[0], stream, *x[2:]) if isinstance(x, tuple) else stream
 
         def add(grad: torch.Tensor) -> None:
-            total = getattr(self, key)
-            value = grad.detach().float().pow(2).sum()
-            setattr(self, key, value if total is None else total + value)
+            getattr(self, key).append(grad.detach().float().pow(2).sum())
 
         stream.register_hook(add)
         return x

@@ -404,7 +404,7 @@ def _first_paragraph(exc: BaseException, argv: list[str] | None = None) -> str:
         option = re.match(r"(.*)", f"{group.group(1)}.{group.group(2)}")
     if option:
         where = where_in_config(argv or [], f"{section}.init_args.{option.group(1)}") or where_in_config(argv or [], f"{section}.{option.group(1)}")
-        return (f"{section}: {cls} has no option {option.group(1)!r}{where}{class_option_hint(section, cls, option.group(1))}. "
+        return (f"{section}: {cls} has no option {option.group(1)!r}{class_option_hint(section, cls, option.group(1))}{where}. "
                 f"See `deepres fit --{section}.help {cls}` for the options it takes.")
     key = re.search(r'Parser key "([\w.]+)"', rest)
     expected = re.findall(r"Expected a <class '([\w.]+)'>", rest)
