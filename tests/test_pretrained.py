@@ -123,3 +123,35 @@ def test_init_from_is_a_cli_option(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"init_from: {tmp_path / 'w.pth'}" in out.stdout
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm"])
+def test_a_gated_resnet_starts_as_exactly_the_resnet_its_weights_came_from(source: str) -> None:
+    """gate=gated with both gates open is the ResNet: loading opens them exactly (output difference 0), and the
+    gates still get gradients (they can learn); a Highway net cannot be the ResNet and says nothing of the kind."""
+    torch.manual_seed(0)
+    if source == "timm":
+        timm = pytest.importorskip("timm")
+        theirs = _randomised(timm.create_model("resnet18", pretrained=False))
+        load = load_timm_weights
+    else:
+        theirs = _randomised(torchvision.models.resnet18())
+        load = load_torchvision_weights
+    ours = create_model("resnet18", gate="gated").eval()
+    report = load(ours, theirs.state_dict())
+    assert "8 gated blocks opened: starts as exactly the ResNet" in str(report)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(x), create_and_load_plain(theirs, load)(x))
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+    ours.train()
+    ours(x).sum().backward()
+    assert all(b.carry_gate.proj.weight.grad is not None for b in ours.blocks)
+    highway = create_model("resnet18", gate="highway").eval()
+    assert "opened" not in str(load(highway, theirs.state_dict()))
+
+
+def create_and_load_plain(theirs: torch.nn.Module, load) -> torch.nn.Module:
+    plain = create_model("resnet18").eval()
+    load(plain, theirs.state_dict())
+    return plain

@@ -135,7 +135,30 @@ def _load(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, he
     model.load_state_dict(new, strict=False)
     report.loaded = sorted(new)
     report.left_at_init = [k for k in ours if k not in new]
+    opened = open_gates(model)
+    if opened:
+        report.note = "; ".join(filter(None, [report.note, f"{opened} gated blocks opened: starts as exactly the ResNet"]))
     return report
+
+
+# A gate pre-activation whose sigmoid is exactly 1.0 in float32 and bfloat16 (1 - σ(20) = 2e-9 rounds away).
+OPEN_GATE_BIAS = 20.0
+
+
+def open_gates(model: nn.Module) -> int:
+    """Open both gates of every `gated` block exactly (weights 0, bias OPEN_GATE_BIAS: c = t = 1), so the block is
+    the ResNet block y = x + h(x) its loaded weights came from. The gates can still learn, slowly at first
+    (σ'(20) ≈ 2e-9): a fine-tuning run that wants them to move sooner sets a smaller bias afterwards.
+    Highway blocks are left as they are: y = (1 − t)·x + t·h(x) equals x + h(x) for no t. Returns the count."""
+    opened = 0
+    for block in model.blocks:
+        if isinstance(block, ResidualBlock) and block.gate == "gated":
+            with torch.no_grad():
+                for gate in (block.carry_gate, block.transform_gate):
+                    gate.proj.weight.zero_()
+                    gate.proj.bias.fill_(OPEN_GATE_BIAS)
+            opened += 1
+    return opened
 
 
 def load_torchvision_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], head: HeadMode = "load") -> LoadReport:
