@@ -348,7 +348,9 @@ def test_offline_without_credentials_resumes_the_same_run(tmp_path, no_credentia
     run_dir = tmp_path / "run"
     cfg = WandbConfig(project="deepres-test", tags=["test"])
     callbacks = [DepthDiagnostics(every_n_steps=2, heatmap_every_n_steps=4), PerfMonitor(every_n_steps=2)]
-    logger = make_wandb_logger(cfg, run_dir, {"model": {"name": "highway_mlp", "depth": 8}})
+    from deepres.training.run_dir import run_info  # what `deepres fit` adds to the wandb run's config
+
+    logger = make_wandb_logger(cfg, run_dir, {"model": {"name": "highway_mlp", "depth": 8}, "run_info": run_info()})
     fit(run_dir, highway(), callbacks, steps=6, loggers=[logger], checkpoint=True)
     wandb.finish()
     assert "wandb sync " + str(run_dir / "wandb" / "offline-run-") in capfd.readouterr().out
@@ -366,7 +368,9 @@ def test_offline_without_credentials_resumes_the_same_run(tmp_path, no_credentia
 
     ckpt = next(run_dir.rglob("*.ckpt"))
     callbacks = [DepthDiagnostics(every_n_steps=2), PerfMonitor(every_n_steps=2)]
-    logger = make_wandb_logger(cfg, run_dir, {"model": {"name": "highway_mlp", "depth": 8}})
+    from deepres.training.run_dir import run_info  # what `deepres fit` adds to the wandb run's config
+
+    logger = make_wandb_logger(cfg, run_dir, {"model": {"name": "highway_mlp", "depth": 8}, "run_info": run_info()})
     fit(run_dir, highway(), callbacks, steps=10, loggers=[logger], ckpt_path=ckpt)
     wandb.finish()
     sessions = sorted((run_dir / "wandb").glob("offline-run-*"))

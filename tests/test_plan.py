@@ -72,6 +72,12 @@ def test_impossible_trainer_counts_are_refused(key, value):
     (["--model.drop_path", "1.5"], "--model.drop_path 1.5"),
     (["--model.optim.name", "sdg"], "'sdg' is not one of sgd, adamw, adam (did you mean 'sgd'?)"),
     (["--model.schedule.name", "cosin"], "(did you mean 'cosine'?)"),
+    (["--model.memory.activation_checkpointing", "selective", "--model.memory.compile", "true"],
+     "torch.compile cannot trace"),
+    (["--model.memory.activation_checkpointing", "selective", "--trainer.strategy", "deepspeed_stage_3",
+      "--trainer.devices", "2", "--trainer.accelerator", "cpu"], "selective with ZeRO stage 3"),
+    (["--model.ema_decay", "0.99", "--trainer.strategy", "pipeline", "--trainer.devices", "2",
+      "--trainer.accelerator", "cpu"], "--model.ema_decay with --trainer.strategy pipeline"),
 ])
 def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys, args, fragment):
     assert run(tmp_path, *args) == 2

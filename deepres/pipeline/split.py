@@ -261,7 +261,8 @@ class StageModule(nn.Module):
         blocks = net_blocks(net)
         self.__dict__["net"] = net  # not a submodule: the stage owns only its parts of it
         self.first, self.last, self.start, self.end = first, last, start, end
-        self.blocks = BlockStack([blocks[i] for i in range(start, end)])
+        # the same kind of stack as the net's: a ReversibleStack keeps its stage's blocks reversible
+        self.blocks = type(blocks)([blocks[i] for i in range(start, end)])
         self.blocks.checkpoint_every = blocks.checkpoint_every
         self.ends = nn.ModuleDict({name: child for name, child in net.named_children() if child is not blocks
                                    and ((name == HEAD and last) or (name != HEAD and first))})
@@ -277,8 +278,10 @@ class StageModule(nn.Module):
         x = args[0] if len(args) == 1 else tuple(args)
         # the depth probe observes the net's stack (deepres.observability.depth_probe): report this stage's blocks
         # to it under their index in the whole net, so that activations and gates are measured on every stage
-        observe, start = net_blocks(self.net).observer, self.start
-        self.blocks.observer = None if observe is None or self.inferring else (lambda i, y: observe(start + i, y))
+        # (a reversible stack has no observer: the probe hooks its blocks, which run here as they do in the net)
+        observe, start = getattr(net_blocks(self.net), "observer", None), self.start
+        if hasattr(self.blocks, "observer"):
+            self.blocks.observer = None if observe is None or self.inferring else (lambda i, y: observe(start + i, y))
         try:
             return self._run(x)
         finally:

@@ -92,6 +92,11 @@ class MemoryPlan:
         if budget is not None and plan.mode != "auto":
             raise ConfigError(f"--model.memory.memory_budget_gb {budget} is read only by {flag} auto. Set "
                               f"activation_checkpointing to auto, or drop memory_budget_gb.")
+        if plan.mode == "selective" and plan.compile:
+            raise ConfigError(
+                f"{flag} {setting} with --model.memory.compile true: torch.compile cannot trace the hooks that choose what "
+                "selective checkpointing keeps (a guard on their per-thread state fails). Use compile with none, K, "
+                "sqrt or all, or selective without compile.")
         if reversible:
             if plan.mode != "none":
                 raise ConfigError(
@@ -170,7 +175,7 @@ def trainer_plan(trainer: Any) -> TrainerPlan:
     check_trainer_config(trainer)
     precision = precision_name(trainer)
     strategy = get("strategy", "auto")
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    name = _strategy_name(strategy)
     stage = None
     if isinstance(strategy, str) and strategy.startswith("deepspeed_stage_"):
         stage = int(strategy.removeprefix("deepspeed_stage_")[0])
@@ -184,14 +189,25 @@ def trainer_plan(trainer: Any) -> TrainerPlan:
             raise ConfigError(f"--trainer.{key} {value!r}: give an integer >= {minimum}"
                               f"{' (-1: no limit)' if minimum == -1 else ''}.")
     clip = get("gradient_clip_val")
+    pipeline = {} if name == "pipeline" else None  # its stages, schedule and cut are known once it has cut the net
     return TrainerPlan(
         processes=count, nodes=int(get("num_nodes") or 1), accelerator=accelerator_name(trainer), precision=precision,
         strategy=name, zero_stage=stage, gradient_clip_val=float(clip) if clip else None,
         accumulate_grad_batches=int(get("accumulate_grad_batches") or 1), max_epochs=get("max_epochs"),
         max_steps=int(get("max_steps") if get("max_steps") is not None else -1),
         log_every_n_steps=int(get("log_every_n_steps") or 50),
-        fused_optimizer=fused_allowed(precision=precision, gradient_clip_val=clip),
+        fused_optimizer=fused_allowed(precision=precision, gradient_clip_val=clip), pipeline=pipeline,
     )
+
+
+def _strategy_name(strategy: Any) -> str:
+    """`pipeline`, a DeepSpeed or DDP name, or a class name, for a strategy given as a name, a YAML class_path
+    or an object."""
+    if isinstance(strategy, str):
+        return strategy
+    class_path = strategy.get("class_path") if hasattr(strategy, "get") else None
+    cls = str(class_path).rsplit(".", 1)[-1] if class_path else type(strategy).__name__
+    return "pipeline" if cls == "PipelineStrategy" else cls
 
 
 # ------------------------------------------------------------------------------------------------ model, data
@@ -306,6 +322,14 @@ def build_plan(config: Any) -> RunPlan:
     drop_path = options.get("drop_path")
     if drop_path is not None and not (0.0 <= float(drop_path) < 1.0):
         raise ConfigError(f"--model.drop_path {drop_path}: the drop rate of the last block must be in [0, 1).")
+    if memory.mode == "selective" and trainer.zero_stage == 3:
+        raise ConfigError(
+            "--model.memory.activation_checkpointing selective with ZeRO stage 3: ZeRO-3 gathers each parameter anew "
+            "inside the recomputation, which selective checkpointing's cache of saved outputs cannot match. Use "
+            "none, K, sqrt or all with deepspeed_stage_3, or selective with deepspeed_stage_1/2 or ddp.")
+    if trainer.pipeline is not None and mget("ema_decay") is not None:
+        raise ConfigError("--model.ema_decay with --trainer.strategy pipeline: the weight average would be kept per "
+                          "stage and saved from rank 0 only. Leave ema_decay unset, or use --trainer.strategy ddp.")
     model = ModelPlan(module=model_class.rsplit(".", 1)[-1], arch=mget("arch"), options=options)
     data = DataPlan(module=data_class.rsplit(".", 1)[-1], batch_size=batch_size, train_size=dget("train_size"),
                     workers=dget("num_workers"))
