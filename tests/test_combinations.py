@@ -51,7 +51,7 @@ def covering_rows(allowed: set[Pair], refused: dict[Pair, str]) -> list[dict]:
             if name in row:
                 continue
 
-            def score(value, name=name, row=row):
+            def score(value, name=name, row=row, uncovered=uncovered):
                 pairs = [((g, row[g]), (name, value)) if list(FACTORS).index(g) < list(FACTORS).index(name)
                          else ((name, value), (g, row[g])) for g in row]
                 if any(p in refused for p in pairs):
