@@ -8,6 +8,7 @@ Trainer is built; it installs warning filters and one logging filter on the hand
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 
@@ -36,8 +37,18 @@ class _DropInfoLines(logging.Filter):
 _FILTER = _DropInfoLines()
 
 
+# (environment variable, value, why): read by C++ libraries when they first start, so set before anything runs
+ENVIRONMENT: list[tuple[str, str, str]] = [
+    ("KINETO_LOG_LEVEL", "6",  # above its ERROR (4) and USDT (5) levels
+     "torch's profiler (the memory planner of activation_checkpointing auto measures a step with it) prints "
+     "profiler_start/stop lines and, on a machine without a GPU, `gpuGetDeviceCount failed`: none is a problem"),
+]
+
+
 def quiet_third_party() -> None:
-    """Install the filters (idempotent)."""
+    """Install the filters (idempotent). A value the user set in the environment is kept."""
+    for variable, value, _why in ENVIRONMENT:
+        os.environ.setdefault(variable, value)
     for message, _why in WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     import lightning.pytorch  # noqa: F401  (adds its handlers on import)
