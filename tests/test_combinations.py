@@ -97,7 +97,8 @@ def table(results: list[dict], refused: dict[Pair, str], seconds: float) -> str:
              "line shown.", "",
              "Factors: " + "; ".join(f"`{k}` {', '.join(map(str, v))}" for k, v in FACTORS.items()) + ".", "",
              f"{len(trained)} pairs trained in {len(results)} runs, {len(refused)} pairs refused; "
-             f"{seconds:.0f} s on 2 CPU cores.", "",
+             f"{seconds:.0f} s for the whole test (2 CPU cores, shared with other work when this file was written).",
+             "",
              "| pair | refused with |", "|---|---|"]
     for (a, b), message in sorted(refused.items(), key=repr):
         lines.append(f"| {a[0]}={a[1]}, {b[0]}={b[1]} | {message.replace('|', '/')} |")

@@ -76,6 +76,8 @@ def test_impossible_trainer_counts_are_refused(key, value):
      "torch.compile cannot trace"),
     (["--model.memory.activation_checkpointing", "selective", "--trainer.strategy", "deepspeed_stage_3",
       "--trainer.devices", "2", "--trainer.accelerator", "cpu"], "selective with ZeRO stage 3"),
+    (["--model.ema_decay", "0.99", "--trainer.strategy", "deepspeed_stage_3", "--trainer.devices", "2",
+      "--trainer.accelerator", "cpu"], "--model.ema_decay with ZeRO stage 3"),
     (["--model.ema_decay", "0.99", "--trainer.strategy", "pipeline", "--trainer.devices", "2",
       "--trainer.accelerator", "cpu"], "--model.ema_decay with --trainer.strategy pipeline"),
 ])

@@ -174,6 +174,12 @@ class Probe:
             arrays[key] = np.sqrt(means) if key == "act_rms" else means
         return arrays
 
+    def boundary_grad_squares(self) -> tuple[float, float]:
+        """‖∂L/∂x₀‖² and ‖∂L/∂x_L‖² (NaN when not measured): the error-flow ratio's two ends, to add over ranks."""
+        if self.x_in is None or self.x_out is None or self.x_in.grad is None or self.x_out.grad is None:
+            return math.nan, math.nan
+        return float(self.x_in.grad.float().square().sum()), float(self.x_out.grad.float().square().sum())
+
     def error_flow_ratio(self) -> float:
         if self.x_in is None or self.x_out is None or self.x_in.grad is None or self.x_out.grad is None:
             return math.nan

@@ -150,7 +150,10 @@ class DepthDiagnostics(Callback):
         # Under pipeline parallelism the blocks live on several ranks: every rank measures its own and the
         # strategy gathers them on rank 0 (`gather_depth_measurements`, deepres.pipeline.strategy).
         self.gather = getattr(trainer.strategy, "gather_depth_measurements", None)
-        self.enabled = trainer.is_global_zero or callable(self.gather)
+        # Under data parallelism (DDP, ZeRO) each rank sees its part of the batch: every rank measures it and the
+        # values are combined over the ranks, so that they mean what one process on the whole batch measures.
+        self.data_parallel = trainer.world_size > 1 and not callable(self.gather)
+        self.enabled = trainer.is_global_zero or callable(self.gather) or self.data_parallel
         self.gates = find_gates(blocks)
         self.num_blocks = len(blocks)
         self.compiled = is_compiled(pl_module) and hasattr(torch.compiler, "set_stance")
@@ -208,6 +211,10 @@ class DepthDiagnostics(Callback):
             if norms is not None:
                 arrays["grad_norm"] = norms
         ratio = probe.error_flow_ratio()
+        if self.data_parallel:
+            arrays, ratio = self._combined_over_ranks(trainer, probe, arrays)
+            if not trainer.is_global_zero:
+                return
         if callable(self.gather):
             gathered = self.gather(arrays)
             if gathered is None:  # not rank 0: its blocks' values went there
@@ -231,6 +238,34 @@ class DepthDiagnostics(Callback):
             self._log_heatmaps(trainer, trainer.global_step)
 
     # -- measurements ----------------------------------------------------------------------------
+    def _combined_over_ranks(self, trainer: Trainer, probe: Probe,
+                             arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """The whole batch's values from every rank's part (equal parts, as deepres's samplers give): activation
+        RMS as the root of the mean square, gates as the mean, the error-flow ratio from the summed squares of the
+        boundary gradients. Gradient norms are left as they are (DDP has already all-reduced the gradients)."""
+        keys = [k for k in sorted(arrays) if k != "grad_norm"]
+        g_in, g_out = probe.boundary_grad_squares()
+        parts = [np.array([g_in, g_out], dtype=np.float64)]
+        for key in keys:
+            values = np.asarray(arrays[key], dtype=np.float64)
+            parts.append(np.square(values) if key == "act_rms" else values)
+        flat = np.concatenate(parts)
+        known = np.isfinite(flat)
+        both = torch.from_numpy(np.stack([np.where(known, flat, 0.0), known.astype(np.float64)]))
+        both = trainer.strategy.reduce(both.to(trainer.strategy.root_device), reduce_op="sum").cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sums, counts = both[0], both[1]
+            means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        combined = dict(arrays)
+        offset = 2
+        for key in keys:
+            n = len(arrays[key])
+            values = means[offset:offset + n]
+            combined[key] = (np.sqrt(values) if key == "act_rms" else values).astype(np.float32)
+            offset += n
+        ratio = math.sqrt(sums[0] / sums[1]) if counts[0] and counts[1] and sums[1] > 0 else math.nan
+        return combined, ratio
+
     def _grad_norms(self) -> np.ndarray | None:
         """‖grad‖ per block. Under DDP the gradients are already all-reduced when this runs."""
         owners, grads = [], []

@@ -198,6 +198,14 @@ class PerfMonitor(Callback):
         self._paused = 0.0
         self._pause_start: float | None = None
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # A pipeline cuts the net into stages before the first batch, and no process keeps all of it: count the
+        # whole net now, on random samples of the module's input shape (FLOPs depend on shapes only).
+        shape = getattr(pl_module, "hparams", {}).get("input_shape")
+        if stage == "fit" and _pipeline_stages(trainer) > 1 and trainer.is_global_zero and shape is not None:
+            self._flops_tried = True
+            self.flops_per_sample = self._count_flops(trainer, pl_module, torch.randn(self.flop_count_samples, *shape))
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not trainer.is_global_zero:
             return
@@ -236,11 +244,13 @@ class PerfMonitor(Callback):
         if step % self.every_n_steps or not self._samples:
             return
         elapsed = now - self._window_start - self._paused
-        per_device = self._samples / elapsed
+        # rank 0 sees its replica's batches; under a pipeline the stages of a replica share them
+        total = self._samples / elapsed * trainer.world_size / _pipeline_stages(trainer)
+        per_device = total / trainer.world_size
         metrics = {
             "perf/step_time_s": elapsed / self._steps,
             "perf/samples_per_s_per_device": per_device,
-            "perf/samples_per_s": per_device * trainer.world_size,
+            "perf/samples_per_s": total,
         }
         if self.flops_per_sample is not None:
             achieved = self.flops_per_sample * per_device
@@ -258,3 +268,8 @@ class PerfMonitor(Callback):
         if self._pause_start is not None and self._window_start is not None:
             self._paused += time.perf_counter() - self._pause_start
         self._pause_start = None
+
+
+def _pipeline_stages(trainer: Trainer) -> int:
+    """Processes per model replica: the pipeline's stages (deepres.pipeline.strategy), else 1."""
+    return int(getattr(trainer.strategy, "pipeline_ranks", 1) or 1)

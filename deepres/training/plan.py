@@ -327,6 +327,9 @@ def build_plan(config: Any) -> RunPlan:
             "--model.memory.activation_checkpointing selective with ZeRO stage 3: ZeRO-3 gathers each parameter anew "
             "inside the recomputation, which selective checkpointing's cache of saved outputs cannot match. Use "
             "none, K, sqrt or all with deepspeed_stage_3, or selective with deepspeed_stage_1/2 or ddp.")
+    if trainer.zero_stage == 3 and mget("ema_decay") is not None:
+        raise ConfigError("--model.ema_decay with ZeRO stage 3: the stage shards the weights across ranks, so no rank "
+                          "holds the whole average. Use DDP or ZeRO stage 1/2, or leave ema_decay unset.")
     if trainer.pipeline is not None and mget("ema_decay") is not None:
         raise ConfigError("--model.ema_decay with --trainer.strategy pipeline: the weight average would be kept per "
                           "stage and saved from rank 0 only. Leave ema_decay unset, or use --trainer.strategy ddp.")
