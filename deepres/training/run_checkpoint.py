@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from typing_extensions import override
 
+from deepres.lightning_compat import validates_after_this_batch
 from deepres.training import stop_signals
 from deepres.training.checkpoints import LAST, install_checkpoint
 
@@ -101,6 +102,10 @@ class RunCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero:
                 print(f"deepres: {self.stopped_by}: saved {self.last_path} at step {step}; stopping. "
                       "Resume with --ckpt_path last.", flush=True)
+            if not validates_after_this_batch(trainer):
+                # Lightning validates whenever should_stop is set: time the kill grace may not have, and a
+                # metrics row that an uninterrupted run does not write. Validation due here anyway still runs.
+                trainer.limit_val_batches = 0
             trainer.should_stop = True
 
     @override
