@@ -15,15 +15,19 @@ from deepres.data import DigitsDataModule
 from deepres.data.base import ResumableSampler
 from deepres.data.sequence import adding_sequence, temporal_order_sequence
 from deepres.training.cli import main
-from deepres.training.run_dir import resolve_run_dir
+from deepres.training.run_dir import claim_new_run_dir, job_run_dir, release_run_dir_locks
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.log_every_n_steps", "1"]
 
 def fit(tmp_path: Path, *args: str, name: str = "t") -> Path:
+    """Run `deepres fit` in this process; the run directory it wrote (`name`, or `name-N` for a new run whose
+    name was taken)."""
     rc = main(["fit", "--run.root", str(tmp_path / "runs"), "--run.name", name, *QUIET, *args])
     assert rc == 0
-    return resolve_run_dir(tmp_path / "runs", name, resuming=True)
+    runs = [p for p in (tmp_path / "runs").glob(f"{name}*")
+            if (p.name == name or p.name[len(name) + 1:].isdigit()) and (p / "metrics.csv").exists()]
+    return max(runs, key=lambda p: (p / "metrics.csv").stat().st_mtime)
 
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -180,11 +184,52 @@ def test_default_job_stopped_and_resumed_trains_exactly_as_one_uninterrupted_run
     fit(tmp_path, *common, "--ckpt_path", "last", name="split")
     assert_same_training(whole, split)
 
-def test_new_run_with_a_taken_name_gets_a_new_directory(tmp_path):
-    first = fit(tmp_path, "--model.depth", "3", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
-    second = fit(tmp_path, "--model.depth", "3", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
+TINY = ["--model.depth", "3", "--trainer.limit_val_batches", "1", "--wandb.enabled", "false"]
+
+
+def _step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+
+
+def test_new_run_with_a_taken_name_gets_a_new_directory_and_a_resume_goes_to_the_name_as_written(tmp_path):
+    first = fit(tmp_path, *TINY, "--trainer.max_steps", "2")
+    second = fit(tmp_path, *TINY, "--trainer.max_steps", "1")
     assert first.name == "t" and second.name == "t-2"
-    assert (tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt").exists()
+    # --run.name t --ckpt_path last resumes runs/t, not its newer sibling t-2
+    assert fit(tmp_path, *TINY, "--trainer.max_steps", "3", "--ckpt_path", "last") == first
+    assert _step(first) == 3 and _step(second) == 1
+
+
+def test_a_failed_start_leaves_no_directory_and_a_killed_ones_leftovers_are_reused(tmp_path):
+    runs = tmp_path / "runs"
+    first = fit(tmp_path, *TINY, "--trainer.max_steps", "2")
+    # refused by Lightning after deepres claimed runs/t-2 (and wrote config.yaml and run_info.json there)
+    with pytest.raises(Exception, match="max_epochs"):
+        main(["fit", "--run.root", str(runs), "--run.name", "t", *QUIET, *TINY, "--trainer.max_epochs", "-2"])
+    assert sorted(p.name for p in runs.iterdir()) == ["t"]
+    # what a start killed before its first step leaves: nobody holds it, nothing trained is in it
+    leftover = runs / "t-2"
+    leftover.mkdir()
+    (leftover / ".claimed").write_text("node9 4242 2026-01-01T00:00:00\n")
+    (leftover / "config.yaml").write_text("seed_everything: 0\n")
+    assert fit(tmp_path, *TINY, "--trainer.max_steps", "3", "--ckpt_path", "last") == first and _step(first) == 3
+    again = fit(tmp_path, *TINY, "--trainer.max_steps", "1")
+    assert again == leftover and "node9" not in (leftover / ".claimed").read_text() and _step(leftover) == 1
+
+
+def test_a_requeued_slurm_job_finds_the_directory_its_first_start_claimed(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    (runs / "x" / "checkpoints").mkdir(parents=True)
+    (runs / "x" / "metrics.csv").write_text("step\n")  # another run's
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    try:
+        claimed = claim_new_run_dir(runs, "x")
+        monkeypatch.delenv("SLURM_JOB_ID")
+        assert claimed.name == "x-2" and claim_new_run_dir(runs, "x").name == "x-3"  # one process, two claims
+    finally:
+        release_run_dir_locks()
+    assert job_run_dir(runs, "x", "4711") == claimed
+    assert job_run_dir(runs, "x", "4712") is None  # another job: a fresh directory, not x's checkpoint
 
 # ---------------------------------------------------------------- clear errors, no traceback
 @pytest.mark.parametrize(
