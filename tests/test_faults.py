@@ -141,6 +141,31 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so_in_o
     print(f"FAULT disk full: {max(train_steps(run_dir)) + 1 - 5} steps lost (the run stops at the failed save)")
 
 
+def test_a_failed_background_save_stops_training_at_that_save_not_an_interval_later(tmp_path):
+    run_dir = tmp_path / "f"
+    rc, _, err = run(tmp_path, "--trainer.max_steps", "5", "--trainer.max_epochs", "-1")
+    assert rc == 0, err[-3000:]
+    size = (run_dir / "checkpoints" / "last.ckpt").stat().st_size
+
+    def small_file_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 4, size // 4))
+
+    # saves due at steps 8, 16, 24, ... (written in the background, the default); the one at 8 fails
+    proc = start(tmp_path, "--trainer.max_steps", "40", "--trainer.max_epochs", "-1", "--ckpt_path", "last",
+                 "--run.checkpoint_every_n_steps", "8", preexec_fn=small_file_limit)
+    rc, _, err = finish(proc)
+    assert rc == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if "could not write checkpoint" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    stopped = int(lines[0].split("Training stopped at step ")[1].split(".")[0])
+    assert f"last.ckpt at step 8: File too large" in lines[0]
+    assert f"{run_dir / 'checkpoints' / 'last.ckpt'} (step 5) is untouched" in lines[0]
+    assert 8 <= stopped < 16, stopped  # noticed within the write's time, before the next save was due
+    assert max(train_steps(run_dir)) + 1 <= stopped  # (the row of the step it stopped in is not written)
+    assert last_step(run_dir) == 5
+    print(f"FAULT background save failed at step 8: training stopped at step {stopped}")
+
+
 def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path):
     run_dir = tmp_path / "f"
     rc, _, err = run(tmp_path, "--trainer.max_epochs", "2")

@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedBySignal as stop:
         return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
     except CheckpointWriteError as err:
-        print(f"deepres: error: {err}", file=sys.stderr)
+        if launch_rank() == 0:  # the other ranks stopped with it
+            print(f"deepres: error: {err}", file=sys.stderr)
         return 1
     except (ConfigError, ArgumentError, ValueError, TypeError) as e:
         cause = _config_error_in(e)
