@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from typing_extensions import override
 
-from deepres.lightning_compat import validates_after_this_batch
+from deepres.lightning_compat import should_update_logs, validates_after_this_batch
 from deepres.training import stop_signals
 from deepres.training.checkpoints import LAST, CheckpointWriteError, install_checkpoint
 
@@ -106,10 +106,14 @@ class RunCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero:
                 print(f"deepres: {self.stopped_by}: saved {self.last_path} at step {step}; stopping. "
                       "Resume with --ckpt_path last.", flush=True)
+            # Lightning validates and writes step logs whenever should_stop is set: time the kill grace may not
+            # have, and metrics rows that an uninterrupted run does not write (the step row with the values of
+            # the last logged step: the module computes step metrics only on logging steps). What is due at
+            # this step anyway still runs; the Trainer ends here, so nothing else sees these settings.
             if not validates_after_this_batch(trainer):
-                # Lightning validates whenever should_stop is set: time the kill grace may not have, and a
-                # metrics row that an uninterrupted run does not write. Validation due here anyway still runs.
                 trainer.limit_val_batches = 0
+            if not should_update_logs(trainer):
+                trainer.log_every_n_steps = 0
             trainer.should_stop = True
 
     @override
