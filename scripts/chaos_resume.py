@@ -8,8 +8,8 @@ First `deepres fit` runs uninterrupted (the reference). Then the same command ru
 killed (SIGKILL, SIGTERM or SIGINT to its whole process group, every rank at once, as a preemption or Ctrl-C
 does; with --ddp also SIGKILL of rank 1 alone) at a random moment (--kills: uniform from half the reference run's
 startup to a time that spreads the kills over its training) or right after a chosen step (--kill-at-steps), and
-is resumed with
-`--ckpt_path last` until it ends at the planned step. Both runs save `last.ckpt` every --every-n-steps steps.
+is resumed with `--ckpt_path last` until it ends at the planned step. Both runs save `last.ckpt` every
+--every-n-steps steps.
 
 What it reports (and writes to --json):
 
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-at-steps", type=int, nargs="*", default=None,
                         help="instead: one kill right after each of these steps")
     parser.add_argument("--signals", nargs="*", default=None,
-                        help="signals to choose from (default SIGKILL SIGTERM SIGINT, and SIGKILL-rank1 with --ddp)")
+                        help="signals to choose from (default SIGKILL SIGTERM SIGINT, and SIGKILL-rank1 with --ddp); "
+                             "with --kill-at-steps, as many as steps: used in order")
     parser.add_argument("--ddp", action="store_true", help="2 CPU processes (DDP)")
     parser.add_argument("--every-n-steps", type=int, default=10, help="run.checkpoint_every_n_steps of both runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times and signals")
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                           root / "chaos")
         attempt_no += 1
         target = planned_kills[len(kills)] if len(kills) < len(planned_kills) else "none"
-        how = rng.choice(signals) if target != "none" else None
+        in_order = args.kill_at_steps is not None and len(signals) == len(planned_kills)  # one signal per kill
+        how = None if target == "none" else signals[len(kills)] if in_order else rng.choice(signals)
         # from half the startup (a kill while it loads) to one that lets the kills spread over the training
         delay = rng.uniform(startup_s / 2, startup_s + 2 * train_s / (len(planned_kills) + 1)) if target is None else None
         killed_at = None

@@ -257,3 +257,23 @@ def test_ddp_rank_that_stops_answering_times_out_after_the_configured_limit_with
     newest = find_resume_checkpoint(run_dir)[1]
     print(f"FAULT ddp sigstop: detected in {detected_s:.1f} s (timeout 15 s), "
           f"{max(train_steps(run_dir)) + 1 - newest} steps lost (interval: 5 steps)")
+
+
+# ------------------------------------------------------------------------------------------- the chaos harness
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp, kills", [(False, {"12": "SIGKILL", "30": "SIGINT"}),
+                                        (True, {"7": "SIGTERM", "15": "SIGKILL-rank1"})], ids=["one-process", "ddp"])
+def test_chaos_harness_kills_and_resumes_to_bit_identical_parameters_and_rows(tmp_path, ddp, kills):
+    """scripts/chaos_resume.py, short: the small default-path job (max_epochs, cosine) killed twice inside epochs
+    (a kill without a save loses the steps since the last every-5-steps checkpoint) and resumed each time."""
+    out = tmp_path / "chaos.json"
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "chaos_resume.py"), "--root", str(tmp_path / "c"),
+           "--every-n-steps", "5", "--json", str(out), "--kill-at-steps", *kills, "--signals", *kills.values(),
+           *(["--ddp"] if ddp else []), "--", "--model.depth", "6", "--trainer.max_epochs", "2"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert result["max_param_diff"] == 0.0 and result["metrics_identical"]
+    assert [k["signal"] for k in result["kills"]] == list(kills.values())
+    assert result["steps"] == [result["planned_steps"]] * 2 == [44 // (2 if ddp else 1)] * 2
+    assert result["steps_computed"] == result["planned_steps"] + sum(k["lost_steps"] for k in result["kills"])
