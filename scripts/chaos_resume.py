@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         target = planned_kills[len(kills)] if len(kills) < len(planned_kills) else "none"
         in_order = args.kill_at_steps is not None and len(signals) == len(planned_kills)  # one signal per kill
         how = None if target == "none" else signals[len(kills)] if in_order else rng.choice(signals)
-        # from half the startup (a kill while it loads) to one that lets the kills spread over the training
-        delay = rng.uniform(startup_s / 2, startup_s + 2 * train_s / (len(planned_kills) + 1)) if target is None else None
+        # from half the startup (a kill while it loads) to a time that spreads the kills left over the training left
+        left = (planned - find_resume_checkpoint(root / "chaos")[1]) / planned if resume and planned else 1.0
+        span = 2 * train_s * left / (len(planned_kills) - len(kills) + 1)
+        delay = rng.uniform(startup_s / 2, startup_s + span) if target is None else None
         killed_at = None
         while attempt.proc.poll() is None:
             time.sleep(0.02)
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if pending is not None:  # killed again before it got back: count the recovery up to this kill
             pending["recovery_s"] = None
             pending = None
-        if killed_at is None:
+        if killed_at is None or code == 0:  # no kill, or one that came after the run had ended
             if code != 0:
                 print(f"attempt {attempt_no} failed (exit {code}) without a kill: see its log", file=sys.stderr)
                 return 1
@@ -221,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kill {len(kills)}: {how} after {record['after_s']} s at step {record['step_reached']}, "
               f"exit {code}; resuming from step {saved}", flush=True)
         resume = True
-        if code == 0:  # the kill came after the run had ended
-            break
 
     result = {"planned_steps": planned, "reference_s": round(whole_s, 1), "startup_s": round(startup_s, 1),
               "kills": kills,
