@@ -131,6 +131,27 @@ def compare(reference: Path, chaos: Path) -> dict:
             "final_val_acc1": [final(rows_a, "val/acc1"), final(rows_b, "val/acc1")]}
 
 
+def markdown(result: dict, command: str, environment_line: str) -> str:
+    """The result as a docs/results page section: what ran, each kill, and the verdict."""
+    lines = [f"`{command}`", "", environment_line, "",
+             f"Reference (uninterrupted): {result['planned_steps']} steps in {result['reference_s']} s "
+             f"({result['startup_s']} s to the first step).", "",
+             "| kill | signal | after (s) | step reached | resumed from | steps lost | exit | recovery (s) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for i, k in enumerate(result["kills"], 1):
+        recovery = "killed again first" if k["recovery_s"] is None else f"{k['recovery_s']:.1f}"
+        lines.append(f"| {i} | {k['signal']} | {k['after_s']:.1f} | {k['step_reached']} | {k['resumes_from']} | "
+                     f"{k['lost_steps']} | {k['exit_code']} | {recovery} |")
+    acc = result["final_val_acc1"]
+    lines += ["", f"- final parameters: largest difference to the uninterrupted run **{result['max_param_diff']}**",
+              f"- metrics.csv: {result['rows_identical']} of {result['rows'][0]} rows identical "
+              f"({'all' if result['metrics_identical'] else 'NOT all'}; perf/* wall-clock columns left out)",
+              f"- final val/acc1: {acc[0]} uninterrupted, {acc[1]} killed and resumed",
+              f"- goodput: {result['planned_steps']} useful steps / {result['steps_computed']} computed = "
+              f"**{result['goodput']}**"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/chaos"), help="where both runs go (emptied first)")
@@ -144,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-n-steps", type=int, default=10, help="run.checkpoint_every_n_steps of both runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times and signals")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--markdown", type=Path, default=None, help="and a table of it here")
     parser.add_argument("fit_args", nargs="*", help="after --: options of `deepres fit` for both runs")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -156,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    print(f"# {environment(int(os.environ.get('OMP_NUM_THREADS', '1')))}", flush=True)
+    machine = environment(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    print(f"# {machine}", flush=True)
 
     reference = Attempt(fit_command(root, "reference", fit_args, resume=False), root / "reference.log",
                         root / "reference")
@@ -233,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        command = "python scripts/chaos_resume.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.markdown.write_text(markdown(result, command, machine))
     return 0 if result["max_param_diff"] == 0.0 and result["metrics_identical"] else 1
 
 
