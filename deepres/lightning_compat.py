@@ -64,6 +64,19 @@ def batches_done_in_epoch(trainer: Any) -> int:
     return int(loop.epoch_loop.batch_progress.current.processed)
 
 
+def validates_after_this_batch(trainer: Any) -> bool:
+    """Whether Lightning runs validation after the current training batch on its own schedule (the epoch's end,
+    ``val_check_interval``), leaving out the extra validation it adds whenever ``trainer.should_stop`` is set.
+    deepres.training.run_checkpoint stops for a signal without that extra one; Lightning exposes the test only
+    on its epoch loop."""
+    loop = trainer.fit_loop.epoch_loop
+    stop, trainer.should_stop = trainer.should_stop, False
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    finally:
+        trainer.should_stop = stop
+
+
 def wandb_init_arguments(logger: Any) -> dict[str, Any]:
     """The keyword arguments Lightning's WandbLogger will pass to ``wandb.init`` (deepres drops ``anonymous``,
     which wandb >= 0.19 warns about)."""

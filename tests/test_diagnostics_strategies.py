@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 import procs
+import pytest
 
 RUNS = {
     "one process": ["--data.batch_size", "32"],
@@ -27,7 +26,7 @@ RUNS = {
                            "--trainer.strategy", "deepres.strategies.PipelineStrategy",
                            "--trainer.strategy.microbatches", "4"],
 }
-COMMON = ["--trainer.accelerator", "cpu", "--model.depth", "9", "--model.width", "16", "--trainer.max_steps", "2",
+COMMON = ["--trainer.accelerator", "cpu", "--model.depth", "9", "--model.width", "16", "--trainer.max_steps", "3",
           "--diagnostics.every_n_steps", "2", "--trainer.enable_progress_bar", "false", "--wandb.mode", "disabled",
           "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"]
 
@@ -40,7 +39,8 @@ def measured(tmp_path: Path, name: str, args: list[str]) -> dict:
                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     record = json.loads((tmp_path / "runs" / run / "depth.jsonl").read_text().splitlines()[0])
-    rows = list(csv.DictReader(open(tmp_path / "runs" / run / "metrics.csv")))
+    with open(tmp_path / "runs" / run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     flops = next(float(r["perf/flops_per_sample"]) for r in rows if r.get("perf/flops_per_sample"))
     return {**record, "flops_per_sample": flops}
 

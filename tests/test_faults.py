@@ -141,6 +141,31 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so_in_o
     print(f"FAULT disk full: {max(train_steps(run_dir)) + 1 - 5} steps lost (the run stops at the failed save)")
 
 
+def test_a_failed_background_save_stops_training_at_that_save_not_an_interval_later(tmp_path):
+    run_dir = tmp_path / "f"
+    rc, _, err = run(tmp_path, "--trainer.max_steps", "5", "--trainer.max_epochs", "-1")
+    assert rc == 0, err[-3000:]
+    size = (run_dir / "checkpoints" / "last.ckpt").stat().st_size
+
+    def small_file_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 4, size // 4))
+
+    # saves due at steps 8, 16, 24, ... (written in the background, the default); the one at 8 fails
+    proc = start(tmp_path, "--trainer.max_steps", "40", "--trainer.max_epochs", "-1", "--ckpt_path", "last",
+                 "--run.checkpoint_every_n_steps", "8", preexec_fn=small_file_limit)
+    rc, _, err = finish(proc)
+    assert rc == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if "could not write checkpoint" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    stopped = int(lines[0].split("Training stopped at step ")[1].split(".")[0])
+    assert "last.ckpt at step 8: File too large" in lines[0]
+    assert f"{run_dir / 'checkpoints' / 'last.ckpt'} (step 5) is untouched" in lines[0]
+    assert 8 <= stopped < 16, stopped  # noticed within the write's time, before the next save was due
+    assert max(train_steps(run_dir)) + 1 <= stopped  # (the row of the step it stopped in is not written)
+    assert last_step(run_dir) == 5
+    print(f"FAULT background save failed at step 8: training stopped at step {stopped}")
+
+
 def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path):
     run_dir = tmp_path / "f"
     rc, _, err = run(tmp_path, "--trainer.max_epochs", "2")
@@ -232,3 +257,23 @@ def test_ddp_rank_that_stops_answering_times_out_after_the_configured_limit_with
     newest = find_resume_checkpoint(run_dir)[1]
     print(f"FAULT ddp sigstop: detected in {detected_s:.1f} s (timeout 15 s), "
           f"{max(train_steps(run_dir)) + 1 - newest} steps lost (interval: 5 steps)")
+
+
+# ------------------------------------------------------------------------------------------- the chaos harness
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp, kills", [(False, {"12": "SIGKILL", "30": "SIGINT"}),
+                                        (True, {"7": "SIGTERM", "15": "SIGKILL-rank1"})], ids=["one-process", "ddp"])
+def test_chaos_harness_kills_and_resumes_to_bit_identical_parameters_and_rows(tmp_path, ddp, kills):
+    """scripts/chaos_resume.py, short: the small default-path job (max_epochs, cosine) killed twice inside epochs
+    (a kill without a save loses the steps since the last every-5-steps checkpoint) and resumed each time."""
+    out = tmp_path / "chaos.json"
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "chaos_resume.py"), "--root", str(tmp_path / "c"),
+           "--every-n-steps", "5", "--json", str(out), "--kill-at-steps", *kills, "--signals", *kills.values(),
+           *(["--ddp"] if ddp else []), "--", "--model.depth", "6", "--trainer.max_epochs", "2"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert result["max_param_diff"] == 0.0 and result["metrics_identical"]
+    assert [k["signal"] for k in result["kills"]] == list(kills.values())
+    assert result["steps"] == [result["planned_steps"]] * 2 == [44 // (2 if ddp else 1)] * 2
+    assert result["steps_computed"] == result["planned_steps"] + sum(k["lost_steps"] for k in result["kills"])

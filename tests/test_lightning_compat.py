@@ -75,6 +75,34 @@ def test_the_trainer_readers_follow_a_real_fit(tmp_path):
     assert probe.done == [0] * 6, f"batches_done_in_epoch outside a restart in {MOVED}"
 
 
+class _ValidatingProbe(_Probe):
+    """Records, after every training batch, whether Lightning validates after it on its own schedule."""
+
+    def __init__(self):
+        super().__init__()
+        self.validates: list[bool] = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.validates.append(compat.validates_after_this_batch(self.trainer))
+        # a stop request (Lightning then validates at once) is not a scheduled validation
+        self.trainer.should_stop = self.current_epoch == 1 and batch_idx == 3
+
+    def validation_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+
+def test_validates_after_this_batch_follows_lightnings_schedule(tmp_path):
+    probe = _ValidatingProbe()
+    data = DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=2)
+    trainer = Trainer(max_epochs=2, default_root_dir=tmp_path, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, accelerator="cpu", devices=1, val_check_interval=3)
+    trainer.fit(probe, data, data)
+    # 6 batches per epoch, validation after every third (batch indices 2 and 5); stopped after batch 3 of epoch 1
+    assert probe.validates == [False, False, True, False, False, True, False, False, True, False], \
+        f"validates_after_this_batch in {MOVED}"
+
+
 def test_no_module_outside_lightning_compat_imports_a_private_lightning_name():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -325,10 +326,63 @@ def test_corrupt_sample_inside_a_shard_is_skipped_counted_and_logged(shards: Pat
     with caplog.at_level(logging.WARNING, logger="deepres.data.shards"):
         labels = torch.cat([y for _, y in dm.val_dataloader()])
     assert len(labels) == 40 - 2
-    assert dm.corrupt_samples == 2
+    assert dm.corrupt_samples == 2 and dm.skipped_samples == {"undecodable_image": 2}
     assert sum("skipped corrupt sample" in r.message for r in caplog.records) == 2
     # training keeps its exact step count with corrupt samples in the stream
     assert [len(y) for _, y in dm.train_dataloader()] == [8] * (200 // 8)
+
+
+def _with_two_broken_val_images(shards: Path, out: Path) -> Path:
+    shutil.copytree(shards, out)
+    bad = out / "val" / "val-000000.tar"
+    with tarfile.open(bad) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    jpgs = [m.name for m, _ in members if m.name.endswith(".jpg")]
+    broken = {jpgs[3]: b"not a jpeg", jpgs[7]: b"\xff\xd8 cut"}
+    with tarfile.open(bad, "w") as tar:
+        for m, data in members:
+            data = broken.get(m.name, data)
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_skipped_samples_are_counted_per_reason_in_metrics_finished_json_and_the_last_lines(
+        shards: Path, tmp_path: Path, capsys) -> None:
+    from deepres.training.cli import main
+
+    root = _with_two_broken_val_images(shards, tmp_path / "shards")
+    rc = main(["fit", "--run.root", str(tmp_path / "runs"), "--run.name", "s", "--data", "deepres.data.ShardDataModule",
+               "--data.root", str(root), "--data.batch_size", "8", "--data.num_workers", "0",
+               "--data.image_size", "16", "--data.eval_resize", "16", "--model.arch", "highway_mlp",
+               "--model.depth", "2", "--model.width", "8", "--trainer.max_epochs", "2",
+               "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+               "--wandb.enabled", "false"])
+    assert rc == 0
+    run = tmp_path / "runs" / "s"
+    with open(run / "metrics.csv", newline="") as f:
+        counted = [(r["epoch"], r["data/skipped/undecodable_image"]) for r in csv.DictReader(f)
+                   if r.get("data/skipped/undecodable_image")]
+    assert counted == [("0", "2.0"), ("1", "4.0")]  # the two broken images, once per validation
+    finished = json.loads((run / "finished.json").read_text())["metrics"]
+    assert finished["data/skipped/undecodable_image"] == 4.0 and finished["data/skipped/bad_label"] == 0.0
+    assert "deepres: skipped 4 corrupt samples (4 undecodable image)" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_pipe_shard_is_abandoned_after_the_timeout_with_one_line(shards: Path, caplog) -> None:
+    stalled = f"pipe:sh -c 'sleep 60; cat {shards}/val/val-000000.tar'"
+    dm = ShardDataModule(root=str(shards), val_urls=f"{stalled}::{shards}/val/val-000001.tar", batch_size=8,
+                         num_workers=0, image_size=16, eval_resize=18, shard_timeout_s=1.0)
+    dm.setup("fit")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="deepres.data.shards"):
+        labels = torch.cat([y for _, y in dm.val_dataloader()])
+    assert time.monotonic() - started < 20  # not the 60 s the command would take
+    assert len(labels) == 10 and dm.skipped_samples == {"stalled_shard": 30}  # the second shard is read
+    lines = [r.message for r in caplog.records]
+    assert len(lines) == 1 and "no data for 1 s (data.shard_timeout_s): abandoned after 0 of its 30" in lines[0]
 
 
 def test_truncated_shard_in_validation_keeps_batch_counts(shards: Path, tmp_path: Path) -> None:

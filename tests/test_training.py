@@ -2,6 +2,7 @@
 
 import csv
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +15,19 @@ from deepres.data import DigitsDataModule
 from deepres.data.base import ResumableSampler
 from deepres.data.sequence import adding_sequence, temporal_order_sequence
 from deepres.training.cli import main
-from deepres.training.run_dir import resolve_run_dir
+from deepres.training.run_dir import claim_new_run_dir, job_run_dir, release_run_dir_locks
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
          "--trainer.log_every_n_steps", "1"]
 
 def fit(tmp_path: Path, *args: str, name: str = "t") -> Path:
+    """Run `deepres fit` in this process; the run directory it wrote (`name`, or `name-N` for a new run whose
+    name was taken)."""
     rc = main(["fit", "--run.root", str(tmp_path / "runs"), "--run.name", name, *QUIET, *args])
     assert rc == 0
-    return resolve_run_dir(tmp_path / "runs", name, resuming=True)
+    runs = [p for p in (tmp_path / "runs").glob(f"{name}*")
+            if (p.name == name or p.name[len(name) + 1:].isdigit()) and (p / "metrics.csv").exists()]
+    return max(runs, key=lambda p: (p / "metrics.csv").stat().st_mtime)
 
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.csv", newline="") as f:
@@ -132,32 +137,99 @@ def test_two_step_fit(tmp_path, args):
     assert ckpt["global_step"] == 2
 
 # ---------------------------------------------------------------- exact resume
+def assert_same_training(whole: Path, split: Path) -> None:
+    """Bit-identical final parameters and optimizer state, and metrics.csv identical row for row (the
+    wall-clock perf/* columns aside)."""
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    worst = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item() for k in a["state_dict"])
+    assert worst == 0.0, f"final parameters differ by up to {worst}"
+    for pa, pb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    rows_a, rows_b = deterministic_rows(whole), deterministic_rows(split)
+    assert len(rows_a) == len(rows_b) > 5
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra == rb
+
+
+SMALL = ["--model.depth", "6", "--data.batch_size", "64"]  # digits: 22 steps per epoch
+
+
 def test_resume_is_exact(tmp_path):
     """2N steps in one go == N steps, then resumed for N more (N = 30 is mid-epoch: 22 steps/epoch)."""
-    common = ["--model.depth", "6", "--model.schedule.name", "step", "--model.schedule.milestones", "[40]",
-              "--trainer.max_epochs", "-1", "--data.batch_size", "64"]
+    common = [*SMALL, "--model.schedule.name", "step", "--model.schedule.milestones", "[40]",
+              "--trainer.max_epochs", "-1"]
     whole = fit(tmp_path, *common, "--trainer.max_steps", "60", name="whole")
     fit(tmp_path, *common, "--trainer.max_steps", "30", name="split")
     split = fit(tmp_path, *common, "--trainer.max_steps", "60", "--ckpt_path", "last", name="split")
     assert split.name == "split"  # the same run directory, not a new one
-    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
-    # wall-clock perf/* values differ between any two runs; every other logged value must match
-    rows_a, rows_b = deterministic_rows(whole), deterministic_rows(split)
-    assert len(rows_a) == len(rows_b) > 5
-    for ra, rb in zip(rows_a, rows_b, strict=True):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            if ra[k] or rb[k]:
-                assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-5, abs=1e-6), (k, ra, rb)
+    assert_same_training(whole, split)
 
-def test_new_run_with_a_taken_name_gets_a_new_directory(tmp_path):
-    first = fit(tmp_path, "--model.depth", "3", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
-    second = fit(tmp_path, "--model.depth", "3", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")
+
+@pytest.mark.parametrize("stop_at", [30, 22], ids=["mid-epoch", "epoch-end"])
+def test_default_job_stopped_and_resumed_trains_exactly_as_one_uninterrupted_run(tmp_path, stop_at):
+    """The default job's path: max_epochs set and the cosine schedule over the whole run. A SIGTERM after step
+    30 saves last.ckpt 8 batches into the second epoch; the resumed run must train on the epoch's other 14
+    batches, in order, with the learning rates of steps 31..44. After step 22 (the first epoch's last batch) the
+    checkpoint comes before that epoch's validation."""
+    common = [*SMALL, "--trainer.max_epochs", "2"]
+    whole = fit(tmp_path, *common, name="whole")
+    stopped = main(["fit", "--run.root", str(tmp_path / "runs"), "--run.name", "split", *QUIET, *common,
+                    "--trainer.callbacks+=_signal_at_step.SignalAtStep", f"--trainer.callbacks.step={stop_at}"])
+    assert stopped == 128 + signal.SIGTERM
+    split = tmp_path / "runs" / "split"
+    assert torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stop_at
+    fit(tmp_path, *common, "--ckpt_path", "last", name="split")
+    assert_same_training(whole, split)
+
+TINY = ["--model.depth", "3", "--trainer.limit_val_batches", "1", "--wandb.enabled", "false"]
+
+
+def _step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+
+
+def test_new_run_with_a_taken_name_gets_a_new_directory_and_a_resume_goes_to_the_name_as_written(tmp_path):
+    first = fit(tmp_path, *TINY, "--trainer.max_steps", "2")
+    second = fit(tmp_path, *TINY, "--trainer.max_steps", "1")
     assert first.name == "t" and second.name == "t-2"
-    assert (tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt").exists()
+    # --run.name t --ckpt_path last resumes runs/t, not its newer sibling t-2
+    assert fit(tmp_path, *TINY, "--trainer.max_steps", "3", "--ckpt_path", "last") == first
+    assert _step(first) == 3 and _step(second) == 1
+
+
+def test_a_failed_start_leaves_no_directory_and_a_killed_ones_leftovers_are_reused(tmp_path):
+    runs = tmp_path / "runs"
+    first = fit(tmp_path, *TINY, "--trainer.max_steps", "2")
+    # refused by Lightning after deepres claimed runs/t-2 (and wrote config.yaml and run_info.json there)
+    with pytest.raises(Exception, match="max_epochs"):
+        main(["fit", "--run.root", str(runs), "--run.name", "t", *QUIET, *TINY, "--trainer.max_epochs", "-2"])
+    assert sorted(p.name for p in runs.iterdir()) == ["t"]
+    # what a start killed before its first step leaves: nobody holds it, nothing trained is in it
+    leftover = runs / "t-2"
+    leftover.mkdir()
+    (leftover / ".claimed").write_text("node9 4242 2026-01-01T00:00:00\n")
+    (leftover / "config.yaml").write_text("seed_everything: 0\n")
+    assert fit(tmp_path, *TINY, "--trainer.max_steps", "3", "--ckpt_path", "last") == first and _step(first) == 3
+    again = fit(tmp_path, *TINY, "--trainer.max_steps", "1")
+    assert again == leftover and "node9" not in (leftover / ".claimed").read_text() and _step(leftover) == 1
+
+
+def test_a_requeued_slurm_job_finds_the_directory_its_first_start_claimed(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    (runs / "x" / "checkpoints").mkdir(parents=True)
+    (runs / "x" / "metrics.csv").write_text("step\n")  # another run's
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    try:
+        claimed = claim_new_run_dir(runs, "x")
+        monkeypatch.delenv("SLURM_JOB_ID")
+        assert claimed.name == "x-2" and claim_new_run_dir(runs, "x").name == "x-3"  # one process, two claims
+    finally:
+        release_run_dir_locks()
+    assert job_run_dir(runs, "x", "4711") == claimed
+    assert job_run_dir(runs, "x", "4712") is None  # another job: a fresh directory, not x's checkpoint
 
 # ---------------------------------------------------------------- clear errors, no traceback
 @pytest.mark.parametrize(

@@ -26,9 +26,13 @@ import json
 import os
 import posixpath
 import re
+import signal
 import tarfile
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -250,22 +254,81 @@ def group_samples(members: Iterable[tuple[str, bytes]]) -> Iterator[dict[str, An
         yield sample
 
 
-def read_shard(url: str, reader: str = "deepres") -> Iterator[dict[str, Any]]:
+class ShardStalled(OSError):
+    """A streamed shard gave no data for the stall timeout; its command was stopped."""
+
+
+class _StallWatch:
+    """Reads a `pipe:` shard's stream and stops its command when no data comes for `timeout_s` seconds (the read
+    in progress then returns), so that a hung object-store client cannot hang the data-loader worker."""
+
+    def __init__(self, pipe: Any, timeout_s: float) -> None:
+        self.pipe, self.timeout_s = pipe, timeout_s
+        self.last = time.monotonic()
+        self.fired = False
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="deepres-shard-stall-watch").start()
+
+    def read(self, *args: Any) -> bytes:
+        data = self.pipe.read(*args)
+        self.last = time.monotonic()
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(1.0, self.timeout_s / 4)):
+            if time.monotonic() - self.last > self.timeout_s:
+                self.fired = True
+                # the command's children too: `sh -c '... | ...'` leaves them holding the pipe open
+                for pid in [*_descendants(self.pipe.proc.pid), self.pipe.proc.pid]:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                return
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, from /proc (Linux; elsewhere none are found)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def read_shard(url: str, reader: str = "deepres", stall_timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one tar shard, in order: dicts with `__key__`, `__url__` and one entry per field.
 
     `url` may be a path or any URL webdataset's gopen opens (`pipe:`, `file:`, http, ...). Errors
-    (missing file, truncated tar, failing pipe command) propagate to the caller.
+    (missing file, truncated tar, failing pipe command) propagate to the caller; a `pipe:` command that gives
+    no data for `stall_timeout_s` seconds is stopped and raises ShardStalled.
     """
     from webdataset.gopen import gopen
 
     stream = gopen(url, "rb")
+    watch = _StallWatch(stream, stall_timeout_s) if stall_timeout_s and hasattr(stream, "proc") else None
     finished = False
     try:
-        for sample in group_samples(TAR_READERS[reader](stream)):
-            sample["__url__"] = url
-            yield sample
+        try:
+            for sample in group_samples(TAR_READERS[reader](watch or stream)):
+                sample["__url__"] = url
+                yield sample
+        except Exception:
+            if watch is None or not watch.fired:
+                raise
+        if watch is not None and watch.fired:
+            raise ShardStalled(f"no data for {stall_timeout_s:g} s (data.shard_timeout_s): abandoned")
         finished = True
     finally:
+        if watch is not None:
+            watch.done.set()
         if finished:  # a `pipe:` command that failed reports it here, when it is waited for
             stream.close()
         else:  # the reader stopped early or the tar broke: that, not the command's exit status, is the news

@@ -6,7 +6,7 @@ streams that give every rank the same number of batches (deepres.data.shards say
     ValShardStream     the rank's contiguous range of the samples, every sample once
     ImageTransform     image bytes -> uint8 HWC tensor: torchvision's augmentation for the recipe
 
-Workers send uint8 batches plus (skipped samples, a few of their descriptions); `ShardLoader` in
+Workers send uint8 batches plus (skipped samples by reason, a few of their descriptions); `ShardLoader` in
 deepres.data.shards counts and logs the skipped ones.
 """
 
@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,15 +26,30 @@ from PIL import Image
 from torch.utils.data import IterableDataset, default_collate
 from torchvision.transforms.v2 import functional as F
 
-from deepres.data.shard_format import SampleFields, decode_rgb, describe_error, read_shard
+from deepres.data.shard_format import SampleFields, ShardStalled, decode_rgb, describe_error, read_shard
 from deepres.data.shard_sets import ShardSet
 from deepres.errors import ConfigError
 
 RRC_MIN_SCALE = 0.08  # RandomResizedCrop's default smallest crop area (Szegedy et al. 2015)
 MAX_LOGGED_PROBLEMS = 5  # corrupt samples described per batch; the rest are only counted
 
-# (images uint8 (B, 3, H, W), labels (B,), (number of skipped samples, a few of their descriptions))
-WorkerBatch = tuple[torch.Tensor, torch.Tensor, tuple[int, list[str]]]
+# Why a sample was skipped: the keys of the counts in metrics.csv (data/skipped/<reason>) and finished.json.
+SKIP_REASONS = ("undecodable_image", "no_image", "bad_label", "truncated_shard", "unreadable_shard", "stalled_shard")
+
+# (images uint8 (B, 3, H, W), labels (B,), ({reason: skipped samples}, a few of their descriptions))
+WorkerBatch = tuple[torch.Tensor, torch.Tensor, tuple[dict[str, int], list[str]]]
+
+
+class Skip(str):
+    """A skipped sample's description (empty: counted, not described), with its reason (SKIP_REASONS)."""
+
+    reason: str
+
+    @classmethod
+    def of(cls, reason: str, text: str) -> Skip:
+        skip = cls(text)
+        skip.reason = reason
+        return skip
 
 
 # ---------------------------------------------------------------- decoding one sample
@@ -109,24 +125,30 @@ def _share(total: int, parts: int, part: int) -> int:
     return total // parts + (part < total % parts)
 
 
-def _shard_items(url: str, count: int, reader: str = "deepres") -> Iterator[dict[str, Any] | str]:
+def _shard_items(url: str, count: int, reader: str = "deepres",
+                 stall_timeout_s: float | None = None) -> Iterator[dict[str, Any] | Skip]:
     """Exactly `count` items for a shard the index says holds `count` samples.
 
-    Each is a sample in tar order, or a string saying why the sample at that position is missing (the
-    shard ended early or could not be read). Extra samples beyond the index are ignored: the counts in
-    the index are what keeps ranks in step.
+    Each is a sample in tar order, or a Skip saying why the sample at that position is missing (the
+    shard ended early, could not be read, or stalled: then one line for the rest of the shard). Extra
+    samples beyond the index are ignored: the counts in the index are what keeps ranks in step.
     """
-    n, reason = 0, "shard ended early"
+    n, kind, reason = 0, "truncated_shard", "shard ended early"
     try:
-        for sample in read_shard(url, reader):
+        for sample in read_shard(url, reader, stall_timeout_s):
             if n == count:
                 break
             yield sample
             n += 1
+    except ShardStalled as exc:
+        if n < count:
+            yield Skip.of("stalled_shard", f"{url}: {exc} after {n} of its {count} samples; the rest are skipped")
+            yield from (Skip.of("stalled_shard", "") for _ in range(n + 1, count))
+        return
     except Exception as exc:  # missing file, truncated tar, failing pipe command: skip the rest
-        reason = describe_error(exc)
+        kind, reason = "unreadable_shard", describe_error(exc)
     for i in range(n, count):
-        yield f"{url} sample {i}: {reason}"
+        yield Skip.of(kind, f"{url} sample {i}: {reason}")
 
 
 class _Decoder:
@@ -136,17 +158,21 @@ class _Decoder:
         self.transform, self.num_classes, self.fields = transform, len(classes), fields
         self.class_index = {c: i for i, c in enumerate(classes)}
 
-    def __call__(self, item: dict[str, Any] | str) -> tuple[torch.Tensor, int] | str:
+    def __call__(self, item: dict[str, Any] | Skip) -> tuple[torch.Tensor, int] | Skip:
         if isinstance(item, str):
             return item
-        try:
+        reason = "bad_label"
+        try:  # any error: skip the sample, never stop training
             label = self.fields.label_index(item, self.num_classes, self.class_index)
-            return self.transform(self.fields.image_bytes(item)), label
-        except Exception as exc:  # any decoder error: skip the sample, never stop training
-            return f"{item.get('__key__')} in {item.get('__url__')}: {describe_error(exc)}"
+            reason = "no_image"
+            data = self.fields.image_bytes(item)
+            reason = "undecodable_image"
+            return self.transform(data), label
+        except Exception as exc:
+            return Skip.of(reason, f"{item.get('__key__')} in {item.get('__url__')}: {describe_error(exc)}")
 
 
-def _collate(good: list[tuple[torch.Tensor, int]], skipped: int, problems: list[str],
+def _collate(good: list[tuple[torch.Tensor, int]], skipped: dict[str, int], problems: list[str],
              shape: tuple[int, ...]) -> WorkerBatch:
     """(B, 3, H, W) uint8 as a view of (B, H, W, 3) memory (channels-last), labels, skipped samples."""
     if good:  # default_collate stacks straight into shared memory inside a worker: one copy fewer
@@ -154,7 +180,7 @@ def _collate(good: list[tuple[torch.Tensor, int]], skipped: int, problems: list[
     else:  # every sample of this batch was corrupt
         images = torch.empty((0, *shape), dtype=torch.uint8)
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
-    return images, labels, (skipped, problems[:MAX_LOGGED_PROBLEMS])
+    return images, labels, (skipped, [str(p) for p in problems[:MAX_LOGGED_PROBLEMS]])
 
 
 # ---------------------------------------------------------------- training: fixed steps per rank
@@ -190,14 +216,16 @@ class TrainShardStream(IterableDataset):
         # set by ShardLoader before the workers start: the epoch, and the batches of it that a resumed
         # checkpoint already trained on (the rest of that epoch reads a fresh shard order)
         self.epoch, self.skip = 0, 0
+        self.stall_timeout_s: float | None = None  # of a `pipe:` shard read (ShardDataModule sets it)
 
-    def _items(self, slot: int, slots: int) -> Iterator[dict[str, Any] | str]:
+    def _items(self, slot: int, slots: int) -> Iterator[dict[str, Any] | Skip]:
         # Wrong URLs or credentials make every shard unreadable: stop after twice the shard list (plus
         # a margin that makes a false alarm vanishingly unlikely when only some shards are broken).
         unreadable, give_up = 0, 2 * len(self.shards.urls) + 20
         for i in shard_order(len(self.shards.urls), slot, slots, f"{self.seed}:{self.skip}", self.epoch):
             readable = False
-            with contextlib.closing(_shard_items(self.shards.urls[i], self.shards.samples[i], self.tar_reader)) as items:
+            with contextlib.closing(_shard_items(self.shards.urls[i], self.shards.samples[i], self.tar_reader,
+                                                 self.stall_timeout_s)) as items:
                 for item in items:
                     readable = readable or not isinstance(item, str)
                     yield item
@@ -221,12 +249,14 @@ class TrainShardStream(IterableDataset):
         give_up = 20 * self.shards.num_samples
         good: list[tuple[torch.Tensor, int]] = []
         problems: list[str] = []  # the first few descriptions; all are counted in `skipped`
-        skipped = failures = 0
+        skipped: dict[str, int] = {}
+        failures = 0
         while quota > 0:
             out = self.decode(next(items))
             if isinstance(out, str):
-                skipped, failures = skipped + 1, failures + 1
-                if len(problems) < MAX_LOGGED_PROBLEMS:
+                skipped[out.reason] = skipped.get(out.reason, 0) + 1
+                failures += 1
+                if out and len(problems) < MAX_LOGGED_PROBLEMS:
                     problems.append(out)
                 if failures > give_up:
                     raise ConfigError(f"no decodable sample in {give_up} tries (last: {out}). "
@@ -236,7 +266,7 @@ class TrainShardStream(IterableDataset):
             good.append(out)
             if len(good) == self.batch_size:
                 yield _collate(good, skipped, problems, self.shape)
-                good, problems, skipped, quota = [], [], 0, quota - 1
+                good, problems, skipped, quota = [], [], {}, quota - 1
 
 
 # ---------------------------------------------------------------- validation: every sample once
@@ -255,14 +285,15 @@ class ValShardStream(IterableDataset):
         per_rank = -(-shards.num_samples // world_size)
         self.num_batches = -(-per_rank // batch_size)
         self.epoch, self.skip = 0, 0  # validation reads the same samples every time
+        self.stall_timeout_s: float | None = None
 
-    def _range(self, start: int, stop: int) -> Iterator[dict[str, Any] | str]:
+    def _range(self, start: int, stop: int) -> Iterator[dict[str, Any] | Skip]:
         """Exactly stop - start items: global samples [start, stop) in index order."""
         offset = 0
         for url, count in zip(self.shards.urls, self.shards.samples, strict=True):
             lo, hi = max(start - offset, 0), min(stop - offset, count)
             if lo < hi:
-                with contextlib.closing(_shard_items(url, count, self.tar_reader)) as items:
+                with contextlib.closing(_shard_items(url, count, self.tar_reader, self.stall_timeout_s)) as items:
                     yield from itertools.islice(items, lo, hi)
             offset += count
 
@@ -279,5 +310,5 @@ class ValShardStream(IterableDataset):
         for b in range(first, last):
             decoded = [self.decode(item) for item in itertools.islice(items, sizes[b])]
             good = [d for d in decoded if not isinstance(d, str)]
-            problems = [d for d in decoded if isinstance(d, str)]
-            yield _collate(good, len(problems), problems, self.shape)
+            skips = [d for d in decoded if isinstance(d, str)]
+            yield _collate(good, dict(Counter(d.reason for d in skips)), [d for d in skips if d], self.shape)

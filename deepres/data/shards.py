@@ -26,8 +26,10 @@ impossible here by construction rather than by tuning:
   (sizes differ by at most one), and each rank's range into the same number of batches of at most
   `batch_size`; no sample is read twice or padded, so summing correct/total over ranks is exact.
 
-Corrupt samples (undecodable image, missing label, truncated or unreadable shard) are skipped and
-counted (`corrupt_samples`), and rank 0 logs them; they never stop training. Batches leave the workers
+Corrupt samples (undecodable image, missing image or label, truncated, unreadable or stalled shard) are
+skipped and counted per reason (`skipped_samples`, summed over ranks into metrics.csv and finished.json by
+deepres.training.skipped_samples), and rank 0 logs them; they never stop training. A `pipe:` shard whose
+command gives no data for `shard_timeout_s` seconds is abandoned with one line, and the stream moves on. Batches leave the workers
 as uint8 and are normalised after the transfer to the device (`on_after_batch_transfer`): a quarter of
 the bytes through worker IPC and host-to-device copies, the same numbers as torchvision's ToTensor +
 Normalize.
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -85,18 +88,26 @@ class ShardLoader:
         self.worker_start_method = worker_start_method
         self.position_fn = position_fn
         self.passes = 0
-        self.corrupt_samples = 0
+        self.skipped: Counter[str] = Counter()  # skipped samples by reason (shard_stream.SKIP_REASONS)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def _report(self, count: int, messages: list[str]) -> None:
-        self.corrupt_samples += count
+    @property
+    def corrupt_samples(self) -> int:
+        return sum(self.skipped.values())
+
+    def _report(self, skipped: dict[str, int], messages: list[str]) -> None:
+        self.skipped.update(skipped)
+        count = sum(skipped.values())
         if self.rank == 0:
             for message in messages:
                 log.warning("skipped corrupt sample %s", message)
-            if count > len(messages):
-                log.warning("skipped %d more corrupt samples in this batch", count - len(messages))
+            # a stalled shard's line already says that the rest of it is skipped
+            stalled_lines = sum("shard_timeout_s" in message for message in messages)
+            more = count - len(messages) - skipped.get("stalled_shard", 0) + stalled_lines
+            if more > 0:
+                log.warning("skipped %d more corrupt samples in this batch", more)
 
     def __iter__(self) -> Iterator[Batch]:
         # runs at the first next(), i.e. after Lightning has restored a checkpoint's loop state
@@ -109,9 +120,9 @@ class ShardLoader:
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
                             multiprocessing_context=context)
         seen = 0
-        for images, labels, (count, messages) in loader:
-            if count:
-                self._report(count, messages)
+        for images, labels, (skipped, messages) in loader:
+            if skipped:
+                self._report(skipped, messages)
             seen += 1
             yield images, labels
         if seen != expected:  # cannot happen by construction; if it did, DDP would hang
@@ -160,6 +171,9 @@ class ShardDataModule(DeepresDataModule):
         seed: seed of the shard order and shuffle buffer (the same on every rank).
         worker_start_method: how worker processes start: `forkserver` (default; safe in DDP ranks),
             `spawn`, or `fork` (fastest start, but can deadlock in a multi-threaded DDP rank).
+        shard_timeout_s: a `pipe:` shard whose command gives no data for this many seconds is abandoned
+            (its command stopped, its remaining samples skipped as `stalled_shard`, one line logged) and
+            the stream moves on; null waits forever.
     """
 
     def __init__(
@@ -186,8 +200,12 @@ class ShardDataModule(DeepresDataModule):
         randaugment_magnitude: int = 9,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
+        shard_timeout_s: float | None = 120.0,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, worker_start_method)
+        if shard_timeout_s is not None and shard_timeout_s <= 0:
+            raise ConfigError(f"data.shard_timeout_s={shard_timeout_s}: give a positive number of seconds (or null).")
+        self.shard_timeout_s = shard_timeout_s
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
                                  ("image_size", image_size, 1), ("shuffle_buffer", shuffle_buffer, 0)):
             if value < low:
@@ -234,6 +252,11 @@ class ShardDataModule(DeepresDataModule):
     def corrupt_samples(self) -> int:
         """Corrupt samples skipped so far on this rank (rank 0 logs its own as they occur)."""
         return sum(loader.corrupt_samples for loader in self._loaders)
+
+    @property
+    def skipped_samples(self) -> dict[str, int]:
+        """Samples skipped so far on this rank, training and validation, by reason (SKIP_REASONS)."""
+        return dict(sum((loader.skipped for loader in self._loaders), Counter()))
 
     # -- shards and ranks
 
@@ -289,6 +312,7 @@ class ShardDataModule(DeepresDataModule):
         transform = ImageTransform(True, self.image_size, self.eval_resize, self.recipe, policy)
         stream = TrainShardStream(shards, self.batch_size, self._steps, rank, world, transform,
                                   self.shuffle_buffer, self.seed, self.image_size, self._fields(shards))
+        stream.stall_timeout_s = self.shard_timeout_s
         return self._track(ShardLoader(stream, self._steps, self.num_workers, rank, self._train_position,
                                        self.worker_start_method))
 
@@ -300,6 +324,7 @@ class ShardDataModule(DeepresDataModule):
         transform = ImageTransform(False, self.image_size, self.eval_resize, self.recipe)
         stream = ValShardStream(shards, self.batch_size, rank, world, transform, self.image_size,
                                 self._fields(shards))
+        stream.stall_timeout_s = self.shard_timeout_s
         return self._track(ShardLoader(stream, stream.num_batches, self.num_workers, rank,
                                        worker_start_method=self.worker_start_method))
 

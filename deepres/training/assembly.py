@@ -5,7 +5,8 @@ adds, in this order (the order Lightning runs their hooks in, except that it run
 
 loggers    RunCSVLogger (metrics.csv, always: `deepres report` reads it), then wandb unless ``trainer.logger: false``
 callbacks  RunCheckpoint (last.ckpt on its schedule, and on signals), FaultReport (which rank failed),
-           the depth diagnostics, the throttled progress bar (unless the user has a bar or turned it off)
+           SkippedSampleCounts (corrupt samples per reason), the depth diagnostics, the throttled progress bar
+           (unless the user has a bar or turned it off)
 plugins    the checkpoint writer (atomic, previous.ckpt kept, in a background thread unless
            ``run.async_checkpoint: false``), and inside a SLURM job Lightning's SLURM environment
 """
@@ -26,6 +27,7 @@ from deepres.training.faults import FaultReport
 from deepres.training.progress import progress_callback
 from deepres.training.run_checkpoint import RunCheckpoint
 from deepres.training.run_dir import RunCSVLogger, run_info
+from deepres.training.skipped_samples import SkippedSampleCounts
 
 
 @dataclass
@@ -58,7 +60,7 @@ def trainer_parts(*, run: Any, wandb: Any, diagnostics: Any, trainer: Any, run_d
                                    every_minutes=run.checkpoint_every_minutes, requeue=requeue)
     callbacks = [*as_list(trainer.get("callbacks")), run_checkpoint,
                  FaultReport(run_dir, newest_checkpoint=lambda: find_resume_checkpoint(run_dir)[:2]),
-                 *diagnostics_callbacks(diagnostics, run_dir)]
+                 SkippedSampleCounts(), *diagnostics_callbacks(diagnostics, run_dir)]
     if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
         # A bar on a terminal, plain lines in a log file (deepres.training.progress)
         callbacks.append(progress_callback(getattr(run, "progress", "auto"), getattr(run, "progress_every_n_steps", 50)))

@@ -60,7 +60,31 @@ class UnsafeCheckpointError(ConfigError):
 
 
 class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed; the previous complete checkpoint is untouched."""
+    """Writing a checkpoint failed; the previous complete checkpoint is untouched. `stopped_at`: the step at
+    which training stopped because of it (set where a background write's failure is noticed)."""
+
+    def __init__(self, message: str, stopped_at: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.stopped_at = message, stopped_at
+
+    def __str__(self) -> str:
+        stopped = f" Training stopped at step {self.stopped_at}." if self.stopped_at is not None else ""
+        return f"{self.message}{stopped} Free space and resume with --ckpt_path last."
+
+
+def _write_failure(path: Path, step: Any, err: OSError) -> str:
+    """What failed, why, and which complete checkpoint a resume will use."""
+    kept = path if path.exists() else path.with_name(PREVIOUS)
+    if kept.exists():
+        try:
+            untouched = f"{kept} (step {checkpoint_global_step(kept)}) is untouched"
+        except Exception:
+            untouched = f"{kept} is untouched"
+    else:
+        untouched = "there is no earlier checkpoint to resume from"
+    at = f" at step {step}" if step is not None else ""
+    return (f"could not write checkpoint {path}{at}: {err.strerror or err} (disk full, quota or file size limit?); "
+            f"nothing partial was left, and {untouched}.")
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -250,12 +274,7 @@ class CheckpointFiles(TorchCheckpointIO):
                         raise
                     raise writer.error from None
         except OSError as err:
-            kept = path if path.exists() else path.with_name(PREVIOUS)
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path}: {err.strerror or err} (disk full, quota or file size limit?); "
-                f"nothing partial was left, and {kept if kept.exists() else 'no earlier checkpoint'} is untouched. "
-                "Free space and resume with --ckpt_path last."
-            ) from None
+            raise CheckpointWriteError(_write_failure(path, checkpoint.get("global_step"), err)) from None
 
 
 def load_module(cls: Any, path: str | Path, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
@@ -271,8 +290,9 @@ class BackgroundCheckpointFiles(CheckpointFiles):
     The training thread only stages the checkpoint: every tensor copied to CPU memory (a device-to-host copy
     for GPU tensors, so no second copy of the model and optimizer state is held on the GPU, unlike Lightning's
     AsyncCheckpointIO, which clones on the device). Serialising, writing and fsyncing run in one worker thread,
-    one checkpoint after another. A failed write is raised at the next save or at teardown, with the same
-    message; the previous checkpoint stays in place either way."""
+    one checkpoint after another. A failed write is raised where ``failure()`` is asked (RunCheckpoint does at
+    every optimizer step, so training stops within a step or two of it), else at the next save or at teardown,
+    with the same message; the previous checkpoint stays in place either way."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -289,6 +309,15 @@ class BackgroundCheckpointFiles(CheckpointFiles):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepres-checkpoint")
         self._pending = self._executor.submit(super().save_checkpoint, staged, path, storage_options)
+
+    def failure(self) -> CheckpointWriteError | None:
+        """The error of a write that has failed, without waiting for one in flight (it is then forgotten)."""
+        pending = self._pending
+        if pending is None or not pending.done() or pending.exception() is None:
+            return None
+        self._pending = None
+        error = pending.exception()
+        return error if isinstance(error, CheckpointWriteError) else CheckpointWriteError(str(error))
 
     def wait(self) -> None:
         """Block until the write in flight is on disk; raise its error."""

@@ -3,7 +3,7 @@
     deepres fit                                     # the built-in default: 100-layer Highway MLP on digits
     deepres fit --config configs/resnet110_cifar10.yaml --data.data_dir ~/data/cifar
     deepres fit --model.depth 1000 --trainer.max_epochs 5
-    deepres fit --run.name my-run --ckpt_path last  # resume the run called my-run
+    deepres fit --run.name my-run --ckpt_path last  # resume runs/my-run
     deepres fit --print_config                      # the full resolved configuration
 
 Outputs go to `<run.root>/<run.name>/`: plan.json, config.yaml, run_info.json, metrics.csv, checkpoints/.
@@ -50,6 +50,7 @@ from deepres.training.run_dir import (
     abandon_unused_claims,
     await_run_dir,
     claim_new_run_dir,
+    job_run_dir,
     launch_rank,
     lock_run_dir,
     publish_run_dir,
@@ -213,10 +214,12 @@ class DeepresCLI(LightningCLI):
         job = SlurmJob.current()
         restarted = job is not None and job.restarted
         submitted = job.prepared_run_dir(run.root, run.name) if job else None
-        resuming = ckpt is not None or restarted
+        if restarted and submitted is None:  # back to the directory the job's first start claimed (name or name-N)
+            submitted = job_run_dir(run.root, run.name, job.job_id)
+        resuming = ckpt is not None or (restarted and submitted is not None)
         run_dir = submitted or resolve_run_dir(run.root, run.name, resuming=resuming)
         resume_from = None
-        if ckpt in ("last", "auto") or (restarted and ckpt is None):
+        if ckpt in ("last", "auto") or (resuming and ckpt is None):
             resume_from = self._newest_checkpoint(run_dir, ckpt)
         elif ckpt is not None:
             resume_from = self._explicit_checkpoint(ckpt)
@@ -349,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedBySignal as stop:
         return 128 + int(getattr(signal, stop.signal_name, signal.SIGTERM))
     except CheckpointWriteError as err:
-        print(f"deepres: error: {err}", file=sys.stderr)
+        if launch_rank() == 0:  # the other ranks stopped with it
+            print(f"deepres: error: {err}", file=sys.stderr)
         return 1
     except (ConfigError, ArgumentError, ValueError, TypeError) as e:
         cause = _config_error_in(e)
@@ -369,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report, file=sys.stderr)  # the traceback is in the crash log it names
         return 1
     finally:
+        abandon_unused_claims()  # a start that failed leaves no directory (one that trained keeps its own)
         release_run_dir_locks()
     return 0
 

@@ -51,6 +51,7 @@ class DeepresModule(L.LightningModule):
         self.memory = coerce(MemoryConfig, memory, flag="model.memory")
         self.net = create_model(arch, **self._net_overrides(arch, arch_args or {}, num_classes, input_shape))
         self._parallelized = False
+        self._horizon: int | None = None  # optimizer steps of the whole run, for the schedule
 
     def _save_hparams(self, init_locals: dict[str, Any]) -> None:
         """Save a subclass's `__init__` arguments (pass `locals()` as its first statement) as
@@ -130,9 +131,25 @@ class DeepresModule(L.LightningModule):
         trainer = self.trainer
         opt = build_optimizer(self.net, self.optim, fused=fused_allowed(
             precision=str(trainer.precision), gradient_clip_val=trainer.gradient_clip_val))
-        factor = lr_lambda(self.schedule, total_steps=int(self.trainer.estimated_stepping_batches))
+        # The horizon is read when the schedule first needs it (after the first step past the warm-up), not
+        # here: `estimated_stepping_batches` builds the training loader if none is built yet, and here that is
+        # before Lightning restores a checkpoint's loop position. Lightning keeps that loader, so a run resumed
+        # inside an epoch would train on the epoch's batches from the first again (deepres.data.base skips the
+        # trained ones only when the loader is built after the position is restored).
+        factor = lr_lambda(self.schedule, total_steps=self._schedule_horizon)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _schedule_horizon(self) -> int:
+        """The optimizer steps the whole run will take (Lightning's estimate: batches per epoch over the
+        accumulation, times max_epochs, capped by max_steps), fixed at its first use."""
+        if self._horizon is None:
+            steps = self.trainer.estimated_stepping_batches
+            if steps == float("inf"):
+                raise ConfigError(f"model.schedule.name={self.schedule.name!r} needs the run's length: set "
+                                  "trainer.max_steps or trainer.max_epochs (or use the constant schedule).")
+            self._horizon = int(steps)
+        return self._horizon
 
 
 class Classifier(DeepresModule):

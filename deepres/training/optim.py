@@ -8,6 +8,7 @@ closing the carry path: docs/science.md#the-highway-transform-gate-bias).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -66,16 +67,22 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, *, fused: bool = Tru
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def lr_lambda(cfg: ScheduleConfig, *, total_steps: int):
-    """Multiplier of the base lr at optimizer step s: linear warm-up, then the schedule."""
+def lr_lambda(cfg: ScheduleConfig, *, total_steps: int | Callable[[], int]):
+    """Multiplier of the base lr at optimizer step s: linear warm-up, then the schedule.
+
+    `total_steps` (the cosine schedule's horizon) may be a function: it is then called only when a step past
+    the warm-up needs it, not when the scheduler is built (deepres.training.module says why)."""
     schedule, warmup_steps, milestones = cfg.name, cfg.warmup_steps, list(cfg.milestones)
     gamma, min_lr_ratio = cfg.gamma, cfg.min_lr_ratio
+    horizon = total_steps if callable(total_steps) else (lambda: total_steps)
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "cosine":
-            span = max(1, total_steps - warmup_steps)
+            if step <= warmup_steps:
+                return 1.0  # the peak, whatever the horizon
+            span = max(1, horizon() - warmup_steps)
             progress = min(1.0, (step - warmup_steps) / span)
             return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if schedule == "step":

@@ -28,10 +28,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from typing_extensions import override
 
+from deepres.lightning_compat import should_update_logs, validates_after_this_batch
 from deepres.training import stop_signals
-from deepres.training.checkpoints import LAST, install_checkpoint
+from deepres.training.checkpoints import LAST, CheckpointWriteError, install_checkpoint
 
-_TIME, _REQUEUE, _STOP = range(3)
+_TIME, _REQUEUE, _STOP, _WRITE_FAILED = range(4)
 
 
 class RequeuePolicy(Protocol):
@@ -59,6 +60,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._saved_step = -1
         self._checked_step = -1
         self._last_save = time.monotonic()
+        self._write_failure: CheckpointWriteError | None = None
 
     @property
     def last_path(self) -> Path:
@@ -85,6 +87,9 @@ class RunCheckpoint(ModelCheckpoint):
             return  # inside gradient accumulation
         self._checked_step = step
         flags = self._agreed_flags(trainer)
+        if flags[_WRITE_FAILED]:  # every rank stops here, none waits for the others in a collective
+            raise self._write_failure or CheckpointWriteError(
+                "rank 0 could not write a checkpoint (its log says why)", stopped_at=step)
         every_n = self.every_n_steps is not None and step % self.every_n_steps == 0
         at_max_steps = 0 < trainer.max_steps <= step
         # At max_steps, save here: in on_train_epoch_end of the cut-short epoch the loops' state (epoch counter
@@ -101,6 +106,14 @@ class RunCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero:
                 print(f"deepres: {self.stopped_by}: saved {self.last_path} at step {step}; stopping. "
                       "Resume with --ckpt_path last.", flush=True)
+            # Lightning validates and writes step logs whenever should_stop is set: time the kill grace may not
+            # have, and metrics rows that an uninterrupted run does not write (the step row with the values of
+            # the last logged step: the module computes step metrics only on logging steps). What is due at
+            # this step anyway still runs; the Trainer ends here, so nothing else sees these settings.
+            if not validates_after_this_batch(trainer):
+                trainer.limit_val_batches = 0
+            if not should_update_logs(trainer):
+                trainer.log_every_n_steps = 0
             trainer.should_stop = True
 
     @override
@@ -120,10 +133,15 @@ class RunCheckpoint(ModelCheckpoint):
 
     # ------------------------------------------------------------------------------------------------ save
     def _agreed_flags(self, trainer: pl.Trainer) -> list[bool]:
+        failure = getattr(trainer.strategy.checkpoint_io, "failure", None)  # a background write's error
+        self._write_failure = failure() if failure is not None else None
+        if self._write_failure is not None:
+            self._write_failure.stopped_at = trainer.global_step
         local = [
             self.every_minutes is not None and time.monotonic() - self._last_save >= 60 * self.every_minutes,
             self.requeue is not None and self.requeue.due(),
             stop_signals.pending() is not None,
+            self._write_failure is not None,
         ]
         if trainer.world_size == 1:
             return local

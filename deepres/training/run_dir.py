@@ -6,9 +6,13 @@ One run directory per job, one job per run directory:
 - Rank 0 chooses the directory (``claim_run_dir``) and every other rank uses its choice: ranks that Lightning
   starts on one machine inherit it in ``DEEPRES_RUN_DIR``; ranks started together by torchrun or srun read it
   from ``<root>/.claims/<launch key>``, which rank 0 writes (``await_run_dir``).
-- A new run claims ``<name>``, else the first free ``<name>-2``, ``-3``, … by creating ``.claimed`` in it with
-  O_EXCL, which exactly one process can do: runs started together with one name (a sweep, a job array) each get
-  their own directory.
+- A new run claims ``<name>``, else the first free ``<name>-2``, ``-3``, … by locking it and writing ``.claimed``
+  in it (creating ``.claimed`` with O_EXCL where the file system has no flock): exactly one process can, so runs
+  started together with one name (a sweep, a job array) each get their own directory. A directory that holds
+  only what a start writes (``START_FILES``) and that no live process holds is free: a start that failed is
+  reused, and one that fails in this process removes its directory (``abandon_unused_claims``).
+- A resume (``--ckpt_path``) goes to ``<name>`` exactly as written, never to a numbered sibling; a requeued SLURM
+  job goes back to the directory its first start claimed, found by its job id (``job_run_dir``).
 - The process that trains holds an exclusive lock (flock) on ``<run_dir>/.lock`` until it exits, so a resume
   into a directory that a live run is writing is refused, naming that run's host and pid.
 """
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +41,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from deepres.errors import ConfigError
 from deepres.files import atomic_write_bytes
 from deepres.slurm.requeue import slurm_job_id
+from deepres.training.faults import RANKS_DIR
 
 PACKAGES = ("deepres", "torch", "torchvision", "lightning", "torchmetrics", "deepspeed", "webdataset", "wandb",
             "numpy", "jsonargparse")
@@ -55,37 +62,84 @@ def _numbered(root: Path, name: str) -> list[Path]:
 
 
 def resolve_run_dir(root: str | Path, name: str, resuming: bool) -> Path:
-    """Where a run would go, without claiming it: when resuming, the newest of `root/name`, `root/name-N` that
-    holds anything (else `root/name`); otherwise the first that is free."""
+    """Where a run would go, without claiming it: when resuming, `root/name` exactly as written (a numbered
+    sibling `name-N` is another run); otherwise the first of `root/name`, `root/name-N` that is free."""
     root = Path(root)
-    existing = [p for p in _numbered(root, name) if p.is_dir() and any(p.iterdir())]
     if resuming:
-        return existing[-1] if existing else root / name
-    if not existing:
         return root / name
-    n = max([1] + [int(p.name[len(name) + 1:]) for p in existing if p.name != name]) + 1
-    return root / f"{name}-{n}"
+    candidates = (root / (name if n == 1 else f"{name}-{n}") for n in itertools.count(1))
+    return next(p for p in candidates if not p.is_dir() or holds_only_start_files(p))
+
+
+# What a start writes before training does: a directory holding nothing else has no result in it.
+START_FILES = {CLAIMED, LOCK, "config.yaml", "hparams.yaml", "run_info.json", RANKS_DIR, "checkpoints"}
+
+
+def holds_only_start_files(run_dir: Path) -> bool:
+    for path in Path(run_dir).iterdir():
+        if path.name not in START_FILES or (path.name == "checkpoints" and any(path.iterdir())):
+            return False
+    return True
+
+
+def _claim_record() -> str:
+    job = f" slurm-job {slurm_job_id()}" if "SLURM_JOB_ID" in os.environ else ""
+    return f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}{job}\n"
 
 
 def claim_new_run_dir(root: str | Path, name: str) -> Path:
-    """Atomically claim the first free directory of `root/name`, `root/name-2`, …: one that is empty or absent
-    and whose `.claimed` this process creates (O_EXCL). Two processes never get the same one."""
+    """Atomically claim the first free directory of `root/name`, `root/name-2`, …: one that holds nothing but
+    start files (or is absent) and that this process locks. Two processes never get the same one."""
     root = Path(root)
-    n = 1
-    while True:
+    for n in itertools.count(1):
         candidate = root / (name if n == 1 else f"{name}-{n}")
-        n += 1
         candidate.mkdir(parents=True, exist_ok=True)
-        if any(p.name != CLAIMED for p in candidate.iterdir()):
-            continue  # an older run (or one from before claims existed)
+        if not holds_only_start_files(candidate) or candidate.resolve() in _held_locks:
+            continue  # an older run, or one this process holds
         try:
-            fd = os.open(candidate / CLAIMED, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            locked = lock_run_dir(candidate)
+        except ConfigError:
+            continue  # a live process is starting in it
+        if not holds_only_start_files(candidate):  # it started between the look and the lock
+            _release(candidate)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        if locked:  # nobody else can hold it: what a failed start left is ours to replace
+            _remove_start_files(candidate)
+            (candidate / CLAIMED).write_text(_claim_record())
+        else:  # no flock on this file system: O_EXCL decides
+            try:
+                fd = os.open(candidate / CLAIMED, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(_claim_record())
         _claimed.append(candidate)
         return candidate
+    raise AssertionError("unreachable")
+
+
+def job_run_dir(root: str | Path, name: str, job_id: str) -> Path | None:
+    """The directory of `root/name`, `root/name-N` that SLURM job `job_id` claimed or started in (its
+    `.claimed` or run_info.json names the job), or None."""
+    for run_dir in reversed(_numbered(Path(root), name)):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if f" slurm-job {job_id}" in (run_dir / CLAIMED).read_text():
+                return run_dir
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            starts = json.loads((run_dir / "run_info.json").read_text()).get("starts", [])
+            if any(start.get("slurm_job_id") == job_id for start in starts):
+                return run_dir
+    return None
+
+
+def _remove_start_files(run_dir: Path) -> None:
+    for path in run_dir.iterdir():
+        if path.name == LOCK:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 _held_locks: dict[Path, int] = {}
@@ -93,24 +147,33 @@ _claimed: list[Path] = []  # run directories this process claimed new
 
 
 def abandon_unused_claims() -> None:
-    """Remove the run directories this process claimed but never wrote to (only `.claimed` and `.lock` in them):
-    a run refused before it started leaves no empty `name/` behind that would push the next try to `name-2/`."""
+    """Remove the run directories this process claimed and that hold nothing but start files (`START_FILES`): a
+    run that failed before it trained leaves no directory behind that would push the next try to `name-2/`."""
     while _claimed:
         run_dir = _claimed.pop()
         with contextlib.suppress(OSError):
-            if {p.name for p in run_dir.iterdir()} <= {CLAIMED, LOCK}:
-                for name in (LOCK, CLAIMED):
-                    (run_dir / name).unlink(missing_ok=True)
+            if holds_only_start_files(run_dir):
+                _remove_start_files(run_dir)
+                (run_dir / LOCK).unlink(missing_ok=True)
+                _release(run_dir)
                 run_dir.rmdir()
 
 
-def lock_run_dir(run_dir: Path, *, wait_s: float = 0.0) -> None:
+def _release(run_dir: Path) -> None:
+    fd = _held_locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def lock_run_dir(run_dir: Path, *, wait_s: float = 0.0) -> bool:
     """Hold `run_dir/.lock` exclusively until this process exits; refuse (ConfigError) if a live process holds it.
+    Returns False on a file system without flock (then nothing is locked).
 
     `wait_s`: how long to wait for it (a requeued job whose previous attempt is still being stopped)."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _held_locks:
-        return
+        return True
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
@@ -129,10 +192,12 @@ def lock_run_dir(run_dir: Path, *, wait_s: float = 0.0) -> None:
                 "another --run.name (without --ckpt_path it gets a directory of its own)."
             ) from None
         except OSError:  # a file system without flock (some parallel file systems): go on unlocked
-            break
+            os.close(fd)
+            return False
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}, since {time.strftime('%H:%M:%S')}".encode(), 0)
     _held_locks[run_dir] = fd
+    return True
 
 
 def release_run_dir_locks() -> None:
