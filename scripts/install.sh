@@ -44,6 +44,6 @@ pip install --no-build-isolation -e ".[$extras]" "${keep[@]}"
 if [[ "${1:-}" == "--dev" ]]; then
   # DeepSpeed JIT-compiles its CPU ops on first use (~35 s); build them now into a persistent cache
   # (~/.cache/deepres/torch_extensions) so the tests do not pay for it, once per machine.
-  "$VENV/bin/python" scripts/build_deepspeed_ops.py
+  "$VENV/bin/python" scripts/tools/build_deepspeed_ops.py
 fi
 echo "[install] done: $("$VENV/bin/python" -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)')"
