@@ -143,7 +143,7 @@ def launch(args: argparse.Namespace, mode: str, processes: int, schedule: str = 
     out = Path(f"/tmp/bench_pipeline_{os.getpid()}_{mode}_{schedule}_{processes}.json")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(processes),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [sys.executable, __file__, "--worker", "--mode", mode, "--schedule", schedule, "--out", str(out),
                *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("depth", "width", "batch", "microbatches", "virtual_stages", "steps", "warmup",

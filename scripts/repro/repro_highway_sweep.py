@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100

@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CELLS = {  # label: (config cell, extra deepres fit arguments)
     "LSTM 1997 (no forget gate)": ("1997", []),
     "LSTM 1999 (forget gate, bias +1)": ("1999", []),
