@@ -1,4 +1,5 @@
-"""`deepres fit --help` leads with deepres's own options, and names the default model's options."""
+"""What a user on a CPU machine sees first: `deepres fit --help` leading with deepres's own options, and GPU configs
+checked (`--print_config`) as the CUDA configs they are."""
 
 from __future__ import annotations
 
@@ -20,3 +21,16 @@ def test_fit_help_lists_deepres_sections_before_the_trainer(capsys) -> None:
     model_section = text[first["model"] - 600:first["data"]]
     for option in ("--model.depth", "--model.gate", "--model.drop_path", "--model.reversible"):
         assert option in model_section
+
+
+def test_a_gpu_config_is_checked_as_a_cuda_one_on_a_machine_without_gpus(monkeypatch) -> None:
+    """`--print_config` of a GPU config on a CPU machine checks it as the CUDA config it is (not as Apple MPS)."""
+    import torch
+
+    from deepres.strategies.settings import accelerator_name
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert accelerator_name({"accelerator": "gpu"}) == "cuda"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert accelerator_name({"accelerator": "gpu"}) == "mps"
