@@ -1,7 +1,7 @@
 """`deepres fit | validate | test`: LightningCLI with deepres's defaults and run directories.
 
     deepres fit                                     # the built-in default: 100-layer Highway MLP on digits
-    deepres fit --config configs/resnet110_cifar10.yaml --data.data_dir ~/data/cifar
+    deepres fit --config resnet110_cifar10 --data.data_dir ~/data/cifar    # a config that ships with deepres
     deepres fit --model.depth 1000 --trainer.max_epochs 5
     deepres fit --run.name my-run --ckpt_path last  # resume the run called my-run
     deepres fit --print_config                      # the full resolved configuration
