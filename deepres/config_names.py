@@ -37,7 +37,14 @@ def list_configs() -> dict[str, Path]:
 
 def resolve_config(value: str) -> str:
     """A path that exists stays as it is; a bare name (with or without .yaml) becomes the packaged file."""
-    if os.path.exists(value) or os.sep in value or "/" in value:
+    if os.path.exists(value):
+        return value
+    if os.sep in value or "/" in value:
+        # `--config configs/X.yaml` outside a checkout (after pip install): the packaged X is what was meant
+        stem = Path(value).name.removesuffix(".yaml")
+        if value.endswith(".yaml") and stem in list_configs():
+            raise ConfigError(f"--config {value}: no such file. deepres ships a config of that name: use "
+                              f"`--config {stem}` (it works from any directory).")
         return value  # a path (jsonargparse reports one that does not exist)
     name = value[: -len(".yaml")] if value.endswith(".yaml") else value
     configs = list_configs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -50,8 +51,10 @@ def write_csv(path: Path, rows: list[dict[str, Any]], skip: Iterable[str] = ()) 
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    """How this run was started, as RESULTS.md shows it."""
-    return " ".join(["python", f"scripts/{script}", *(argv if argv is not None else sys.argv[1:])])
+    """How this run was started, as RESULTS.md shows it (scripts/benchmarks/bench_*.py, scripts/repro/repro_*.py,
+    scripts/tools/*.py)."""
+    folder = {"bench": "benchmarks", "repro": "repro"}.get(script.split("_", 1)[0], "tools")
+    return " ".join(["python", f"scripts/{folder}/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
 def save_figure(fig, path: Path) -> None:
@@ -61,3 +64,24 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since it started or since reset_peak_rss (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Set the peak resident memory back to the current one (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

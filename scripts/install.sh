@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install deepres from this checkout (editable) into ./.venv, created if missing.
 #   scripts/install.sh          runtime + DeepSpeed
-#   scripts/install.sh --dev    the same plus pytest and ruff, and DeepSpeed's CPU ops built once
+#   scripts/install.sh --dev    the same plus pytest, ruff and mkdocs, and DeepSpeed's CPU ops built once
 # A torch that the venv already has (a cluster's CUDA build, a container's) is kept. Otherwise torch and
 # torchvision are installed at the versions the test suite runs on (x86_64: 2.14.1 / 0.29.1; aarch64:
 # 2.9.1 / 0.24.1, CPU wheels); TORCH_PINS="torch==X torchvision==Y" chooses others, e.g. the build for
@@ -44,6 +44,6 @@ pip install --no-build-isolation -e ".[$extras]" "${keep[@]}"
 if [[ "${1:-}" == "--dev" ]]; then
   # DeepSpeed JIT-compiles its CPU ops on first use (~35 s); build them now into a persistent cache
   # (~/.cache/deepres/torch_extensions) so the tests do not pay for it, once per machine.
-  "$VENV/bin/python" scripts/build_deepspeed_ops.py
+  "$VENV/bin/python" scripts/tools/build_deepspeed_ops.py
 fi
 echo "[install] done: $("$VENV/bin/python" -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)')"

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py: the dry run (no GPU) reports every CUDA step as skipped and really runs the rest;
+"""scripts/tools/gpu_check.py: the dry run (no GPU) reports every CUDA step as skipped and really runs the rest;
 the pieces its GPU steps are made of (the `deepres fit` probe, the child-process runner) run on CPU.
 
 `main(argv)` runs in this process with scripts/ on sys.path, as when the script is run directly."""
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
+for folder in (SCRIPTS, SCRIPTS / "benchmarks", SCRIPTS / "tools"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import gpu_check  # noqa: E402
 
@@ -126,7 +127,7 @@ def test_a_step_runs_in_its_own_process(tmp_path):
     """The path every GPU step takes (child process, payload, result line), with the LSTM step on CPU."""
     settings = {"device": "cpu", "lstm_batch": 4, "lstm_steps": 10, "lstm_hidden": 8, "steps": 2,
                 "preact_batch": 2, "work": str(tmp_path)}
-    cmd = [sys.executable, str(SCRIPTS / "gpu_check.py"), "--child", "lstm",
+    cmd = [sys.executable, str(SCRIPTS / "tools" / "gpu_check.py"), "--child", "lstm",
            "--payload", json.dumps({"settings": settings, "prepared": {}})]
     status, numbers, error = gpu_check.run_child(cmd, 120)
     assert (status, error) == ("ok", "")

@@ -14,8 +14,9 @@ SCRIPTS = REPO / "scripts"
 
 
 def script(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
+    for folder in (SCRIPTS, *(SCRIPTS / kind for kind in ("benchmarks", "repro", "tools"))):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     return importlib.import_module(name)
 
 
@@ -28,7 +29,7 @@ def test_temporal_order_script(tmp_path):
         assert int(r["steps"]) == 4 and r["stopped_by_rule"] == "False"  # 128 sequences: the rule cannot hold
         assert float(r["success_rate"]) == float(r["deepres_val_success_rate"])
     markdown = (tmp_path / "lstm_temporal_order_T20.md").read_text()
-    assert "`python scripts/repro_lstm_temporal_order.py --quick" in markdown and "cross-entropy" in markdown
+    assert "`python scripts/repro/repro_lstm_temporal_order.py --quick" in markdown and "cross-entropy" in markdown
 
 
 class _Trainer:

@@ -54,6 +54,14 @@ def test_configs_by_name_and_by_path(tmp_path: Path) -> None:
         config_names.resolve_config("resnet110_cifr10")
 
 
+def test_a_checkout_path_that_is_missing_suggests_the_packaged_name(tmp_path: Path, monkeypatch) -> None:
+    # after `pip install`, outside a checkout, `configs/X.yaml` is no file: the packaged X is meant
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"use `--config resnet110_cifar10`"):
+        config_names.resolve_config("configs/resnet110_cifar10.yaml")
+    assert config_names.resolve_config("configs/not_a_config.yaml") == "configs/not_a_config.yaml"
+
+
 def test_cli_names_a_misspelt_config(capsys) -> None:
     from deepres.cli import main
 

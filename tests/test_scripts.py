@@ -1,5 +1,5 @@
 """The evidence scripts run end to end with tiny settings (`--quick`) and write their
-table (CSV + Markdown) and figure (PNG); the real numbers come from scripts/make_results.sh.
+table (CSV + Markdown) and figure (PNG); the real numbers come from scripts/tools/make_results.sh.
 
 Each script's `main(argv)` runs in this process (scripts/ on sys.path, as when a script is run
 directly) so that torch and Lightning are imported once for the whole file."""
@@ -22,8 +22,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_script(name: str, out_dir: Path, *extra: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
+    for folder in (SCRIPTS, *(SCRIPTS / kind for kind in ("benchmarks", "repro", "tools"))):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     module = importlib.import_module(name)
     assert module.main(["--quick", "--out-dir", str(out_dir), *extra]) == 0
     return module
@@ -111,11 +112,11 @@ def test_make_results_assemble_pastes_fragments(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("intro\n<!-- begin a.md -->\nold\n<!-- end a.md -->\noutro\n")
     env = {**os.environ, "OUT_DIR": str(tmp_path), "RESULTS": str(results), "PYTHON": sys.executable}
-    subprocess.run([str(SCRIPTS / "make_results.sh"), "--assemble"], env=env, check=True, capture_output=True)
+    subprocess.run([str(SCRIPTS / "tools" / "make_results.sh"), "--assemble"], env=env, check=True, capture_output=True)
     assert results.read_text() == "intro\n<!-- begin a.md -->\n### A\n\n| x |\n<!-- end a.md -->\noutro\n"
 
     results.write_text("<!-- begin missing.md -->\n<!-- end missing.md -->\n")
-    done = subprocess.run([str(SCRIPTS / "make_results.sh"), "--assemble"], env=env, capture_output=True, text=True)
+    done = subprocess.run([str(SCRIPTS / "tools" / "make_results.sh"), "--assemble"], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "no missing.md" in done.stderr
 
 

@@ -3,7 +3,7 @@ the refusals, and `deepres convert-zero`.
 
 The multi-process tests run tests/_tiny.py as a real script, so Lightning starts the second rank the way it
 does for a user's command. The first DeepSpeed run on a machine JIT-compiles one op (about 35 s on 2 cores);
-`python scripts/build_deepspeed_ops.py` does that ahead of time.
+`python scripts/tools/build_deepspeed_ops.py` does that ahead of time.
 """
 
 from __future__ import annotations

@@ -113,9 +113,10 @@ def choose_checkpointing(net: nn.Module, example_input: torch.Tensor, batch_size
     if chosen is None:
         best = min(predictions, key=predictions.get)
         raise ConfigError(
-            f"activation_checkpointing: auto: no setting fits memory_budget_gb={memory_budget_gb:g} at batch "
+            f"--model.memory.activation_checkpointing auto: no setting fits --model.memory.memory_budget_gb "
+            f"{memory_budget_gb:g} at batch "
             f"{batch_size}; the smallest, {best!r}, is predicted to peak at {predictions[best] / 2**30:.2f} GB. "
-            "Fix: a smaller per-device batch, more devices, reversible blocks (arch_args {reversible: true}), "
+            "Fix: a smaller per-device batch, more devices, reversible blocks (--model.reversible true), "
             "or a larger budget."
         )
     return Choice(chosen, predictions[chosen], predictions)

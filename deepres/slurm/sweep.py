@@ -85,7 +85,7 @@ class Sweep:
         return cls(keys, values)
 
     def short_names(self) -> dict[str, str]:
-        """model.depth -> depth; the full key where two keys end alike (model.width, data.width)."""
+        """model.depth -> depth; the full key where two keys end alike (model.num_classes, data.num_classes)."""
         last = [k.rsplit(".", 1)[-1] for k in self.keys]
         return {k: (s if last.count(s) == 1 else k) for k, s in zip(self.keys, last, strict=True)}
 

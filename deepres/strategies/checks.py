@@ -122,7 +122,7 @@ def _check_deepspeed_json(config: Mapping[str, Any], *, flag: str, precision: st
             f"{flag} with a `pipeline` section: Lightning drives DeepSpeed's ZeRO engine, not its pipeline engine "
             "(and ZeRO-2/3 cannot be combined with pipeline parallelism). Remove the pipeline section; to split "
             "the net by depth use --trainer.strategy pipeline (torch.distributed.pipelining, without DeepSpeed), "
-            "or keep ZeRO and use activation checkpointing (model.activation_checkpointing)."
+            "or keep ZeRO and use activation checkpointing (--model.memory.activation_checkpointing)."
         )
     if int(config.get("tensor_parallel", {}).get("autotp_size", 1) or 1) > 1 or int(config.get("sequence_parallel_size", 1)) > 1:
         raise ConfigError(

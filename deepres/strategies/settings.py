@@ -32,8 +32,8 @@ def accelerator_name(trainer: TrainerSettings) -> str:
     name = str(accelerator).lower()
     if name == "auto":
         return auto_accelerator()
-    if name == "gpu":
-        return "cuda" if torch.cuda.is_available() else "mps"
+    if name == "gpu":  # Lightning's "gpu": CUDA, else Apple's MPS; on a machine with neither it was meant for CUDA
+        return "mps" if not torch.cuda.is_available() and torch.backends.mps.is_available() else "cuda"
     return name
 
 

@@ -1,7 +1,7 @@
 """`deepres fit | validate | test`: LightningCLI with deepres's defaults and run directories.
 
     deepres fit                                     # the built-in default: 100-layer Highway MLP on digits
-    deepres fit --config configs/resnet110_cifar10.yaml --data.data_dir ~/data/cifar
+    deepres fit --config resnet110_cifar10 --data.data_dir ~/data/cifar    # a config that ships with deepres
     deepres fit --model.depth 1000 --trainer.max_epochs 5
     deepres fit --run.name my-run --ckpt_path last  # resume runs/my-run
     deepres fit --print_config                      # the full resolved configuration
@@ -139,6 +139,7 @@ class DeepresCLI(LightningCLI):
             "trainer.use_distributed_sampler": False,
             "seed_everything": 0,
         })
+        _own_options_first(parser, model_class=None if "model" in self.user_class_paths else DEFAULT_MODEL)
 
     def parse_arguments(self, parser, args) -> None:
         argv = list(sys.argv[1:] if args is None else args)
@@ -312,6 +313,33 @@ class DeepresCLI(LightningCLI):
             print(f"\ndeepres: run directory {self.run_dir.resolve()}\n"
                   f"  config.yaml, run_info.json, metrics.csv, checkpoints/last.ckpt\n"
                   f"  figures: deepres report {self.run_dir}")
+
+
+def _own_options_first(parser, model_class: str | None) -> None:
+    """`deepres fit --help`: deepres's sections (model, data, run, wandb, diagnostics) before the ~450 lines of
+    Trainer options, and the default model's options named in its section (they are parsed through the class,
+    so argparse alone would list only --model.help)."""
+    from deepres.training.key_suggestions import class_keys
+
+    def dests(group) -> set[str]:
+        return {action.dest.split(".")[0] for action in group._group_actions}
+
+    parser.usage = ("deepres fit|validate|test [--config FILE | NAME] [--print_config] [--ckpt_path last | FILE] "
+                    "[--SECTION.KEY VALUE ...]\n  sections: model, data, run, wandb, diagnostics, trainer, seed_everything")
+    trainer = [g for g in parser._action_groups if dests(g) == {"trainer"}]
+    parser._action_groups = [g for g in parser._action_groups if g not in trainer] + trainer
+    for group in parser._action_groups:
+        names = {action.dest for action in group._group_actions}
+        if "model" in names and model_class is not None:
+            short = model_class.rsplit(".", 1)[-1]
+            options = sorted(k for k in class_keys(model_class) if "." not in k)
+            group.title = f"Model: {model_class} unless --model names another class"
+            group.description = (f"Its options (each one's help: deepres fit --model.help {short}): "
+                                 + ", ".join(f"--model.{k}" for k in options)
+                                 + "; the groups --model.optim.*, --model.schedule.*, --model.memory.*")
+        elif "data" in names:
+            group.title = f"Data: {DEFAULT_DATA} unless --data names another class (--data.help CLASS)"
+            group.description = None
 
 
 class StoppedBySignal(Exception):

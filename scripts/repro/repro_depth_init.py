@@ -1,9 +1,10 @@
 """Which depth rule trains at 10, 100, 1,000 and 10,000 layers? The init presets on the digits, through `deepres fit`.
 
-    .venv/bin/python scripts/repro_depth_init.py                          # depths 10 100 1000, 300 steps each
-    .venv/bin/python scripts/repro_depth_init.py --depths 10000 --nets rezero --append   # add 10,000-block runs
-    .venv/bin/python scripts/repro_depth_init.py --quick                  # smoke test: depth 10, 20 steps
-    .venv/bin/python scripts/repro_depth_init.py --long-run 10000 10      # the default job at 10,000 blocks, 10 epochs
+    .venv/bin/python scripts/repro/repro_depth_init.py                          # depths 10 100 1000, 300 steps each
+    .venv/bin/python scripts/repro/repro_depth_init.py --depths 10000 --nets rezero --append   # add 10,000-block runs
+    .venv/bin/python scripts/repro/repro_depth_init.py --quick                  # smoke test: depth 10, 20 steps
+    .venv/bin/python scripts/repro/repro_depth_init.py --long-run 10000 10      # the default job at 10,000 blocks, 10 epochs:
+                                                                                 # 18 min 14 s on one core (docs/RESULTS.md)
 
 For each net and depth L (hidden layers of `highway_mlp`, width 50, ReLU; 1 plain layer + L − 1 blocks):
   1. the error-flow ratio ‖∂L/∂x₀‖ ÷ ‖∂L/∂x_L‖ at initialisation on 64 training digits
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import command_line, run_all, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402

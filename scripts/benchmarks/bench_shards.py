@@ -1,7 +1,9 @@
 """Images/s of deepres's shard pipeline against a decode-only ceiling and torchvision's ImageFolder.
 
-    python scripts/bench_shards.py                      # 1600 generated 500x375 JPEGs, 2 workers, 3 trials
-    python scripts/bench_shards.py --workers 8 --images 8000 --dir /tmp/bench
+    python scripts/benchmarks/bench_shards.py                      # 1600 generated 500x375 JPEGs, 2 workers, 3 trials
+                                                                   # (runtime not recorded; scripts/tools/make_results.sh runs
+                                                                   # it with --images 3200 --trials 5)
+    python scripts/benchmarks/bench_shards.py --workers 8 --images 8000 --dir /tmp/bench
 
 On the same generated JPEGs and with the same number of worker processes:
   (a) ceiling: each process decodes and augments its share of the images, held in memory, in a tight
@@ -34,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
 from PIL import Image, features
 from torch.utils.data import DataLoader

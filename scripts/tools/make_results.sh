@@ -4,16 +4,16 @@
 # table), builds docs/results/summary.md from those rows, then pastes each docs/results/<name>.md
 # into the matching "<!-- begin <name>.md --> … <!-- end <name>.md -->" block of docs/RESULTS.md.
 #
-#   scripts/make_results.sh                        # everything, ~40 min on 2 quiet cores
-#   scripts/make_results.sh bench_overhead ...     # only these scripts, then re-paste
-#   scripts/make_results.sh --assemble             # only re-paste docs/results/*.md into docs/RESULTS.md
+#   scripts/tools/make_results.sh                        # everything, ~40 min on 2 quiet cores
+#   scripts/tools/make_results.sh bench_overhead ...     # only these scripts, then re-paste
+#   scripts/tools/make_results.sh --assemble             # only re-paste docs/results/*.md into docs/RESULTS.md
 #
 # Timing on a shared machine: before each script this waits (up to WAIT_MINUTES in total, default
 # 30) until the 1-minute load average is below MAX_LOAD (default 1.5); every script records the
 # load it started under next to its numbers. Environment: PYTHON (default .venv/bin/python),
 # OUT_DIR (default docs/results), RESULTS (default docs/RESULTS.md), LSTM_STEPS (default 10000).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT_DIR=${OUT_DIR:-docs/results}
@@ -100,7 +100,7 @@ done
 start=$(date +%s)
 for name in "${selected[@]}"; do
   # shellcheck disable=SC2086  # ARGS holds several words on purpose
-  run "scripts/$name.py" ${ARGS[$name]}
+  run scripts/*/"$name.py" ${ARGS[$name]}  # scripts/benchmarks/ or scripts/repro/
 done
 assemble
 echo "make_results: done in $(( ($(date +%s) - start) / 60 )) min"

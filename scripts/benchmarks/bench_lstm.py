@@ -1,7 +1,7 @@
 """LSTM speed and memory: deepres `lstm` vs torch.nn.LSTM, and time checkpointing at T = 10,000.
 
-    .venv/bin/python scripts/bench_lstm.py           # T = 100 and 1000, both cells; memory at T = 10,000: ~3 min on one core
-    .venv/bin/python scripts/bench_lstm.py --quick   # smoke test: T = 20 and 50, memory at T = 200
+    .venv/bin/python scripts/benchmarks/bench_lstm.py           # T = 100 and 1000, both cells; memory at T = 10,000: ~3 min on one core
+    .venv/bin/python scripts/benchmarks/bench_lstm.py --quick   # smoke test: T = 20 and 50, memory at T = 200
 
 Speed: one training forward + backward (MSE at the sequence end, fp32, batch 32, hidden 64, input 2)
 of deepres.models.create_model("lstm", cell=...) and of torch.nn.LSTM(2, 64, batch_first=True) with
@@ -13,7 +13,7 @@ gate pinned at 1.0. Target: deepres ÷ torch.nn.LSTM ≤ 1.2.
 Memory: peak resident memory of one training step (1997 cell, batch 32, hidden 64) at T = 10,000,
 with `time_checkpoint="sqrt"` (the state kept every √T = 100 steps, recomputed in backward) and
 without, each in a fresh process with glibc's mmap threshold fixed at 64 KiB so that freed tensors
-leave RSS at once (as in scripts/bench_memory.py); on a GPU, torch.cuda.max_memory_allocated.
+leave RSS at once (as in scripts/benchmarks/bench_memory.py); on a GPU, torch.cuda.max_memory_allocated.
 Writes bench_lstm.{csv,md,png} and bench_lstm_summary.md to --out-dir.
 """
 
@@ -34,7 +34,8 @@ from torch import nn
 from deepres.models import create_model
 
 SPEED_TARGET = 1.2
-from evidence import command_line, write_csv  # noqa: E402  (scripts/ is on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
+from evidence import command_line, peak_rss_bytes, rss_bytes, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -80,19 +81,6 @@ def speed(cell: str, seq_len: int, trials: int, warmup: int, device: str) -> dic
     return {"cell": cell, "seq_len": seq_len, "trials": trials,
             "deepres_s": statistics.median(times["deepres"]), "torch_lstm_s": statistics.median(times["torch.nn.LSTM"]),
             "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def memory_worker(seq_len: int, every: str, device: str) -> dict:

@@ -1,7 +1,7 @@
 """Model cost: deepres `resnet50` vs torchvision `resnet50` (same weights), and Highway-ResNet-50 vs ResNet-50.
 
-    .venv/bin/python scripts/bench_model_cost.py            # batch 8 at 224², 8 trials: ~3 min on one quiet core
-    .venv/bin/python scripts/bench_model_cost.py --quick    # smoke test: 64², batch 2, 2 trials
+    .venv/bin/python scripts/benchmarks/bench_model_cost.py            # batch 8 at 224², 8 trials: ~3 min on one quiet core
+    .venv/bin/python scripts/benchmarks/bench_model_cost.py --quick    # smoke test: 64², batch 2, 2 trials
 
 One training forward + backward (cross-entropy, train mode, fp32, NCHW) of
   torchvision.models.resnet50(),
@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from deepres.models import create_model, load_torchvision_weights
 
 TARGETS = {"deepres ResNet-50 ÷ torchvision ResNet-50": 1.00, "Highway-ResNet-50 ÷ deepres ResNet-50": 1.15}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import save_figure  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerow(["trial", *(f"{n}_s" for n in nets)])
         for trial in range(args.trials):
             writer.writerow([trial + 1, *(f"{times[n][trial]:.4f}" for n in nets)])
-    command = " ".join(["python", "scripts/bench_model_cost.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python", "scripts/benchmarks/bench_model_cost.py", *(argv if argv is not None else sys.argv[1:])])
     header = (f"`{command}` — batch {args.batch_size} at {args.image_size}², fp32, train mode; {args.trials} "
               f"timed steps per net (trials alternate the order) after {args.warmup} warm-up steps; "
               f"{seconds / 60:.1f} min. {env}.")

@@ -1,7 +1,9 @@
 """Pipeline parallelism: per-stage memory, the measured bubble per schedule, and throughput against DDP.
 
-    python scripts/bench_pipeline.py                     # 2 stages, 4 micro-batches, a 128-block highway MLP
-    python scripts/bench_pipeline.py --stages 4 --microbatches 8 --depth 257 --width 512 --device cuda
+    python scripts/benchmarks/bench_pipeline.py                     # 2 stages, 4 micro-batches, a 128-block highway MLP
+                                                                    # a few minutes on 2 cores: 6 runs of 2 processes, 4 steps
+                                                                    # of ~0.5 s each, most of the time in process start-up
+    python scripts/benchmarks/bench_pipeline.py --stages 4 --microbatches 8 --depth 257 --width 512 --device cuda
 
 One run prints, each against a named baseline measured in the same run:
   memory      per-stage peak memory ÷ the one-process peak memory of the same training step
@@ -25,25 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
+from evidence import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -63,7 +50,7 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    before = _rss()
+    before = rss_bytes()
     torch.manual_seed(0)
     net = create_model("highway_mlp", depth=args.depth, width=args.width, in_features=args.width, num_classes=10)
     batch = args.batch  # the global batch
@@ -106,7 +93,7 @@ def worker(args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     else:
-        _reset_peak()
+        reset_peak_rss()
     times = []
     for _ in range(args.steps):
         sync()
@@ -114,7 +101,7 @@ def worker(args: argparse.Namespace) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss() - before
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - before
     step_s = sorted(times)[len(times) // 2]
     compute_s = None
     if pipe is not None:  # this rank's own work for one step, alone: every micro-batch forward and backward
@@ -156,7 +143,7 @@ def launch(args: argparse.Namespace, mode: str, processes: int, schedule: str = 
     out = Path(f"/tmp/bench_pipeline_{os.getpid()}_{mode}_{schedule}_{processes}.json")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(processes),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [sys.executable, __file__, "--worker", "--mode", mode, "--schedule", schedule, "--out", str(out),
                *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k in ("depth", "width", "batch", "microbatches", "virtual_stages", "steps", "warmup",

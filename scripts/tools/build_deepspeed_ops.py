@@ -1,8 +1,8 @@
 """Compile the DeepSpeed ops a CPU run needs into deepres's persistent cache, so the first run (and CI)
 does not spend 30-90 s compiling them inside a test.
 
-    python scripts/build_deepspeed_ops.py            # shared-memory all-reduce (every DeepSpeed CPU run)
-    python scripts/build_deepspeed_ops.py --cpu-adam # also DeepSpeedCPUAdam's kernel (≈90 s on 2 cores)
+    python scripts/tools/build_deepspeed_ops.py            # shared-memory all-reduce (every DeepSpeed CPU run)
+    python scripts/tools/build_deepspeed_ops.py --cpu-adam # also DeepSpeedCPUAdam's kernel (≈90 s on 2 cores)
 
 The cache is TORCH_EXTENSIONS_DIR if set, else ~/.cache/deepres/torch_extensions/<python>_<torch>/.
 """

@@ -1,10 +1,11 @@
 """Long time lags (Hochreiter & Schmidhuber 1997, Experiments 4 and 6a): the adding problem and the
 temporal-order task, 1997 vs 1999 LSTM vs plain RNN.
 
-    .venv/bin/python scripts/repro_lstm_adding.py                 # T = 100, 4 cells x 3 seeds, up to 10000 steps each
-    .venv/bin/python scripts/repro_lstm_adding.py --seq-len 1000 --steps 30000 --cells "LSTM 1997 (no forget gate)" --seeds 0
-    .venv/bin/python scripts/repro_lstm_adding.py --task temporal_order   # Experiment 6a (or repro_lstm_temporal_order.py)
-    .venv/bin/python scripts/repro_lstm_adding.py --quick         # smoke test
+    .venv/bin/python scripts/repro/repro_lstm_adding.py                 # T = 100, 4 cells x 3 seeds, up to 10000 steps each:
+                                                                        # 41-129 CPU s per run (docs/RESULTS.md), ~20 min
+    .venv/bin/python scripts/repro/repro_lstm_adding.py --seq-len 1000 --steps 30000 --cells "LSTM 1997 (no forget gate)" --seeds 0
+    .venv/bin/python scripts/repro/repro_lstm_adding.py --task temporal_order   # Experiment 6a (or repro_lstm_temporal_order.py)
+    .venv/bin/python scripts/repro/repro_lstm_adding.py --quick         # smoke test
 
 Paper: the adding problem is solved at T = 100, 500, 1000: at the sequence end the absolute error
 is below 0.04 on all but at most 1 of 2,560 test sequences (1 / 0 / 1 wrong after 74,000 / 209,000 /
@@ -42,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CELLS = {  # label: (config cell, extra deepres fit arguments)
     "LSTM 1997 (no forget gate)": ("1997", []),
     "LSTM 1999 (forget gate, bias +1)": ("1999", []),
@@ -62,6 +63,7 @@ PAPER_SEQUENCES = {("adding", 100): 74_000, ("adding", 500): 209_000, ("adding",
 TARGET_RATE = {("adding", 100): 0.999, ("adding", 1000): 0.99}
 STOP_WINDOW = 2000  # "the 2000 most recent sequences were processed correctly"
 STOP_MEAN_ERROR = {"adding": 0.01, "temporal_order": 0.1}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
 from lightning.pytorch import Callback  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Overhead of deepres's depth diagnostics on a 1000-block Highway MLP (target: < 5 % of step time).
 
-    .venv/bin/python scripts/bench_diagnostics.py                  # defaults below, ~10 min on 2 CPU cores
-    .venv/bin/python scripts/bench_diagnostics.py --windows 10
+    .venv/bin/python scripts/benchmarks/bench_diagnostics.py                  # defaults below, ~10 min on 2 CPU cores
+    .venv/bin/python scripts/benchmarks/bench_diagnostics.py --windows 10
 
 One Lightning fit of highway_mlp(depth=1001, width=50) on random 784-feature inputs, batch 128,
 with DepthDiagnostics and PerfMonitor at their default interval (50 steps). After a warm-up
@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import quiet_lightning  # scripts/ is on sys.path
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn

@@ -1,7 +1,7 @@
 """Highway depth sweep (Srivastava, Greff & Schmidhuber 2015, Fig. 1) on scikit-learn's digits, through `deepres fit`.
 
-    .venv/bin/python scripts/repro_highway_sweep.py            # 4 depths x 2 nets x 5 lrs x 3 seeds, ~5 min on 2 quiet cores
-    .venv/bin/python scripts/repro_highway_sweep.py --quick    # smoke test: 2 shallow nets, 1 epoch
+    .venv/bin/python scripts/repro/repro_highway_sweep.py            # 4 depths x 2 nets x 5 lrs x 3 seeds, ~5 min on 2 quiet cores
+    .venv/bin/python scripts/repro/repro_highway_sweep.py --quick    # smoke test: 2 shallow nets, 1 epoch
 
 Paper: fully connected nets of 1 plain layer + 9/19/49/99 layers, either plain (71 units) or highway
 (50 units, about the same parameters), trained with SGD on MNIST with the best hyperparameters
@@ -31,10 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import command_line, run_all, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402

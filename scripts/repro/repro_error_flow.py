@@ -1,7 +1,7 @@
 """Error flow at initialisation: ‖∂L/∂x₀‖ ÷ ‖∂L/∂x_L‖ versus depth for plain, ResNet and Highway MLPs.
 
-    .venv/bin/python scripts/repro_error_flow.py            # depths 10 … 3000, 3 seeds: ~1 min on 2 quiet cores
-    .venv/bin/python scripts/repro_error_flow.py --quick    # smoke test: depths 10 and 30, one seed
+    .venv/bin/python scripts/repro/repro_error_flow.py            # depths 10 … 3000, 3 seeds: ~1 min on 2 quiet cores
+    .venv/bin/python scripts/repro/repro_error_flow.py --quick    # smoke test: depths 10 and 30, one seed
 
 Only a carry weight of exactly 1.0 keeps the error constant at any depth (docs/science.md#constant-error-flow,
 docs/science.md#measuring-error-flow). For each
@@ -38,6 +38,7 @@ NETS: dict[str, dict] = {
     "Highway, bias −ln(L−1)−1 (default)": {"gate": "highway", "gate_bias": "auto"},
 }
 WIDTH = 50
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import command_line, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402

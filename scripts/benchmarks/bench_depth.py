@@ -1,8 +1,8 @@
 """What a 10,000-block net costs in `deepres fit` beyond its arithmetic (targets: fit step ÷ bare loop ≤ 1.10,
 measured diagnostics step ≤ 3 × a plain step).
 
-    .venv/bin/python scripts/bench_depth.py                     # depth 10,000, ~6 min on 2 CPU cores
-    .venv/bin/python scripts/bench_depth.py --depth 1000 --steps 20
+    .venv/bin/python scripts/benchmarks/bench_depth.py                     # depth 10,000, ~6 min on 2 CPU cores
+    .venv/bin/python scripts/benchmarks/bench_depth.py --depth 1000 --steps 20
 
 One process, one torch thread, the default job's model (`highway_mlp`, width 50, gate highway, digits,
 batch 64, SGD + Nesterov 0.9, lr 0.05 with a cosine schedule) at --depth hidden layers:
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import quiet_lightning  # scripts/ is on sys.path
 
 from deepres.training.run_dir import environment

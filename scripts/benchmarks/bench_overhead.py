@@ -1,7 +1,7 @@
 """Framework overhead: seconds per training step of `deepres fit` vs a hand-written PyTorch loop.
 
-    .venv/bin/python scripts/bench_overhead.py             # ResNet-20 and the default job, 7 trials: ~5 min on one quiet core
-    .venv/bin/python scripts/bench_overhead.py --quick     # smoke test
+    .venv/bin/python scripts/benchmarks/bench_overhead.py             # ResNet-20 and the default job, 7 trials: ~5 min on one quiet core
+    .venv/bin/python scripts/benchmarks/bench_overhead.py --quick     # smoke test
 
 Both sides train the same network (deepres's `resnet20_cifar` on 3x32x32 images, batch 64, and the
 default job's 100-layer highway_mlp on 64-feature vectors, batch 64) from the same seed, on the same
@@ -49,6 +49,7 @@ JOBS = {
     "resnet20_cifar": (["--model.arch", "resnet20_cifar"], (3, 32, 32)),
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import command_line, quiet_lightning, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402

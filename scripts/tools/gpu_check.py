@@ -1,8 +1,8 @@
 """GPU acceptance run: every CUDA path of deepres on one device, one table.
 
-    python scripts/gpu_check.py                   # one CUDA GPU, no network: at most 8 minutes
-    python scripts/gpu_check.py --only resnet50 highway_resnet50    # a few steps again
-    python scripts/gpu_check.py --dry-run         # on CPU: checks this script's own plumbing (< 1 min)
+    python scripts/tools/gpu_check.py                   # one CUDA GPU, no network: at most 8 minutes
+    python scripts/tools/gpu_check.py --only resnet50 highway_resnet50    # a few steps again
+    python scripts/tools/gpu_check.py --dry-run         # on CPU: checks this script's own plumbing (< 1 min)
 
 Steps, in this order (the most informative first, so a short budget loses the least):
   peak              a large bf16 torch.matmul (n = 8192, best of 10): the peak every MFU is taken against
@@ -69,6 +69,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # bench_memory, bench_shards
 from evidence import command_line, write_csv  # scripts/ is on sys.path
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -81,7 +84,7 @@ from deepres.training.run_dir import environment, package_versions
 TOTAL_BUDGET_S = 465  # the whole run, prepare steps included (the rest of 8 minutes: imports, writing)
 RESULT_PREFIX = "GPU_CHECK_RESULT "
 MFU_TARGET = 0.35  # ResNet-50 bf16 on an H100/H200-class GPU
-HIGHWAY_TARGET = 1.15  # Highway-ResNet-50 ÷ ResNet-50 step time (scripts/bench_model_cost.py's target)
+HIGHWAY_TARGET = 1.15  # Highway-ResNet-50 ÷ ResNet-50 step time (scripts/benchmarks/bench_model_cost.py's target)
 REFERENCE_MFU = "NVIDIA's ResNet-50 example: ≈ 0.19 on an A100 with AMP"
 GIB = 2**30
 
@@ -390,7 +393,7 @@ PREACT = "preact_resnet1001_cifar"
 
 
 def prepare_preact(s: dict) -> dict:
-    """The CPU-measured prediction. scripts/bench_memory.py measures activation memory (peak RSS during
+    """The CPU-measured prediction. scripts/benchmarks/bench_memory.py measures activation memory (peak RSS during
     one training step with √L checkpointing, in a fresh process) at batches b and 2b; the difference is
     what b more images cost, which, scaled to the paper's batch, leaves out the CPU's batch-independent
     overhead (oneDNN scratch space, allocator slack). Plus weights, gradients, SGD momentum and BN buffers."""
@@ -487,7 +490,7 @@ def run_lstm(s: dict, prepared: dict) -> dict:
 
 
 def prepare_shards(s: dict) -> dict:
-    """Photo-like JPEGs (scripts/bench_shards.py's generator) written to shards by `deepres shard`."""
+    """Photo-like JPEGs (scripts/benchmarks/bench_shards.py's generator) written to shards by `deepres shard`."""
     from bench_shards import make_images
 
     from deepres.data import shard_writer

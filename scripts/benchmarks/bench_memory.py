@@ -1,8 +1,8 @@
 """Peak activation memory and step time of very deep nets: stored activations, activation checkpointing
 (every block, √L, selective) and reversible blocks, side by side.
 
-    python scripts/bench_memory.py --models highway_mlp              # ~8 min on 2 busy cores
-    python scripts/bench_memory.py --models preact_resnet1001_cifar  # ~10 min
+    python scripts/benchmarks/bench_memory.py --models highway_mlp              # ~8 min on 2 busy cores
+    python scripts/benchmarks/bench_memory.py --models preact_resnet1001_cifar  # ~10 min
 
 Each measurement runs in a fresh process: build the model and optimizer, run warm-up steps (so
 gradients and optimizer state exist), reset the kernel's peak-RSS counter (/proc/self/clear_refs),
@@ -26,30 +26,16 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
+from evidence import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 MODELS = {
     # name: (create_model kwargs, input shape without batch, default batch)
     "preact_resnet1001_cifar": ({"num_classes": 10}, (3, 32, 32), 16),
     "highway_mlp": ({"depth": 1001, "width": 50, "in_features": 784}, (784,), 1024),
 }
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux >= 4.0: reset VmHWM to the current RSS
 
 
 def worker(model: str, overrides: dict, batch: int, every: str, steps: int, warmup: int, threads: int) -> dict:

@@ -1,7 +1,7 @@
 """Reconstruction error of reversible Highway MLPs in float32, at init and after training steps.
 
-    python scripts/bench_reversible.py                    # 1,000 and 10,000 blocks (~5 min on 2 cores)
-    python scripts/bench_reversible.py --depths 1000 --steps 20
+    python scripts/benchmarks/bench_reversible.py                    # 1,000 and 10,000 blocks (~5 min on 2 cores)
+    python scripts/benchmarks/bench_reversible.py --depths 1000 --steps 20
 
 For each depth: build `highway_mlp(reversible=True)` (every block a reversible coupling), take a
 batch of random inputs x, run the block stack forward in float32 to y and invert it back block by

@@ -1,9 +1,9 @@
 """CPU efficiency: achieved training FLOP/s of `deepres fit` jobs vs the fp32 matmul peak of the same cores.
 
-    .venv/bin/python scripts/bench_cpu_efficiency.py            # 3 jobs x 3 trials: ~4 min on one quiet core
-    .venv/bin/python scripts/bench_cpu_efficiency.py --quick    # smoke test
+    .venv/bin/python scripts/benchmarks/bench_cpu_efficiency.py            # 3 jobs x 3 trials: ~4 min on one quiet core
+    .venv/bin/python scripts/benchmarks/bench_cpu_efficiency.py --quick    # smoke test
 
-Jobs, each trained by `deepres fit` on in-memory tensors (the harness of scripts/bench_overhead.py:
+Jobs, each trained by `deepres fit` on in-memory tensors (the harness of scripts/benchmarks/bench_overhead.py:
 the clock is read once per step, warm-up, setup and validation excluded):
   the default job (100-layer highway_mlp, width 50, on the digits, batch 64),
   resnet20_cifar on 3x32x32 images, batch 64,
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from bench_overhead import InMemoryData, environment, make_tensors, time_deepres  # scripts/ is on sys.path
 from evidence import command_line, quiet_lightning, save_figure, write_csv
 from torch.utils.flop_counter import FlopCounterMode
