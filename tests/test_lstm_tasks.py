@@ -197,7 +197,7 @@ def test_repro_script_quick_writes_the_table(tmp_path):
     assert repro.main(["--quick", "--rows", "1", "3a-T100-N3", "2c-q50-p50", "--out-dir", str(tmp_path)]) == 0
     trials = repro.read_trials(tmp_path / "lstm_1997_quick_trials.jsonl")
     assert {(t["row"], t["cell"]) for t in trials} == {(r, c) for r in ("1", "3a-T100-N3", "2c-q50-p50")
-                                                       for c in ("1997", "1999")}
+                                                       for c in ("1997-ib", "1999-auto")}
     assert all(t["sequences"] == 64 and t["solved_after"][0] is None for t in trials)
     assert [len(t["solved_after"]) for t in trials if t["row"] == "3a-T100-N3"] == [2, 2]  # ST1, ST2
     table = (tmp_path / "lstm_1997_quick.md").read_text()
