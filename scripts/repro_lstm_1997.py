@@ -18,8 +18,9 @@ then ("sequences to success"), or stops at --max-sequences / --max-minutes (not 
   0.01 / 0.1; Exp. 5: fewer than n_seq of the 2,000 most recent beyond 0.04.
 
 Rows with a training-stream rule are also tested at the end on a fixed set of 2,560 sequences.
-Each finished trial is appended to <out-dir>/lstm_1997_trials.jsonl at once (long runs can be cut
-off and resumed: trials already there are skipped), and the table is rewritten to lstm_1997.md.
+Each finished trial is appended to <out-dir>/<stem>_trials.jsonl at once (long runs can be cut off
+and resumed: trials already there are skipped), and the table is rewritten to <stem>.md
+(--stem lstm_1997 by default; lstm_1997_online for the runs with --batch 1).
 
 Training differs from the paper's online gradient descent (one sequence per update, learning rates
 0.1 to 1.0, tiny nets with hand-set gate biases): every row uses Adam on batches of --batch sequences
@@ -373,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU minutes per trial (CPU, not wall-clock: a shared machine does not cut trials short)")
     parser.add_argument("--eval-every", type=int, default=1024, help="test-set rows: training sequences between tests")
     parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--stem", default="lstm_1997",
+                        help="names the files in --out-dir: <stem>_trials.jsonl and <stem>.md (e.g. lstm_1997_online)")
     parser.add_argument("--table-only", action="store_true", help="train nothing: rewrite the table")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny budgets, one trial")
     args = parser.parse_args(argv)
@@ -384,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         args.trials, args.max_sequences, args.eval_every, args.hidden = 1, 64, 32, 8
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    log = args.out_dir / ("lstm_1997_quick_trials.jsonl" if args.quick else "lstm_1997_trials.jsonl")
+    stem = f"{args.stem}_quick" if args.quick else args.stem
+    log = args.out_dir / f"{stem}_trials.jsonl"
     if args.quick and log.exists():
         log.unlink()
     header = (f"Adam lr {args.lr:g}, batch {args.batch}, hidden {args.hidden}, gradient clipping 1.0, "
@@ -401,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     with open(log, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     print(json.dumps(record), flush=True)
-    table = args.out_dir / ("lstm_1997_quick.md" if args.quick else "lstm_1997.md")
+    table = args.out_dir / f"{stem}.md"
     write_table(table, read_trials(log), header)
     print(f"wrote {table}")
     return 0
