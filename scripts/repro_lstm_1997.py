@@ -338,8 +338,9 @@ def summary(records: list[dict], k: int) -> tuple[str, str, str]:
     return f"{statistics.mean(done):,.0f}", f"{min(done):,}–{max(done):,}", solved
 
 
-def write_table(path: Path, trials: list[dict], header: str) -> None:
-    lines = ["### The 1997 LSTM benchmark (Hochreiter & Schmidhuber 1997, Section 5)", "", header, "",
+def write_table(path: Path, trials: list[dict], header: str, online: bool = False) -> None:
+    title = "### The 1997 LSTM benchmark (Hochreiter & Schmidhuber 1997, Section 5)"
+    lines = [title + (": online, one sequence per update" if online else ""), "", header, "",
              "Training sequences until the paper's criterion held, per row and cell: mean and min–max over",
              "the solved trials, and solved / trials. Rows with two numbers: ST1 / ST2. Test: success rate on",
              "2,560 fresh sequences after the last update (rows with a rule over training sequences).", "",
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                         f.write(json.dumps(record) + "\n")
                     print(json.dumps(record), flush=True)
     table = args.out_dir / f"{stem}.md"
-    write_table(table, read_trials(log), header)
+    write_table(table, read_trials(log), header, online=args.batch == 1)
     print(f"wrote {table}")
     return 0
 
