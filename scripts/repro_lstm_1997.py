@@ -37,7 +37,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,7 +69,6 @@ class Row:
     test: object = None  # (outputs, criterion targets) → tuple of bools (ST1, ST2) or (solved,)
     test_size: int = 2560
     seq_len: int = 100
-    extra: dict = field(default_factory=dict)
 
 
 def _stack(items):

@@ -130,7 +130,7 @@ def test_multiplication_target_is_the_product_of_the_marked_values():
     for seed in range(30):
         x, y = lt.multiplication_sequence(50, gen(seed))
         marked = (x[:, 1] == 1).nonzero().flatten()
-        assert len(marked) == 2 and 0 <= x[:, 0].min() and x[:, 0].max() <= 1
+        assert len(marked) == 2 and x[:, 0].min() >= 0 and x[:, 0].max() <= 1
         assert torch.isclose(y[0], x[marked[0], 0] * x[marked[1], 0])
         if marked[0] == 0:
             assert x[0, 0] == 1.0
