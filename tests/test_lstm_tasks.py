@@ -190,7 +190,7 @@ def test_task_args_that_do_not_apply_are_refused():
 
 
 def test_repro_script_quick_writes_the_table(tmp_path):
-    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    scripts = Path(__file__).resolve().parent.parent / "scripts" / "repro"
     if str(scripts) not in sys.path:
         sys.path.insert(0, str(scripts))
     repro = importlib.import_module("repro_lstm_1997")

@@ -193,7 +193,7 @@ def iter_tar(stream: Any) -> Iterator[tuple[str, bytes]]:
     from the page cache took 40 µs per sample against 180 µs with webdataset's `tar_file_iterator`
     + `group_by_keys` (2-core AMD EPYC, Python 3.11, webdataset 1.0.2). End to end, the shard loader
     spends 1.11× less CPU per image and delivers 1.09× the images/s with this reader (median of 5
-    trials, same machine: `python scripts/bench_shards.py --trials 5 --images 3200 --tar-reader both`,
+    trials, same machine: `python scripts/benchmarks/bench_shards.py --trials 5 --images 3200 --tar-reader both`,
     docs/RESULTS.md). A cut-off archive raises tarfile.ReadError.
     """
     long_name: str | None = None

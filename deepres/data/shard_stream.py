@@ -211,7 +211,7 @@ class TrainShardStream(IterableDataset):
             raise ConfigError("the training shards hold no samples; check them with `deepres shard --verify`.")
         self.batch_size, self.steps, self.rank, self.world_size = batch_size, steps, rank, world_size
         self.decode = _Decoder(transform, shards.classes, fields or SampleFields.of(None, None, shards.fields))
-        self.tar_reader = "deepres"  # shard_format.TAR_READERS; scripts/bench_shards.py compares them
+        self.tar_reader = "deepres"  # shard_format.TAR_READERS; scripts/benchmarks/bench_shards.py compares them
         self.shuffle_buffer, self.seed, self.shape = shuffle_buffer, seed, (3, image_size, image_size)
         # set by ShardLoader before the workers start: the epoch, and the batches of it that a resumed
         # checkpoint already trained on (the rest of that epoch reads a fresh shard order)

@@ -1,10 +1,10 @@
 """The long-time-lag benchmark of Hochreiter & Schmidhuber 1997 (Section 5), any subset of its rows,
 N trials each, for the 1997 cell (no forget gate) and the 1999 cell (forget gate, Gers et al.).
 
-    .venv/bin/python scripts/repro_lstm_1997.py --rows 2a 2b 3a-T100-N3 --trials 3
-    .venv/bin/python scripts/repro_lstm_1997.py --rows all --trials 3 --max-minutes 10
-    .venv/bin/python scripts/repro_lstm_1997.py --table-only      # the table from the trials recorded so far
-    .venv/bin/python scripts/repro_lstm_1997.py --quick           # smoke test
+    .venv/bin/python scripts/repro/repro_lstm_1997.py --rows 2a 2b 3a-T100-N3 --trials 3
+    .venv/bin/python scripts/repro/repro_lstm_1997.py --rows all --trials 3 --max-minutes 10
+    .venv/bin/python scripts/repro/repro_lstm_1997.py --table-only      # the table from the trials recorded so far
+    .venv/bin/python scripts/repro/repro_lstm_1997.py --quick           # smoke test
 
 Each trial trains until the paper's rule for its row holds and records the training sequences seen
 then ("sequences to success"), or stops at --max-sequences / --max-minutes (not solved). The rules:
