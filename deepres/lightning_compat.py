@@ -66,7 +66,7 @@ def batches_done_in_epoch(trainer: Any) -> int:
 
 def validates_after_this_batch(trainer: Any) -> bool:
     """Whether Lightning runs validation after the current training batch on its own schedule (the epoch's end,
-    ``val_check_interval``), leaving out the extra validation it adds whenever ``trainer.should_stop`` is set.
+    ``val_check_interval``), leaving out the extra validation it adds whenever the Trainer's ``should_stop`` flag is set.
     deepres.training.run_checkpoint stops for a signal without that extra one; Lightning exposes the test only
     on its epoch loop."""
     loop = trainer.fit_loop.epoch_loop

@@ -52,6 +52,10 @@ class ParseOnlyCLI(DeepresCLI):
         pass
 
 
+# dict-typed options whose keys the data or model class checks itself
+FREE_FORM = ("data.task_args", "model.arch_args")
+
+
 @cache
 def valid_keys() -> frozenset[str]:
     cli = ParseOnlyCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
@@ -74,6 +78,8 @@ def problem(key: str, keys: frozenset[str]) -> str | None:
         return None  # a group (model.optim, model.memory)
     if key.startswith("trainer.strategy.") or key.startswith("trainer.callbacks."):
         return None  # the arguments of a strategy or callback class
+    if any(key.startswith(f"{k}.") for k in FREE_FORM):
+        return None  # the keys of a free-form dict option, checked by the class that reads it
     return "not an option of deepres fit"
 
 
