@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deepres.models.blocks import Gate, GateActivation
+from deepres.models.hyper import composite_gain, recording_mixing
 
 # Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x)
 # (docs/science.md#one-family-of-blocks). A `Gate` is hooked itself rather than its `act` (σ): a
@@ -94,6 +95,10 @@ class Probe:
                 self.values[key], self.owners[key] = [], []
                 self.gate_keys.append(key)
             self.handles.append(module.register_forward_hook(self._record_gate(key)))
+        # multi-stream blocks (deepres.models.hyper) hand over their H^res: the composite gain of ∏H^res
+        self._mixing = recording_mixing(blocks)
+        self.mixing_matrices = self._mixing.__enter__()
+        self.composite: dict[str, float] = {}
         self.observed = hasattr(blocks, "observer")
         if self.observed:
             blocks.observer = self._observe
@@ -104,6 +109,9 @@ class Probe:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self._mixing is not None:
+            self._mixing.__exit__(None, None, None)
+            self._mixing = None
         if self.observed:
             self.blocks.observer = None
             self.observed = False
@@ -168,6 +176,12 @@ class Probe:
             counts = torch.bincount(owners, minlength=self.num_blocks).float()
             means = (sums / counts).cpu().numpy()  # 0/0 = NaN for a block without that gate
             arrays[key] = np.sqrt(means) if key == "act_rms" else means
+        if self.mixing_matrices and len(self.mixing_matrices) == self.num_blocks:  # every block, each once
+            gain = composite_gain(self.mixing_matrices)
+            arrays["hyper/max_row_sum"] = gain.block_max_row_sum
+            arrays["hyper/max_col_sum"] = gain.block_max_col_sum
+            arrays["hyper/max_abs_log_col_sum"] = gain.block_max_abs_log_col_sum
+            self.composite = {f"hyper/{k}": v for k, v in gain.summary().items() if k.startswith("composite/")}
         return arrays
 
     def error_flow_ratio(self) -> float:

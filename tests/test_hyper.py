@@ -2,12 +2,14 @@
 the doubly stochastic constraints, exact gradients, the composite-gain diagnostic and refusals."""
 
 import csv
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from deepres.diagnostics import DEPTH_FILE
 from deepres.errors import ConfigError
 from deepres.models import create_model
 from deepres.models.blocks import ResidualBlock, dense_gate
@@ -292,13 +294,22 @@ def test_drop_path_skips_the_body_of_a_dropped_sample():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fit_trains_a_few_steps(tmp_path, kind):
+def test_fit_trains_a_few_steps_and_records_the_composite_gain(tmp_path, kind):
     args = ["fit", "--run.root", str(tmp_path / "runs"), "--run.name", kind, "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
             "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--model.depth", "4",
-            "--model.gate", kind, "--model.streams", "3"]
+            "--model.gate", kind, "--model.streams", "3", "--diagnostics.every_n_steps", "1"]
     assert main(args) == 0
     run = resolve_run_dir(tmp_path / "runs", kind, resuming=True)
     with open(run / "metrics.csv", newline="") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    records = [json.loads(line) for line in (run / DEPTH_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert len(r["hyper/max_row_sum"]) == 3  # one value per block
+        if kind != "hc":  # doubly stochastic: the composite keeps every column sum at 1
+            assert abs(r["hyper/composite/min_col_sum"] - 1) < 1e-5
+            assert abs(r["hyper/composite/max_row_sum"] - 1) < 1e-3
+        # the max absolute row sum is submultiplicative: the composite's is at most the blocks' product
+        assert r["hyper/composite/max_row_sum"] <= math.prod(r["hyper/max_row_sum"]) * (1 + 1e-3)
