@@ -389,9 +389,9 @@ class CompositeGain:
             "composite/max_col_sum": self.composite_max_col_sum,
             "composite/min_col_sum": self.composite_min_col_sum,
             "composite/max_abs_log_col_sum": self.composite_max_abs_log_col_sum,
-            "block/max_row_sum": float(self.block_max_row_sum.max(initial=math.nan)),
-            "block/max_col_sum": float(self.block_max_col_sum.max(initial=math.nan)),
-            "block/max_abs_log_col_sum": float(self.block_max_abs_log_col_sum.max(initial=math.nan)),
+            "block/max_row_sum": float(self.block_max_row_sum.max()),
+            "block/max_col_sum": float(self.block_max_col_sum.max()),
+            "block/max_abs_log_col_sum": float(self.block_max_abs_log_col_sum.max()),
         }
 
 
@@ -408,16 +408,22 @@ def matrix_product(mats: torch.Tensor) -> torch.Tensor:
     return mats[0]
 
 
-def composite_gain(matrices: Sequence[torch.Tensor]) -> CompositeGain:
-    """The gains of the H^res of every block (each (n, n), or (B, n, n) per sample), in float64.
+def composite_gain(matrices: Sequence[torch.Tensor], samples: int | None = 16) -> CompositeGain:
+    """The gains of the H^res of every block (each (n, n), or (B, n, n) per sample), in float64, over
+    the first `samples` samples of a batch (None: all).
 
-    Costs L small matrices' row and column sums and log2(L) batched matmuls of n × n matrices: about
-    30 ms at 10,000 blocks and n = 4 on a CPU core for a batch of 64."""
+    Costs L small matrices' row and column sums and log2(L) batched matmuls of n × n matrices: at
+    10,000 blocks and n = 4 on one CPU core about 0.06 s for static mixings and 0.5 s for 16 samples of
+    dynamic ones (a training step of that net takes tens of seconds)."""
     if not matrices:
         raise ValueError("composite_gain needs at least one matrix")
-    batch = max((m.shape[0] for m in matrices if m.ndim == 3), default=None)
-    mats = torch.stack([(m if m.ndim == 3 or batch is None else m.expand(batch, *m.shape)).detach()
-                        .to("cpu", torch.float64) for m in matrices])  # (L, [B,] n, n)
+    if samples is not None:
+        matrices = [m[:samples] if m.ndim == 3 else m for m in matrices]
+    batch = max((m.shape[0] for m in matrices if m.ndim == 3), default=1)
+    if any(m.shape != matrices[0].shape for m in matrices):  # static (n, n) among per-sample (B, n, n)
+        matrices = [m.expand(batch, *m.shape[-2:]) for m in matrices]
+    with torch.no_grad():
+        mats = torch.stack(list(matrices)).to("cpu", torch.float64)  # (L, [B,] n, n)
     if mats.ndim == 3:
         mats = mats.unsqueeze(1)
     rows, cols = mats.abs().sum(-1), mats.abs().sum(-2)
