@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deepres.models.blocks import Gate, GateActivation
-from deepres.models.hyper import composite_gain, recording_mixing
+from deepres.models.hyper import HyperBlock, composite_gain, recording_mixing
 
 # Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x)
 # (docs/science.md#one-family-of-blocks). A `Gate` is hooked itself rather than its `act` (σ): a
@@ -96,6 +96,7 @@ class Probe:
                 self.gate_keys.append(key)
             self.handles.append(module.register_forward_hook(self._record_gate(key)))
         # multi-stream blocks (deepres.models.hyper) hand over their H^res: the composite gain of ∏H^res
+        self.hyper_index = [i for i, block in enumerate(blocks) if isinstance(block, HyperBlock)]
         self._mixing = recording_mixing(blocks)
         self.mixing_matrices = self._mixing.__enter__()
         self.composite: dict[str, float] = {}
@@ -176,11 +177,13 @@ class Probe:
             counts = torch.bincount(owners, minlength=self.num_blocks).float()
             means = (sums / counts).cpu().numpy()  # 0/0 = NaN for a block without that gate
             arrays[key] = np.sqrt(means) if key == "act_rms" else means
-        if self.mixing_matrices and len(self.mixing_matrices) == self.num_blocks:  # every block, each once
+        if self.mixing_matrices and len(self.mixing_matrices) == len(self.hyper_index):  # each block once
             gain = composite_gain(self.mixing_matrices)
-            arrays["hyper/max_row_sum"] = gain.block_max_row_sum
-            arrays["hyper/max_col_sum"] = gain.block_max_col_sum
-            arrays["hyper/max_abs_log_col_sum"] = gain.block_max_abs_log_col_sum
+            for key, values in (("max_row_sum", gain.block_max_row_sum), ("max_col_sum", gain.block_max_col_sum),
+                                ("max_abs_log_col_sum", gain.block_max_abs_log_col_sum)):
+                per_block = np.full(self.num_blocks, np.nan)  # NaN: a block without stream mixing (a transition)
+                per_block[self.hyper_index] = values
+                arrays[f"hyper/{key}"] = per_block
             self.composite = {f"hyper/{k}": v for k, v in gain.summary().items() if k.startswith("composite/")}
         return arrays
 

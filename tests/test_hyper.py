@@ -313,3 +313,35 @@ def test_fit_trains_a_few_steps_and_records_the_composite_gain(tmp_path, kind):
             assert abs(r["hyper/composite/max_row_sum"] - 1) < 1e-3
         # the max absolute row sum is submultiplicative: the composite's is at most the blocks' product
         assert r["hyper/composite/max_row_sum"] <= math.prod(r["hyper/max_row_sum"]) * (1 + 1e-3)
+
+
+def test_conv_net_trains_on_streams_and_records_the_composite_gain(tmp_path):
+    args = ["fit", "--run.root", str(tmp_path / "runs"), "--run.name", "cnn", "--trainer.enable_progress_bar",
+            "false", "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--diagnostics.every_n_steps", "1",
+            "--data", "deepres.data.SyntheticDataModule", "--data.image_size", "16", "--model.arch",
+            "highway_cnn_cifar", "--model.gate", "mhc_lite", "--model.streams", "3",
+            "--model.arch_args", "{widths: [4, 8], blocks_per_stage: [1, 2]}"]
+    assert main(args) == 0
+    run = resolve_run_dir(tmp_path / "runs", "cnn", resuming=True)
+    records = [json.loads(line) for line in (run / DEPTH_FILE).read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert r["hyper/max_row_sum"][1] is None  # the transition between the stages mixes no streams
+        assert all(v is not None for i, v in enumerate(r["hyper/max_row_sum"]) if i != 1)
+        assert abs(r["hyper/composite/max_row_sum"] - 1) < 1e-5 and abs(r["hyper/composite/min_col_sum"] - 1) < 1e-5
+
+
+def test_conv_streams_are_carried_through_the_stage_transitions():
+    torch.manual_seed(0)
+    net = create_model("highway_cnn_cifar", widths=[4, 8], blocks_per_stage=[1, 1], gate="mhc", streams=3)
+    x = torch.randn(2, 3, 16, 16)
+    streams = net.stem(x)
+    assert streams.shape == (2, 4, 16, 16, 3)
+    after = net.blocks[1](net.blocks[0](streams))  # a block, then the transition
+    assert after.shape == (2, 8, 8, 8, 3)
+    # the transition treats every stream alike: stream j of its output is the transition of stream j
+    net.eval()
+    one = net.blocks[1].module(net.blocks[0](streams)[..., 2])
+    assert torch.allclose(net.blocks[1](net.blocks[0](streams))[..., 2], one, atol=1e-6)
+    assert net(x).shape == (2, 10)

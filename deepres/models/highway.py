@@ -38,6 +38,7 @@ from deepres.models.hyper import (
     HYPER_GATES,
     SINKHORN_ITERS,
     HyperBlock,
+    PerStream,
     StreamExpand,
     StreamMean,
     StreamMixing,
@@ -240,6 +241,9 @@ def highway_cnn_cifar(
     norm: str | None = None,
     drop_path: float = 0.0,
     reversible: bool = False,
+    streams: int | None = None,
+    dynamic: bool = True,
+    sinkhorn_iters: int = SINKHORN_ITERS,
 ) -> HighwayCNN:
     """Conv Highway net for 32x32 images: stem conv, then stages of 3x3 highway conv layers with
     3x3 conv gates, a max-pool + plain conv transition between stages, 1x1 conv classifier and global
@@ -250,7 +254,15 @@ def highway_cnn_cifar(
     delta_orthogonal (gate="plain"); `norm`: batch | group | layer | none (unset: none for the
     norm-free presets, else batch); `drop_path`: stochastic depth rate of the last block.
     `reversible`: the blocks inside each stage become reversible couplings of width/2 halves; the
-    transitions store as usual."""
+    transitions store as usual.
+    `gate`: also hc | mhc | mhc_lite on `streams` residual streams (`dynamic`, `sinkhorn_iters`; see
+    highway_mlp): the stem copies into the streams, each transition runs on every stream alike, the head
+    averages them."""
+    n = check_hyper(gate, streams, sinkhorn_iters, reversible=reversible, init=init, dynamic=dynamic)
+    if gate in HYPER_GATES:
+        check_drop_path(drop_path, gate)
+        return _hyper_cnn(list(widths), list(blocks_per_stage), gate, gate_bias, num_classes, in_chans,
+                          resolve_norm(norm, init), drop_path, n, dynamic, sinkhorn_iters)
     check_gate(gate)
     check_init(init, gate, conv=True)
     check_drop_path(drop_path, gate)
@@ -295,6 +307,33 @@ def highway_cnn_cifar(
     model = HighwayCNN(stem, (ReversibleStack if reversible else BlockStack)(blocks), head)
     _finish(model, init, drop_path)
     return model
+
+
+def _hyper_cnn(widths: list[int], blocks_per_stage: list[int], gate: str, gate_bias: GateBias, num_classes: int,
+               in_chans: int, norm: str, drop_path: float, streams: int, dynamic: bool,
+               sinkhorn_iters: int) -> HighwayCNN:
+    """highway_cnn_cifar on `streams` residual streams, each block a conv body with stream mixings."""
+    check_norm(norm)
+    if len(widths) != len(blocks_per_stage) or min(blocks_per_stage) < 1:
+        raise ConfigError(f"highway_cnn_cifar needs one width per stage and >= 1 block each; got "
+                          f"widths={widths}, blocks_per_stage={blocks_per_stage}.")
+    num_blocks = sum(blocks_per_stage)
+    post_logit = depth_aware_transform_bias(num_blocks) if gate_bias == "auto" else float(gate_bias)
+    blocks: list[nn.Module] = []
+    in_ch, k = widths[0], 0
+    for stage, (w, count) in enumerate(zip(widths, blocks_per_stage, strict=True)):
+        if stage > 0:
+            blocks.append(PerStream(Transition(in_ch, w, norm=norm)))
+            in_ch = w
+        for _ in range(count):
+            k += 1
+            blocks.append(HyperBlock(ConvBody(w, w, norm=norm),
+                                     StreamMixing(gate, streams, w, k - 1, dynamic=dynamic,
+                                                  sinkhorn_iters=sinkhorn_iters, post_logit=post_logit),
+                                     drop_rate=drop_path * k / num_blocks))
+    stem = nn.Sequential(ConvBody(in_chans, widths[0], norm=norm), StreamExpand(streams))
+    head = nn.Sequential(StreamMean(), nn.Conv2d(in_ch, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return HighwayCNN(stem, BlockStack(blocks), head)
 
 
 @register_model
