@@ -4,6 +4,7 @@
     python scripts/sweep_hyper_depth.py --quick                  # depths 10 100, 20 steps: a minute
     python scripts/sweep_hyper_depth.py --depths 10000 --steps 30
     python scripts/sweep_hyper_depth.py --step-time              # mhc (n = 4) ÷ gated, side by side
+    python scripts/sweep_hyper_depth.py --report-only            # rewrite the .md from the stored rows
 
 For every depth (blocks, smallest first) and gate: `highway_mlp` with depth = blocks + 1, width 50, the
 multi-stream gates at --streams streams (dynamic, mHC's 20 Sinkhorn iterations), trained in process with
@@ -107,6 +108,16 @@ def _curve(losses: list[float]) -> str:
     return " → ".join("nan" if not math.isfinite(losses[i]) else f"{losses[i]:.2f}" for i in marks)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The sweep's rows in `path` (JSON lines), a re-run replacing the earlier row of the same point."""
+    stored = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return list({(r["blocks"], r["gate"], r["steps"]): r for r in stored}.values())
+
+
+def read_timings(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
     lines = [
         "# Multi-stream residuals from 10 to 10,000 blocks (digits)",
@@ -130,16 +141,25 @@ def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
             f"{_fmt_gain(r['gain_trained'])} | {_curve(r['losses'])} |")
     if step_time:
         lines += ["", "## Step time, side by side", "",
-                  "| blocks | batch | gated (s) | mhc (s) | mhc ÷ gated | load |", "|---:|---:|---:|---:|---:|---:|"]
+                  "`--step-time`: n = 4, one process, the nets' steps interleaved, median of the timed steps; "
+                  "load = the machine's 1-minute load average at the end (2 cores).", "",
+                  "| blocks | batch | gated (s) | mhc (s) | **mhc ÷ gated** | mhc, 1 Sinkhorn iteration ÷ gated "
+                  "| mhc_lite ÷ gated | load |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {s['blocks']:,} | {s['batch']} | {s['gated_s']:.4f} | {s['mhc_s']:.4f} | {s['ratio']:.2f} | "
-                  f"{s['load']:.1f} |" for s in step_time]
+                  f"{s['mhc_1_iter_s'] / s['gated_s']:.2f} | {s['mhc_lite_s'] / s['gated_s']:.2f} | {s['load']:.1f} |"
+                  for s in step_time]
     path.write_text("\n".join(lines) + "\n")
 
 
 def step_time(blocks: int, streams: int, batch: int, repeats: int) -> dict:
+    """Median step times of gated and mhc, and, to show where mhc's time goes, of mhc with one Sinkhorn
+    iteration and of mhc_lite (no iterations), all interleaved in one process."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
-    nets = {"gated": build("gated", blocks, streams), "mhc": build("mhc", blocks, streams)}
+    nets = {"gated": build("gated", blocks, streams), "mhc": build("mhc", blocks, streams),
+            "mhc_1_iter": create_model("highway_mlp", depth=blocks + 1, width=50, in_features=64, gate="mhc",
+                                       streams=streams, sinkhorn_iters=1),
+            "mhc_lite": build("mhc_lite", blocks, streams)}
     opts = {k: build_optimizer(n, OptimizerConfig()) for k, n in nets.items()}
     times: dict[str, list[float]] = {k: [] for k in nets}
     for i in range(repeats + 2):  # interleaved, so that a change in the machine's load hits both
@@ -151,8 +171,9 @@ def step_time(blocks: int, streams: int, batch: int, repeats: int) -> dict:
             opts[name].step()
             if i >= 2:  # the first two steps warm up allocator and caches
                 times[name].append(time.perf_counter() - start)
-    gated, mhc = statistics.median(times["gated"]), statistics.median(times["mhc"])
-    return {"blocks": blocks, "batch": batch, "gated_s": gated, "mhc_s": mhc, "ratio": mhc / gated,
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"blocks": blocks, "batch": batch, "gated_s": med["gated"], "mhc_s": med["mhc"],
+            "ratio": med["mhc"] / med["gated"], "mhc_1_iter_s": med["mhc_1_iter"], "mhc_lite_s": med["mhc_lite"],
             "load": os.getloadavg()[0]}
 
 
@@ -166,6 +187,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="depths 10 and 100, 20 steps")
     p.add_argument("--out", type=Path, default=RESULTS / "hyper_depth.md")
     p.add_argument("--step-time", action="store_true", help="only the side-by-side step time of mhc and gated")
+    p.add_argument("--report-only", action="store_true", help="only rewrite --out from the stored rows")
     p.add_argument("--step-depth", type=int, default=100, help="blocks for --step-time")
     p.add_argument("--batch", type=int, default=64, help="batch for --step-time")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per net for --step-time")
@@ -174,18 +196,20 @@ def main() -> None:
     if args.quick:
         args.depths, args.steps = [10, 100], 20
     store = args.out.with_suffix(".jsonl")
-    stored = [json.loads(line) for line in store.read_text().splitlines()] if store.exists() else []
-    rows = list({(r["blocks"], r["gate"], r["steps"]): r for r in stored}.values())  # a re-run replaces a row
     timing_store = args.out.with_name(args.out.stem + "_step_time.jsonl")
-    timings = [json.loads(line) for line in timing_store.read_text().splitlines()] if timing_store.exists() else []
+    if args.report_only:
+        write_markdown(read_rows(store), args.out, read_timings(timing_store))
+        return
     print(f"# torch {torch.__version__}, threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
     if args.step_time:
         result = step_time(args.step_depth, args.streams, args.batch, args.repeats)
         print(f"step time at {result['blocks']} blocks, batch {result['batch']}: gated {result['gated_s']:.4f} s, "
-              f"mhc (n = {args.streams}) {result['mhc_s']:.4f} s; mhc ÷ gated = {result['ratio']:.2f} (target <= 1.5)")
+              f"mhc (n = {args.streams}) {result['mhc_s']:.4f} s; mhc ÷ gated = {result['ratio']:.2f} (target <= 1.5); "
+              f"mhc with 1 Sinkhorn iteration ÷ gated = {result['mhc_1_iter_s'] / result['gated_s']:.2f}, "
+              f"mhc_lite ÷ gated = {result['mhc_lite_s'] / result['gated_s']:.2f}")
         with timing_store.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        write_markdown(rows, args.out, [*timings, result])
+        write_markdown(read_rows(store), args.out, read_timings(timing_store))
         return
     for blocks in sorted(args.depths):
         for gate in args.gates:
@@ -193,11 +217,10 @@ def main() -> None:
             print(f"{blocks:>6} {gate:>9}: acc {100 * r['val_acc']:.1f} %, loss {r['final_loss']:.3g}, "
                   f"step {r['step_s']:.3f} s, gain init {_fmt_gain(r['gain_init'])}, "
                   f"trained {_fmt_gain(r['gain_trained'])}", flush=True)
-            rows = [x for x in rows if not (x["blocks"] == blocks and x["gate"] == gate and x["steps"] == args.steps)]
-            rows.append(r)
             with store.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-            write_markdown(rows, args.out, timings)
+            # re-read: another invocation (a deeper depth, --step-time) may have added rows meanwhile
+            write_markdown(read_rows(store), args.out, read_timings(timing_store))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,30 @@ def test_mhc_lite_composite_stays_doubly_stochastic_at_any_depth(depth):
     assert gain.composite_max_abs_log_col_sum < 1e-5
 
 
+def test_streams_become_different_under_training():
+    """The stem's n copies are identical; the asymmetric initial read (H^pre) makes them differ under
+    training. With the same H^pre on every stream they would stay exactly equal for good."""
+    def divergence(kind, symmetric):
+        torch.manual_seed(0)
+        net = create_model("highway_mlp", depth=6, width=8, in_features=5, gate=kind, streams=3, gate_bias=0)
+        if symmetric:
+            for block in net.blocks:
+                block.mixing.pre_bias.data.fill_(0.0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, y = torch.randn(16, 5), torch.randint(0, 10, (16,))
+        for _ in range(10):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        streams = net.blocks(net.stem(x))
+        return ((streams[..., 0] - streams[..., 1]).abs().max() / streams.abs().max()).item()
+
+    for kind in KINDS:
+        assert divergence(kind, symmetric=False) > 1e-6, kind
+    for kind in ("mhc", "mhc_lite"):
+        assert divergence(kind, symmetric=True) == 0.0, kind
+
+
 def test_dynamic_mixings_depend_on_the_sample_and_keep_their_constraints():
     torch.manual_seed(0)
     streams = torch.randn(6, 5, 4)
@@ -110,9 +134,9 @@ def test_initialisations():
     assert torch.equal(post, torch.ones(2, 4)) and torch.equal(res, torch.eye(4).expand(2, 4, 4))
     eye_mix = 0.9 * torch.eye(4) + 0.025
     for kind in ("mhc", "mhc_lite"):
-        mixing = StreamMixing(kind, 4, 5, dynamic=True, post_logit=-2.0)
+        mixing = StreamMixing(kind, 4, 5, index=5, dynamic=True, post_logit=-2.0)
         pre, post, res = mixing(torch.randn(3, 5, 4))
-        assert torch.allclose(pre, torch.full((3, 4), 0.5))
+        assert torch.allclose(pre, torch.tensor([[0.1, 0.9, 0.1, 0.1]] * 3))
         assert torch.allclose(post, torch.full((3, 4), 2 * torch.sigmoid(torch.tensor(-2.0)).item()))
         assert torch.allclose(res, eye_mix.expand(3, 4, 4), atol=1e-6)
         assert torch.allclose(mixing.scale, torch.full((3,), 0.01))
@@ -182,7 +206,7 @@ def test_one_stream_models_with_the_papers_init_are_the_residual_model():
         with torch.no_grad():
             for mine, theirs in zip(shared, residual.parameters(), strict=True):
                 mine.copy_(theirs)
-        # mhc's body reads σ(0)·x = x/2, which its LayerNorm returns as x up to its epsilon
+        # mhc's body reads σ(ln 9)·x = 0.9·x, which its LayerNorm returns as x up to its epsilon
         tol = 1e-6 if kind == "hc" else 1e-4
         assert torch.allclose(net(x), residual(x), rtol=tol, atol=tol), kind
 

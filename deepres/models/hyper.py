@@ -169,9 +169,8 @@ class StreamMixing(nn.Module):
     the models' default is the depth-aware −ln(L) − 1 of Highway transform gates (H^post ≈ 2/(e·L), so
     the L blocks together start by adding about one body's output; with H^post = 1 the default job's SGD
     diverges from 100 blocks on, as the plain residual member does). hc otherwise as its paper (H^pre =
-    e_(k mod n) for block k, H^res = I); mhc and mhc_lite as HC's through their maps: H^pre = σ(0) = ½
-    on every stream (the body reads the mean stream, scaled), H^res = (1 − ε)·I + ε·J/n with ε =
-    INITIAL_MIXING. The dynamic projections start at zero and their factors at 0.01."""
+    e_(k mod n) for block k, H^res = I); mhc and mhc_lite as HC's through their maps: H^pre = 0.9 on
+    stream k mod n and 0.1 on the others, H^res = (1 − ε)·I + ε·J/n with ε = INITIAL_MIXING. The dynamic projections start at zero and their factors at 0.01."""
 
     def __init__(self, kind: str, streams: int, features: int, index: int = 0, *, dynamic: bool = True,
                  sinkhorn_iters: int = SINKHORN_ITERS, post_logit: float = 0.0):
@@ -185,7 +184,11 @@ class StreamMixing(nn.Module):
             self.post_bias = nn.Parameter(torch.full((n,), 2.0 / (1.0 + math.exp(-post_logit))))
             self.res_bias = nn.Parameter(torch.eye(n))
         else:
-            self.pre_bias = nn.Parameter(torch.zeros(n))
+            # σ(±ln 9) = 0.9 / 0.1: block k reads mostly stream k mod n, as HC's e_(k mod n). Reading every
+            # stream alike would keep the n copies the stem makes identical for good: with equal H^pre and
+            # H^post every stream gets the same gradient, so nothing ever tells them apart
+            self.pre_bias = nn.Parameter(torch.full((n,), -math.log(9.0)).index_fill_(0, torch.tensor(index % n),
+                                                                                       math.log(9.0)))
             self.post_bias = nn.Parameter(torch.full((n,), float(post_logit)))
             target = (1.0 - INITIAL_MIXING) * torch.eye(n) + INITIAL_MIXING / n
             if kind == "mhc":  # already doubly stochastic: Sinkhorn returns it
