@@ -292,6 +292,8 @@ def test_refusals():
         create_model("highway_mlp", depth=4, gate="mhc", reversible=True)
     with pytest.raises(ConfigError, match="streams"):
         create_model("highway_mlp", depth=4, gate="highway", streams=4)
+    with pytest.raises(ConfigError, match="dynamic"):
+        create_model("highway_cnn_cifar", gate="gated", dynamic=False)
     with pytest.raises(ConfigError, match="permutation"):
         create_model("highway_mlp", depth=4, gate="mhc_lite", streams=7)
     with pytest.raises(ConfigError, match="sinkhorn_iters"):

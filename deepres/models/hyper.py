@@ -56,9 +56,11 @@ def check_hyper(gate: str, streams: int | None, sinkhorn_iters: int, *, reversib
                 init: str = "default", dynamic: bool = True) -> int:
     """Refuse what a multi-stream member cannot honour; return the number of streams."""
     if gate not in HYPER_GATES:
-        if streams not in (None, 1):
-            raise ConfigError(f"streams={streams} needs a multi-stream gate ({', '.join(HYPER_GATES)}); "
-                              f"gate={gate!r} keeps one stream. Fix: set gate to one of them, or drop streams.")
+        for name, value, unset in (("streams", streams, (None, 1)), ("dynamic", dynamic, (True,)),
+                                   ("sinkhorn_iters", sinkhorn_iters, (SINKHORN_ITERS,))):
+            if value not in unset:
+                raise ConfigError(f"{name}={value} is an option of the multi-stream gates ({', '.join(HYPER_GATES)}); "
+                                  f"gate={gate!r} keeps one stream. Fix: set gate to one of them, or drop {name}.")
         return 1
     n = DEFAULT_STREAMS if streams is None else int(streams)
     if n < 1:
