@@ -239,7 +239,10 @@ class StreamMixing(nn.Module):
         else:
             summary = streams if streams.ndim == 3 else streams.flatten(2, -2).mean(2)  # (B, C, n)
             flat = summary.flatten(1)
-            d = self.proj(nn.functional.rms_norm(flat, flat.shape[-1:], eps=1e-6))  # mHC's RMSNorm(vec(H))·φ
+            # mHC's RMSNorm(vec(H))·φ with the norm's division applied to the 2n + n² outputs instead of
+            # the n·C inputs (their Eq. 15, the same value): one fused norm instead of RMSNorm's five ops
+            rms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True) * flat.shape[-1] ** -0.5
+            d = self.proj(flat) / (rms + 1e-6)
             bias = torch.cat([self.pre_bias, self.post_bias, self.res_bias.flatten()])
             z = torch.addcmul(bias, d, self.scale[self.scale_index])
             gates = torch.sigmoid(z[:, : 2 * n])
