@@ -57,6 +57,16 @@ def gain(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float] | None:
     return {k: v for k, v in g.summary().items()}
 
 
+def stream_spread(net: torch.nn.Module, x: torch.Tensor) -> float | None:
+    """max |H_i − mean_j H_j| / max |H| at the stack's output: how far the n streams, identical copies at
+    the stem, have moved apart (0: the net is a one-stream net n times over)."""
+    if not hyper_blocks(net.blocks):
+        return None
+    with torch.no_grad():
+        h = net.blocks(net.stem(x))
+    return float((h - h.mean(-1, keepdim=True)).abs().max() / h.abs().max())
+
+
 def batches(loader):
     while True:
         yield from loader
@@ -92,6 +102,7 @@ def run(gate: str, blocks: int, steps: int, streams: int, seed: int = 0) -> dict
         "gate": gate, "blocks": blocks, "streams": streams if gate in HYPER_GATES else 1, "steps": steps,
         "val_acc": acc, "final_loss": statistics.fmean(losses[-10:]), "step_s": statistics.median(times),
         "gain_init": at_init, "gain_trained": gain(net, val_x[:64]), "losses": losses,
+        "stream_spread": stream_spread(net, val_x[:64]),
         "threads": torch.get_num_threads(), "load": os.getloadavg()[0],
     }
 
@@ -101,6 +112,10 @@ def _fmt_gain(g: dict | None) -> str:
         return "–"
     return (f"{g['composite/max_row_sum']:.4g} / {g['composite/max_col_sum']:.4g} / "
             f"{g['composite/min_col_sum']:.4g} / {g['composite/max_abs_log_col_sum']:.2g}")
+
+
+def _fmt_spread(spread: float | None) -> str:
+    return "–" if spread is None else f"{spread:.1e}"
 
 
 def _curve(losses: list[float]) -> str:
@@ -127,18 +142,20 @@ def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
         "one seed, CPU, one thread. Multi-stream gates: n streams, dynamic mixings, mHC's 20 Sinkhorn iterations, "
         "H^post at init 2σ(−ln L − 1) (the depth-aware default).",
         "",
-        "Composite gain of ∏H^res over all blocks (worst of 64 validation samples): max |row sum| / "
-        "max |column sum| / min column sum / max |log column sum|.",
+        "Composite gain of ∏H^res over all blocks (worst of 16 validation samples): max |row sum| / "
+        "max |column sum| / min column sum / max |log column sum|. Stream spread after training: "
+        "max |H_i − mean_j H_j| / max |H| at the last block (the stem's copies start identical; – where not "
+        "recorded).",
         "",
         "| blocks | gate | n | steps | val acc | loss (last 10) | step (s) | gain at init | gain after training "
-        "| loss curve (first → ¼ → ½ → ¾ → last) |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---|---|",
+        "| stream spread | loss curve (first → ¼ → ½ → ¾ → last) |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|---:|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["blocks"], GATES.index(r["gate"]) if r["gate"] in GATES else 99)):
         lines.append(
             f"| {r['blocks']:,} | {r['gate']} | {r['streams']} | {r['steps']} | {100 * r['val_acc']:.1f} % | "
             f"{r['final_loss']:.3g} | {r['step_s']:.3f} | {_fmt_gain(r['gain_init'])} | "
-            f"{_fmt_gain(r['gain_trained'])} | {_curve(r['losses'])} |")
+            f"{_fmt_gain(r['gain_trained'])} | {_fmt_spread(r.get('stream_spread'))} | {_curve(r['losses'])} |")
     if step_time:
         lines += ["", "## Step time, side by side", "",
                   "`--step-time`: n = 4, one process, the nets' steps interleaved, median of the timed steps; "
