@@ -339,7 +339,10 @@ def _keep_mask(h: torch.Tensor, rate: float) -> torch.Tensor:
 
 
 def hyper_blocks(blocks: nn.Module) -> list[HyperBlock]:
-    return [m for m in blocks.modules() if isinstance(m, HyperBlock)]
+    """The HyperBlocks of a block stack (its direct members: no walk through 10,000 blocks' submodules
+    on every sampled step of the depth probe), or anywhere inside another module."""
+    members = blocks if isinstance(blocks, nn.ModuleList) else blocks.modules()
+    return [m for m in members if isinstance(m, HyperBlock)]
 
 
 @contextlib.contextmanager

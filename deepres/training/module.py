@@ -141,7 +141,8 @@ class Classifier(DeepresModule):
             arch: a name from deepres.models.list_models() (e.g. highway_mlp, resnet50, resnet110_cifar).
             depth: depth override (highway_mlp: hidden layers; CIFAR ResNets: 6n+2; PreAct: 9n+2).
             width: width override (highway_mlp units per layer).
-            gate: plain | residual | highway | gated; hc | mhc | mhc_lite (multi-stream, highway_mlp).
+            gate: plain | residual | highway | gated; hc | mhc | mhc_lite (multi-stream: highway_mlp,
+                highway_cnn_cifar).
             gate_bias: transform gate bias, or "auto" (= −ln(L) − 1 for L blocks).
             activation: activation of dense layers (relu, tanh, …).
             init: initialisation preset of the blocks (default, fixup, rezero, skipinit, layerscale,
