@@ -371,3 +371,35 @@ def test_conv_streams_are_carried_through_the_stage_transitions():
     one = net.blocks[1].module(net.blocks[0](streams)[..., 2])
     assert torch.allclose(net.blocks[1](net.blocks[0](streams))[..., 2], one, atol=1e-6)
     assert net(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpointing_gives_the_same_gradients(kind):
+    torch.manual_seed(0)
+    net = create_model("highway_mlp", depth=8, width=6, in_features=5, gate=kind, streams=3)
+    _perturb_(net, scale=0.3)
+    x, y = torch.randn(4, 5), torch.randint(0, 10, (4,))
+
+    def grads(every):
+        net.zero_grad()
+        net.blocks.checkpoint_every = every
+        nn.functional.cross_entropy(net(x), y).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    for plain, checkpointed in zip(grads(0), grads(3), strict=True):
+        assert torch.allclose(plain, checkpointed, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_trains_with_finite_doubly_stochastic_mixing(kind):
+    torch.manual_seed(0)
+    net = create_model("highway_mlp", depth=6, width=8, in_features=5, gate=kind, streams=4)
+    x, y = torch.randn(8, 5), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(net(x).float(), y)
+        mats = residual_matrices(net.blocks, net.stem(x))
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+    assert all(m.dtype == torch.float32 for m in mats)  # the mixing stays out of bf16
+    if kind != "hc":
+        assert composite_gain(mats).composite_max_abs_log_col_sum < 1e-5

@@ -309,23 +309,28 @@ class HyperBlock(nn.Module):
         self.recorded: list[torch.Tensor] | None = None
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        pre, post, res = self.mixing(streams)
-        if self.recorded is not None:
-            self.recorded.append(res.detach())
-        dtype = streams.dtype
-        pre, post, res = pre.to(dtype), post.to(dtype), res.to(dtype)
-        if pre.ndim == 1:  # static: the same mixing for every sample
-            x = torch.matmul(streams, pre)
-            mixed = nn.functional.linear(streams, res)  # Σ_j H_j·H^res_ij over the last dimension
-        else:
-            flat = streams.flatten(1, -2)  # (B, D, n)
-            x = torch.bmm(flat, pre.unsqueeze(-1)).view(streams.shape[:-1])
-            mixed = torch.bmm(flat, res.transpose(1, 2)).view(streams.shape)
-            post = post.view(post.shape[0], *([1] * (streams.ndim - 2)), -1)
+        # The streams and their mixing stay in float32 under bf16/fp16 autocast (the body still runs in
+        # half precision): a bf16 H^res has column sums off by ~1e-3, which compound over the blocks as
+        # (1 − 1e-3)^L, the very drift the doubly stochastic constraint is there to prevent.
+        if streams.dtype in (torch.float16, torch.bfloat16):
+            streams = streams.float()
+        with torch.autocast(streams.device.type, enabled=False):
+            pre, post, res = self.mixing(streams)
+            if self.recorded is not None:
+                self.recorded.append(res.detach())
+            if pre.ndim == 1:  # static: the same mixing for every sample
+                x = torch.matmul(streams, pre)
+                mixed = nn.functional.linear(streams, res)  # Σ_j H_j·H^res_ij over the last dimension
+            else:
+                flat = streams.flatten(1, -2)  # (B, D, n)
+                x = torch.bmm(flat, pre.unsqueeze(-1)).view(streams.shape[:-1])
+                mixed = torch.bmm(flat, res.transpose(1, 2)).view(streams.shape)
+                post = post.view(post.shape[0], *([1] * (streams.ndim - 2)), -1)
         h = self.body(x)
         if self.drop_rate > 0.0 and self.training:
             h = h * _keep_mask(h, self.drop_rate)
-        return torch.addcmul(mixed, h.unsqueeze(-1), post)
+        with torch.autocast(streams.device.type, enabled=False):
+            return torch.addcmul(mixed, h.to(mixed.dtype).unsqueeze(-1), post)
 
     def extra_repr(self) -> str:
         return f"drop_rate={self.drop_rate:.4g}" if self.drop_rate else ""
