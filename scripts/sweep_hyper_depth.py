@@ -165,7 +165,36 @@ def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
         lines += [f"| {s['blocks']:,} | {s['batch']} | {s['gated_s']:.4f} | {s['mhc_s']:.4f} | {s['ratio']:.2f} | "
                   f"{s['mhc_1_iter_s'] / s['gated_s']:.2f} | {s['mhc_lite_s'] / s['gated_s']:.2f} | {s['load']:.1f} |"
                   for s in step_time]
+    figure = path.with_suffix(".png")
+    write_figure(rows, figure)
+    lines[2:2] = [f"![training loss by depth]({figure.name})", ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_figure(rows: list[dict], path: Path) -> None:
+    """Training-loss curves, one panel per depth, one line per gate (a 5-step moving mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r["blocks"] for r in rows})
+    if not depths:
+        return
+    fig, axes = plt.subplots(1, len(depths), figsize=(3.2 * len(depths), 3.0), squeeze=False, sharey=True)
+    for ax, blocks in zip(axes[0], depths, strict=True):
+        for r in sorted((r for r in rows if r["blocks"] == blocks), key=lambda r: GATES.index(r["gate"])):
+            losses = torch.tensor(r["losses"]).nan_to_num(nan=10.0).clamp(max=10.0)
+            smooth = losses.unfold(0, min(5, len(losses)), 1).mean(1) if len(losses) >= 5 else losses
+            ax.plot(range(1, len(smooth) + 1), smooth.tolist(), label=f"{r['gate']} ({100 * r['val_acc']:.0f} %)")
+        ax.set_title(f"{blocks:,} blocks")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def step_time(blocks: int, streams: int, batch: int, repeats: int) -> dict:
