@@ -24,6 +24,7 @@ from deepres.models.hyper import (
     residual_matrices,
     sinkhorn,
 )
+from deepres.pipeline.split import adapter_for, block_ranges
 from deepres.training.cli import main
 from deepres.training.run_dir import resolve_run_dir
 
@@ -403,3 +404,23 @@ def test_bf16_autocast_trains_with_finite_doubly_stochastic_mixing(kind):
     assert all(m.dtype == torch.float32 for m in mats)  # the mixing stays out of bf16
     if kind != "hc":
         assert composite_gain(mats).composite_max_abs_log_col_sum < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["highway_mlp", "highway_cnn_cifar"])
+def test_pipeline_stages_compose_back_into_the_nets_forward(arch):
+    """Pipeline stages cut between blocks: what crosses a boundary is the (B, C, …, n) stream tensor."""
+    torch.manual_seed(0)
+    small = dict(depth=6, width=8, in_features=12) if arch == "highway_mlp" else dict(widths=[4, 8],
+                                                                                     blocks_per_stage=[2, 2])
+    net = create_model(arch, gate="mhc", streams=3, **small).eval()
+    _perturb_(net, scale=0.1)
+    x = torch.randn(3, 12) if arch == "highway_mlp" else torch.randn(3, 3, 16, 16)
+    adapter = adapter_for(net)
+    ranges = block_ranges(net, 2, "params")
+    with torch.no_grad():
+        h = adapter.entry(net, x)
+        for start, stop in ranges:
+            for block in net.blocks[start:stop]:
+                h = block(h)
+            assert h.shape[0] == 3 and h.shape[-1] == 3  # batch first, streams last, at every boundary
+        assert torch.allclose(adapter.exit(net, h), net(x), atol=1e-6)
