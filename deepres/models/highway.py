@@ -22,6 +22,7 @@ from deepres.models.blocks import (
     check_gate,
     conv_gate,
     dense_gate,
+    depth_aware_transform_bias,
     resolve_gate_biases,
 )
 from deepres.models.bodies import (
@@ -32,6 +33,16 @@ from deepres.models.bodies import (
     PreActDenseBody,
     check_norm,
     make_norm,
+)
+from deepres.models.hyper import (
+    HYPER_GATES,
+    SINKHORN_ITERS,
+    HyperBlock,
+    PerStream,
+    StreamExpand,
+    StreamMean,
+    StreamMixing,
+    check_hyper,
 )
 from deepres.models.init_presets import (
     InitName,
@@ -92,13 +103,17 @@ def highway_mlp(
     init: InitName = "default",
     drop_path: float = 0.0,
     reversible: bool = False,
+    streams: int | None = None,
+    dynamic: bool = True,
+    sinkhorn_iters: int = SINKHORN_ITERS,
 ) -> HighwayMLP:
     """Fully connected net of `depth` hidden layers: 1 plain layer + (depth − 1) blocks.
 
     Args:
         depth: hidden layers (the paper's 10/20/50/100; SGD still trains at 1000+).
         width: units per layer (paper: 50 highway, 71 plain).
-        gate: plain | residual | highway | gated.
+        gate: plain | residual | highway | gated, or a multi-stream member: hc | mhc | mhc_lite
+            (deepres.models.hyper, docs/science.md#multi-stream-residuals).
         gate_bias: transform gate bias; "auto" = −ln(L) − 1 for L = depth − 1 blocks
             (paper: −1 … −3; a fixed −3 stops error flow beyond ~100 layers, see
             docs/science.md#the-highway-transform-gate-bias).
@@ -112,7 +127,15 @@ def highway_mlp(
         drop_path: stochastic depth, the drop rate of the last block (linear in the block index).
         reversible: every block a reversible coupling of two width/2 halves (deepres.models.reversible):
             activation memory independent of depth, half the parameters per block.
+        streams: residual streams of hc/mhc/mhc_lite (default 4); the stem copies into them, the head averages them.
+        dynamic: hc/mhc/mhc_lite mixings computed from the streams (true) or learned constants (false).
+        sinkhorn_iters: Sinkhorn–Knopp iterations of mhc (mHC: 20).
     """
+    n = check_hyper(gate, streams, sinkhorn_iters, reversible=reversible, init=init, dynamic=dynamic)
+    if gate in HYPER_GATES:
+        check_drop_path(drop_path, gate)
+        return _hyper_mlp(depth, width, gate, gate_bias, activation, body or "pre", in_features, num_classes,
+                          drop_path, n, dynamic, sinkhorn_iters)
     check_gate(gate)
     check_init(init, gate, conv=False)
     check_drop_path(drop_path, gate)
@@ -153,6 +176,28 @@ def highway_mlp(
     model = HighwayMLP(stem, BlockStack(blocks), nn.Linear(width, num_classes))
     _finish(model, init, drop_path, activation)
     return model
+
+
+def _hyper_mlp(depth: int, width: int, gate: str, gate_bias: GateBias, activation: str, body: str, in_features: int,
+               num_classes: int, drop_path: float, streams: int, dynamic: bool, sinkhorn_iters: int) -> HighwayMLP:
+    """highway_mlp on `streams` residual streams: the plain layer, copied into the streams, then
+    depth − 1 multi-stream blocks, the mean of the streams, the classifier. `gate_bias` is the logit of
+    H^post = 2σ(b) at init ("auto": −ln(L) − 1; 0: the papers' H^post = 1)."""
+    if depth < 2 or width < 1:
+        raise ConfigError(f"highway_mlp needs depth >= 2 and width >= 1; got depth={depth}, width={width}.")
+    if body not in ("post", "pre"):
+        raise ConfigError(f"highway_mlp body must be 'post' or 'pre'; got {body!r}.")
+    num_blocks = depth - 1
+    post_logit = depth_aware_transform_bias(num_blocks) if gate_bias == "auto" else float(gate_bias)
+    blocks = [
+        HyperBlock(_dense_body(body, width, activation, num_blocks, zero_init=True),
+                   StreamMixing(gate, streams, width, k, dynamic=dynamic, sinkhorn_iters=sinkhorn_iters,
+                                post_logit=post_logit),
+                   drop_rate=drop_path * (k + 1) / num_blocks)  # the linear rule of BlockStack.set_drop_path
+        for k in range(num_blocks)
+    ]
+    stem = nn.Sequential(DenseBody(in_features, width, activation), StreamExpand(streams))
+    return HighwayMLP(stem, BlockStack(blocks), nn.Sequential(StreamMean(), nn.Linear(width, num_classes)))
 
 
 def _finish(model: nn.Module, init: str, drop_path: float, activation: str = "relu") -> None:
@@ -207,6 +252,9 @@ def highway_cnn_cifar(
     norm: str | None = None,
     drop_path: float = 0.0,
     reversible: bool = False,
+    streams: int | None = None,
+    dynamic: bool = True,
+    sinkhorn_iters: int = SINKHORN_ITERS,
 ) -> HighwayCNN:
     """Conv Highway net for 32x32 images: stem conv, then stages of 3x3 highway conv layers with
     3x3 conv gates, a max-pool + plain conv transition between stages, 1x1 conv classifier and global
@@ -217,7 +265,15 @@ def highway_cnn_cifar(
     delta_orthogonal (gate="plain"); `norm`: batch | group | layer | none (unset: none for the
     norm-free presets, else batch); `drop_path`: stochastic depth rate of the last block.
     `reversible`: the blocks inside each stage become reversible couplings of width/2 halves; the
-    transitions store as usual."""
+    transitions store as usual.
+    `gate`: also hc | mhc | mhc_lite on `streams` residual streams (`dynamic`, `sinkhorn_iters`; see
+    highway_mlp): the stem copies into the streams, each transition runs on every stream alike, the head
+    averages them."""
+    n = check_hyper(gate, streams, sinkhorn_iters, reversible=reversible, init=init, dynamic=dynamic)
+    if gate in HYPER_GATES:
+        check_drop_path(drop_path, gate)
+        return _hyper_cnn(list(widths), list(blocks_per_stage), gate, gate_bias, num_classes, in_chans,
+                          resolve_norm(norm, init), drop_path, n, dynamic, sinkhorn_iters)
     check_gate(gate)
     check_init(init, gate, conv=True)
     check_drop_path(drop_path, gate)
@@ -262,6 +318,33 @@ def highway_cnn_cifar(
     model = HighwayCNN(stem, (ReversibleStack if reversible else BlockStack)(blocks), head)
     _finish(model, init, drop_path)
     return model
+
+
+def _hyper_cnn(widths: list[int], blocks_per_stage: list[int], gate: str, gate_bias: GateBias, num_classes: int,
+               in_chans: int, norm: str, drop_path: float, streams: int, dynamic: bool,
+               sinkhorn_iters: int) -> HighwayCNN:
+    """highway_cnn_cifar on `streams` residual streams, each block a conv body with stream mixings."""
+    check_norm(norm)
+    if len(widths) != len(blocks_per_stage) or min(blocks_per_stage) < 1:
+        raise ConfigError(f"highway_cnn_cifar needs one width per stage and >= 1 block each; got "
+                          f"widths={widths}, blocks_per_stage={blocks_per_stage}.")
+    num_blocks = sum(blocks_per_stage)
+    post_logit = depth_aware_transform_bias(num_blocks) if gate_bias == "auto" else float(gate_bias)
+    blocks: list[nn.Module] = []
+    in_ch, k = widths[0], 0
+    for stage, (w, count) in enumerate(zip(widths, blocks_per_stage, strict=True)):
+        if stage > 0:
+            blocks.append(PerStream(Transition(in_ch, w, norm=norm)))
+            in_ch = w
+        for _ in range(count):
+            k += 1
+            blocks.append(HyperBlock(ConvBody(w, w, norm=norm),
+                                     StreamMixing(gate, streams, w, k - 1, dynamic=dynamic,
+                                                  sinkhorn_iters=sinkhorn_iters, post_logit=post_logit),
+                                     drop_rate=drop_path * k / num_blocks))
+    stem = nn.Sequential(ConvBody(in_chans, widths[0], norm=norm), StreamExpand(streams))
+    head = nn.Sequential(StreamMean(), nn.Conv2d(in_ch, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return HighwayCNN(stem, BlockStack(blocks), head)
 
 
 @register_model

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from deepres.models.blocks import Gate, GateActivation
+from deepres.models.hyper import HyperBlock, composite_gain, recording_mixing
 
 # Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x)
 # (docs/science.md#one-family-of-blocks). A `Gate` is hooked itself rather than its `act` (σ): a
@@ -94,6 +95,11 @@ class Probe:
                 self.values[key], self.owners[key] = [], []
                 self.gate_keys.append(key)
             self.handles.append(module.register_forward_hook(self._record_gate(key)))
+        # multi-stream blocks (deepres.models.hyper) hand over their H^res: the composite gain of ∏H^res
+        self.hyper_index = [i for i, block in enumerate(blocks) if isinstance(block, HyperBlock)]
+        self._mixing = recording_mixing(blocks)
+        self.mixing_matrices = self._mixing.__enter__()
+        self.composite: dict[str, float] = {}
         self.observed = hasattr(blocks, "observer")
         if self.observed:
             blocks.observer = self._observe
@@ -104,6 +110,9 @@ class Probe:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self._mixing is not None:
+            self._mixing.__exit__(None, None, None)
+            self._mixing = None
         if self.observed:
             self.blocks.observer = None
             self.observed = False
@@ -172,6 +181,14 @@ class Probe:
             counts = torch.bincount(owners, minlength=self.num_blocks).float()
             means = (sums / counts).cpu().numpy()  # 0/0 = NaN for a block without that gate
             arrays[key] = np.sqrt(means) if key == "act_rms" else means
+        if self.mixing_matrices and len(self.mixing_matrices) == len(self.hyper_index):  # each block once
+            gain = composite_gain(self.mixing_matrices)
+            for key, values in (("max_row_sum", gain.block_max_row_sum), ("max_col_sum", gain.block_max_col_sum),
+                                ("max_abs_log_col_sum", gain.block_max_abs_log_col_sum)):
+                per_block = np.full(self.num_blocks, np.nan)  # NaN: a block without stream mixing (a transition)
+                per_block[self.hyper_index] = values
+                arrays[f"hyper/{key}"] = per_block
+            self.composite = {f"hyper/{k}": v for k, v in gain.summary().items() if k.startswith("composite/")}
         return arrays
 
     def boundary_grad_squares(self) -> tuple[float, float]:

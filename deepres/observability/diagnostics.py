@@ -10,6 +10,8 @@ each block of `pl_module.net.blocks` (docs/science.md#measuring-error-flow):
     depth/gate/carry/block_017       mean carry-gate openness g (gated; LSTM forget gate)
     depth/error_flow_ratio           ‖∂L/∂x₀‖ / ‖∂L/∂x_L‖ at the stack's input and output
                                      (1.0: the error reaches the first block undiminished)
+    depth/hyper/...                  multi-stream blocks: each H^res's max row/column sum and max |log column
+                                     sum|, and `hyper/composite/...` of the product ∏H^res (deepres.models.hyper)
 
 What goes where, so that a 1000-block net stays usable:
   - every logger (CSV, wandb) gets the summaries over blocks (`.../min`, `/mean`, `/max`) and the
@@ -221,8 +223,9 @@ class DepthDiagnostics(Callback):
                 return
             arrays, ratio = gathered
         self.latest, self.latest_error_flow_ratio = arrays, ratio
-        self._write(step, trainer.current_epoch, ratio, arrays)
-        log_metrics(trainer, self._metrics(ratio, arrays), step)
+        self._write(step, trainer.current_epoch, ratio, arrays, probe.composite)
+        log_metrics(trainer, {**self._metrics(ratio, arrays), **{f"depth/{k}": v for k, v in probe.composite.items()}},
+                    step)
         self._history.add(step, arrays, self.num_blocks)
         if self.heatmap_every_n_steps and step > 0 and step % self.heatmap_every_n_steps < self.every_n_steps:
             self._log_heatmaps(trainer, step)
@@ -300,12 +303,14 @@ class DepthDiagnostics(Callback):
                     metrics[f"depth/{key}/{block_key(i, len(values))}"] = float(values[i])
         return metrics
 
-    def _write(self, step: int, epoch: int, ratio: float, arrays: dict[str, np.ndarray]) -> None:
+    def _write(self, step: int, epoch: int, ratio: float, arrays: dict[str, np.ndarray],
+               scalars: dict[str, float] | None = None) -> None:
         def compact(values: np.ndarray) -> list[float | None]:
             return [float(f"{v:.4g}") if np.isfinite(v) else None for v in values.tolist()]
 
         record = {"step": step, "epoch": epoch, "error_flow_ratio": ratio if math.isfinite(ratio) else None}
         record.update({key: compact(values) for key, values in arrays.items()})
+        record.update({key: value if math.isfinite(value) else None for key, value in (scalars or {}).items()})
         self.depth_path.parent.mkdir(parents=True, exist_ok=True)
         with self.depth_path.open("a") as f:  # append + close: a crash loses at most the line being written
             f.write(json.dumps(record) + "\n")

@@ -168,6 +168,7 @@ class Classifier(DeepresModule):
         norm: str | None = None,
         drop_path: float | None = None,
         reversible: bool | None = None,
+        streams: int | None = None,
         arch_args: dict[str, Any] | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, ...] = (64,),
@@ -183,7 +184,8 @@ class Classifier(DeepresModule):
             arch: a name from deepres.models.list_models() (e.g. highway_mlp, resnet50, resnet110_cifar).
             depth: depth override (highway_mlp: hidden layers; CIFAR ResNets: 6n+2; PreAct: 9n+2).
             width: width override (highway_mlp units per layer).
-            gate: plain | residual | highway | gated.
+            gate: plain | residual | highway | gated; hc | mhc | mhc_lite (multi-stream: highway_mlp,
+                highway_cnn_cifar).
             gate_bias: transform gate bias, or "auto" (= −ln(L) − 1 for L blocks).
             activation: activation of dense layers (relu, tanh, …).
             init: initialisation preset of the blocks (default, fixup, rezero, skipinit, layerscale,
@@ -192,6 +194,7 @@ class Classifier(DeepresModule):
             drop_path: stochastic depth, the drop rate of the last block (linear in the block index).
             reversible: reversible blocks (inputs recomputed from outputs in backward), where the
                 architecture has them.
+            streams: residual streams of the multi-stream gates (hc, mhc, mhc_lite; default 4).
             arch_args: any other argument of the architecture (e.g. {layers: [3, 24, 36, 3]}).
             num_classes: classes; linked from the data module.
             input_shape: one sample's shape; linked from the data module.
@@ -208,7 +211,7 @@ class Classifier(DeepresModule):
         """
         self_args = dict(locals())  # first: the arguments as given
         shortcuts = dict(depth=depth, width=width, gate=gate, gate_bias=gate_bias, activation=activation,
-                         init=init, norm=norm, drop_path=drop_path, reversible=reversible)
+                         init=init, norm=norm, drop_path=drop_path, reversible=reversible, streams=streams)
         arch_args = {**(arch_args or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
         super().__init__(arch=arch, arch_args=arch_args, num_classes=num_classes, input_shape=input_shape,
                          optim=optim, schedule=schedule, memory=memory)
