@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepres.diagnostics import DEPTH_FILE
+from deepres.observability.diagnostics import DEPTH_FILE
 from deepres.errors import ConfigError
 from deepres.models import create_model
 from deepres.models.blocks import ResidualBlock, dense_gate
