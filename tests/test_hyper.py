@@ -24,7 +24,7 @@ from deepres.models.hyper import (
     residual_matrices,
     sinkhorn,
 )
-from deepres.pipeline.split import adapter_for, block_ranges
+from deepres.pipeline.split import block_ranges
 from deepres.training.cli import main
 from deepres.training.run_dir import resolve_run_dir
 
@@ -415,12 +415,11 @@ def test_pipeline_stages_compose_back_into_the_nets_forward(arch):
     net = create_model(arch, gate="mhc", streams=3, **small).eval()
     _perturb_(net, scale=0.1)
     x = torch.randn(3, 12) if arch == "highway_mlp" else torch.randn(3, 3, 16, 16)
-    adapter = adapter_for(net)
     ranges = block_ranges(net, 2, "params")
     with torch.no_grad():
-        h = adapter.entry(net, x)
+        h = net.entry(x)
         for start, stop in ranges:
             for block in net.blocks[start:stop]:
                 h = block(h)
             assert h.shape[0] == 3 and h.shape[-1] == 3  # batch first, streams last, at every boundary
-        assert torch.allclose(adapter.exit(net, h), net(x), atol=1e-6)
+        assert torch.allclose(net.exit(h), net(x), atol=1e-6)
