@@ -6,8 +6,9 @@
 
 First `deepres fit` runs uninterrupted (the reference). Then the same command runs under fire: each attempt is
 killed (SIGKILL, SIGTERM or SIGINT to its whole process group, every rank at once, as a preemption or Ctrl-C
-does; with --ddp also SIGKILL of rank 1 alone) at a random moment (--kills: uniform from half the reference run's
-startup to a time that spreads the kills over its training) or right after a chosen step (--kill-at-steps), and
+does; with --ddp also SIGKILL of rank 1 alone) at a random moment (--kills: from half the reference run's startup
+to a time, or the step reached by then at the reference's speed, that spreads the kills over the training left)
+or right after a chosen step (--kill-at-steps), and
 is resumed with `--ckpt_path last` until it ends at the planned step. Both runs save `last.ckpt` every
 --every-n-steps steps.
 
@@ -208,10 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         target = planned_kills[len(kills)] if len(kills) < len(planned_kills) else "none"
         in_order = args.kill_at_steps is not None and len(signals) == len(planned_kills)  # one signal per kill
         how = None if target == "none" else signals[len(kills)] if in_order else rng.choice(signals)
-        # from half the startup (a kill while it loads) to a time that spreads the kills left over the training left
-        left = (planned - find_resume_checkpoint(root / "chaos")[1]) / planned if resume and planned else 1.0
-        span = 2 * train_s * left / (len(planned_kills) - len(kills) + 1)
-        delay = rng.uniform(startup_s / 2, startup_s + span) if target is None else None
+        # A random moment from half the startup (a kill while it loads) to one that spreads the kills left over
+        # the training left: a time, and the step it corresponds to at the reference's speed, whichever comes
+        # first (the speed of a shared machine varies; the kill must land before the end).
+        start = find_resume_checkpoint(root / "chaos")[1] if resume else 0
+        share = 2 * (planned - start) / (len(planned_kills) - len(kills) + 1)
+        u = rng.random()
+        delay = startup_s / 2 + u * (startup_s / 2 + train_s * share / planned) if target is None else None
+        if target is None:
+            target = min(planned - 1, start + max(1, round(u * share)))
         killed_at = None
         while attempt.proc.poll() is None:
             time.sleep(0.02)
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 pending = None
             if how is None or killed_at is not None:
                 continue
-            due = (time.monotonic() - attempt.started >= delay) if target is None else (
+            due = (delay is not None and time.monotonic() - attempt.started >= delay) or (
                 attempt.step is not None and attempt.step >= target)
             if due and (how != "SIGKILL-rank1" or (ranks / "rank-1.json").exists()):
                 killed_at = time.monotonic()
