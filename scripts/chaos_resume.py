@@ -27,6 +27,7 @@ Exit status 0 when the parameters are bit-identical and the rows match, 1 otherw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -93,10 +94,8 @@ class Attempt:
         self._reader.join()
         self.log.close()
         if code != 0:  # a Ctrl-C or SIGKILL can leave a rank or a data-loader worker of the group behind
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         return code
 
 
@@ -120,7 +119,7 @@ def compare(reference: Path, chaos: Path) -> dict:
     diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item()
                for k in a["state_dict"])
     rows_a, rows_b = rows(reference), rows(chaos)
-    same_rows = sum(ra == rb for ra, rb in zip(rows_a, rows_b))
+    same_rows = sum(ra == rb for ra, rb in zip(rows_a, rows_b, strict=False))  # compared as far as both go
 
     def final(rs: list[dict[str, str]], key: str) -> float | None:
         values = [float(r[key]) for r in rs if r.get(key)]

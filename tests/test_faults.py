@@ -158,7 +158,7 @@ def test_a_failed_background_save_stops_training_at_that_save_not_an_interval_la
     lines = [line for line in err.splitlines() if "could not write checkpoint" in line]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     stopped = int(lines[0].split("Training stopped at step ")[1].split(".")[0])
-    assert f"last.ckpt at step 8: File too large" in lines[0]
+    assert "last.ckpt at step 8: File too large" in lines[0]
     assert f"{run_dir / 'checkpoints' / 'last.ckpt'} (step 5) is untouched" in lines[0]
     assert 8 <= stopped < 16, stopped  # noticed within the write's time, before the next save was due
     assert max(train_steps(run_dir)) + 1 <= stopped  # (the row of the step it stopped in is not written)
