@@ -264,10 +264,10 @@ def test_ddp_rank_that_stops_answering_times_out_after_the_configured_limit_with
 @pytest.mark.parametrize("ddp, kills", [(False, {"12": "SIGKILL", "30": "SIGINT"}),
                                         (True, {"7": "SIGTERM", "15": "SIGKILL-rank1"})], ids=["one-process", "ddp"])
 def test_chaos_harness_kills_and_resumes_to_bit_identical_parameters_and_rows(tmp_path, ddp, kills):
-    """scripts/chaos_resume.py, short: the small default-path job (max_epochs, cosine) killed twice inside epochs
+    """scripts/repro/chaos_resume.py, short: the small default-path job (max_epochs, cosine) killed twice inside epochs
     (a kill without a save loses the steps since the last every-5-steps checkpoint) and resumed each time."""
     out = tmp_path / "chaos.json"
-    cmd = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "chaos_resume.py"), "--root", str(tmp_path / "c"),
+    cmd = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "repro" / "chaos_resume.py"), "--root", str(tmp_path / "c"),
            "--every-n-steps", "5", "--json", str(out), "--kill-at-steps", *kills, "--signals", *kills.values(),
            *(["--ddp"] if ddp else []), "--", "--model.depth", "6", "--trainer.max_epochs", "2"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)

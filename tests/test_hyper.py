@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from deepres.observability.diagnostics import DEPTH_FILE
 from deepres.errors import ConfigError
 from deepres.models import create_model
 from deepres.models.blocks import ResidualBlock, dense_gate
@@ -24,6 +23,7 @@ from deepres.models.hyper import (
     residual_matrices,
     sinkhorn,
 )
+from deepres.observability.diagnostics import DEPTH_FILE
 from deepres.pipeline.split import block_ranges
 from deepres.training.cli import main
 from deepres.training.run_dir import resolve_run_dir

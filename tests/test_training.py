@@ -157,6 +157,18 @@ def assert_same_training(whole: Path, split: Path) -> None:
 SMALL = ["--model.depth", "6", "--data.batch_size", "64"]  # digits: 22 steps per epoch
 
 
+def test_the_schedule_reads_its_horizon_only_past_the_warm_up():
+    """Building the scheduler evaluates step 0; the horizon (which builds the training loader when Lightning
+    has none yet) must not be read then, only once training is under way."""
+    from deepres.training.config import ScheduleConfig
+    from deepres.training.optim import lr_lambda
+
+    reads = []
+    factor = lr_lambda(ScheduleConfig(name="cosine", warmup_steps=2), total_steps=lambda: reads.append(1) or 12)
+    assert [factor(step) for step in (0, 1, 2)] == [0.5, 1.0, 1.0] and not reads
+    assert factor(7) == pytest.approx(0.5) and reads  # half-way from step 2 to 12
+
+
 def test_resume_is_exact(tmp_path):
     """2N steps in one go == N steps, then resumed for N more (N = 30 is mid-epoch: 22 steps/epoch)."""
     common = [*SMALL, "--model.schedule.name", "step", "--model.schedule.milestones", "[40]",

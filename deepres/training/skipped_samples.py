@@ -35,7 +35,7 @@ class SkippedSampleCounts(Callback):
                               device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        return {reason: self.before.get(reason, 0) + int(n) for reason, n in zip(SKIP_REASONS, counts.tolist())}
+        return {reason: self.before.get(reason, 0) + int(n) for reason, n in zip(SKIP_REASONS, counts.tolist(), strict=True)}
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,13 +1,14 @@
 """Kill a training run again and again, resume it each time, and check it ends exactly where one run in one go ends.
 
-    python scripts/chaos_resume.py --kills 10                       # the default job, killed 10 times at random
-    python scripts/chaos_resume.py --kills 10 --ddp                 # the same on 2 CPU processes (DDP)
-    python scripts/chaos_resume.py --kill-at-steps 12 30 -- --model.depth 6 --trainer.max_epochs 2
+    python scripts/repro/chaos_resume.py --kills 10                       # the default job, killed 10 times at random
+    python scripts/repro/chaos_resume.py --kills 10 --ddp                 # the same on 2 CPU processes (DDP)
+    python scripts/repro/chaos_resume.py --kill-at-steps 12 30 -- --model.depth 6 --trainer.max_epochs 2
 
 First `deepres fit` runs uninterrupted (the reference). Then the same command runs under fire: each attempt is
 killed (SIGKILL, SIGTERM or SIGINT to its whole process group, every rank at once, as a preemption or Ctrl-C
-does; with --ddp also SIGKILL of rank 1 alone) at a random moment (--kills: uniform from half the reference run's
-startup to a time that spreads the kills over its training) or right after a chosen step (--kill-at-steps), and
+does; with --ddp also SIGKILL of rank 1 alone) at a random moment (--kills: from half the reference run's startup
+to a time, or the step reached by then at the reference's speed, that spreads the kills over the training left)
+or right after a chosen step (--kill-at-steps), and
 is resumed with `--ckpt_path last` until it ends at the planned step. Both runs save `last.ckpt` every
 --every-n-steps steps.
 
@@ -26,6 +27,7 @@ Exit status 0 when the parameters are bit-identical and the rows match, 1 otherw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -92,10 +94,8 @@ class Attempt:
         self._reader.join()
         self.log.close()
         if code != 0:  # a Ctrl-C or SIGKILL can leave a rank or a data-loader worker of the group behind
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         return code
 
 
@@ -119,7 +119,7 @@ def compare(reference: Path, chaos: Path) -> dict:
     diff = max((a["state_dict"][k].double() - b["state_dict"][k].double()).abs().max().item()
                for k in a["state_dict"])
     rows_a, rows_b = rows(reference), rows(chaos)
-    same_rows = sum(ra == rb for ra, rb in zip(rows_a, rows_b))
+    same_rows = sum(ra == rb for ra, rb in zip(rows_a, rows_b, strict=False))  # compared as far as both go
 
     def final(rs: list[dict[str, str]], key: str) -> float | None:
         values = [float(r[key]) for r in rs if r.get(key)]
@@ -208,10 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         target = planned_kills[len(kills)] if len(kills) < len(planned_kills) else "none"
         in_order = args.kill_at_steps is not None and len(signals) == len(planned_kills)  # one signal per kill
         how = None if target == "none" else signals[len(kills)] if in_order else rng.choice(signals)
-        # from half the startup (a kill while it loads) to a time that spreads the kills left over the training left
-        left = (planned - find_resume_checkpoint(root / "chaos")[1]) / planned if resume and planned else 1.0
-        span = 2 * train_s * left / (len(planned_kills) - len(kills) + 1)
-        delay = rng.uniform(startup_s / 2, startup_s + span) if target is None else None
+        # A random moment from half the startup (a kill while it loads) to one that spreads the kills left over
+        # the training left: a time, and the step it corresponds to at the reference's speed, whichever comes
+        # first (the speed of a shared machine varies; the kill must land before the end).
+        start = find_resume_checkpoint(root / "chaos")[1] if resume else 0
+        share = 2 * (planned - start) / (len(planned_kills) - len(kills) + 1)
+        u = rng.random()
+        delay = startup_s / 2 + u * (startup_s / 2 + train_s * share / planned) if target is None else None
+        if target is None:
+            target = min(planned - 1, start + max(1, round(u * share)))
         killed_at = None
         while attempt.proc.poll() is None:
             time.sleep(0.02)
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 pending = None
             if how is None or killed_at is not None:
                 continue
-            due = (time.monotonic() - attempt.started >= delay) if target is None else (
+            due = (delay is not None and time.monotonic() - attempt.started >= delay) or (
                 attempt.step is not None and attempt.step >= target)
             if due and (how != "SIGKILL-rank1" or (ranks / "rank-1.json").exists()):
                 killed_at = time.monotonic()
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.markdown:
-        command = "python scripts/chaos_resume.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python scripts/repro/chaos_resume.py " + " ".join(argv if argv is not None else sys.argv[1:])
         args.markdown.write_text(markdown(result, command, machine))
     return 0 if result["max_param_diff"] == 0.0 and result["metrics_identical"] else 1
 
