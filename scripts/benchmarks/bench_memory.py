@@ -147,7 +147,7 @@ def main() -> None:
             print(f"| {m} | {rs[0]['k']} | {mem / 2**20:.0f} | {t:.3f} | "
                   f"{mem / med['none']['activation_bytes']:.3f} | {t / med['none']['step_s']:.3f} |")
 
-        def ratio(a: str, b: str, key: str) -> float:
+        def ratio(a: str, b: str, key: str, med=med) -> float:
             return med[a][key] / med[b][key]
 
         print(f"RATIO {model} sqrt-checkpointing activation memory / no checkpointing = "
