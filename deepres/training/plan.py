@@ -195,7 +195,8 @@ def trainer_plan(trainer: Any) -> TrainerPlan:
 
 
 # ------------------------------------------------------------------------------------------------ model, data
-BLOCK_OPTIONS = ("depth", "width", "gate", "gate_bias", "activation", "init", "norm", "drop_path", "reversible")
+BLOCK_OPTIONS = ("depth", "width", "gate", "gate_bias", "activation", "init", "norm", "drop_path", "reversible",
+                 "depth_scaling")
 
 
 @dataclass(frozen=True)
