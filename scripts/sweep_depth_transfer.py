@@ -299,8 +299,9 @@ def write_summary(path: Path, rows: list[dict]) -> None:
         held = [t for t in sel if verdict(t) == "yes"]
         deepest = max(t["depth"] for t in sel)
         lines.append(f"| Depth-{sel[0]['reference']} lr transfers (best lr ×½–2, acc within 1 pt), depth_scaling={scaling}, "
-                     f"L up to {deepest} | {len(held)} of {len(sel)} (member, depth) pairs | all (with completep) | "
-                     f"CompleteP: depth-wise HP transfer | {'met' if scaling == 'none' or len(held) == len(sel) else '**not met**'} |")
+                     f"L up to {deepest} | {len(held)} of {len(sel)} (member, depth) pairs | "
+                     + ("the comparison | – | – |" if scaling == "none" else
+                        f"all | CompleteP: depth-wise HP transfer | {'met' if len(held) == len(sel) else '**not met**'} |"))
     path.write_text("\n".join(lines) + ("\n" if lines else ""))
 
 
