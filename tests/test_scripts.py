@@ -134,3 +134,24 @@ def test_depth_init_sweep_and_render(tmp_path):
     assert module.main(["--render-only", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "depth_init.md").read_text() == markdown
     assert "| Error flow at init, depth-aware presets, L = 10 |" in (tmp_path / "depth_init_summary.md").read_text()
+
+
+def test_depth_transfer_sweep_resumes_and_matches_single_runs(tmp_path):
+    module = run_script("sweep_depth_transfer", tmp_path)
+    rows, markdown = read_outputs(tmp_path, "depth_transfer")
+    # quick: 2 depths × 2 members × 2 switches × 2 learning rates, 4 steps each
+    assert len(rows) == 16 and {int(r["depth"]) for r in rows} == {3, 6}
+    assert "| highway | completep | 6 | 2 | " in markdown
+    # resumable: finished runs are skipped, a missing one is run again
+    csv_path = tmp_path / "depth_transfer.csv"
+    lines = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join(lines[:-1]) + "\n")
+    assert module.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    again = csv_path.read_text().splitlines()
+    assert len(again) == len(lines) and again[-1].split(",")[:6] == lines[-1].split(",")[:6]
+    # the side-by-side runs are the single runs of the default job's optimizer, copy for copy
+    for member in module.MEMBERS:
+        single = module.train_one(member, "completep", 4, 0.32, 6, 0)
+        together = module.train_side_by_side(member, "completep", 4, [0.04, 0.32], 6, 0)[1]
+        assert together["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-4)
+        assert together["val_acc"] == pytest.approx(single["val_acc"], abs=1e-6)

@@ -212,6 +212,8 @@ class ResidualBlock(nn.Module):
 
     # σ and the mix as one autograd op (deepres.models.fused_gate); False: the separate ops
     fused_gate = True
+    # fixed multiplier m on the block's change, y = s + m·(merge − s) (deepres.models.depth_scaling); 1: off
+    depth_multiplier = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self._keep_mask(x) if self.drop_rate > 0.0 and self.training else None
@@ -249,6 +251,8 @@ class ResidualBlock(nn.Module):
                 y = self.carry_gate(x) * s + self.transform_gate(x) * h
                 if keep is not None:  # a dropped sample carries its input: y = s
                     y = s + (y - s) * keep
+            if self.depth_multiplier != 1.0:
+                y = torch.lerp(s, y, self.depth_multiplier)
         return y if self.post is None else self.post(y)
 
     def _carry(self, x: torch.Tensor, carry_in: torch.Tensor) -> torch.Tensor:
@@ -271,6 +275,8 @@ class ResidualBlock(nn.Module):
             extra.append(f"carry_scale={self.carry_scale:.4g}")
         if self.drop_rate:
             extra.append(f"drop_rate={self.drop_rate:.4g}")
+        if self.depth_multiplier != 1.0:
+            extra.append(f"depth_multiplier={self.depth_multiplier:.4g}")
         return ", ".join(extra)
 
 

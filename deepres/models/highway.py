@@ -34,6 +34,12 @@ from deepres.models.bodies import (
     check_norm,
     make_norm,
 )
+from deepres.models.depth_scaling import (
+    DepthScalingName,
+    apply_depth_scaling,
+    check_depth_scaling,
+    init_blocks,
+)
 from deepres.models.hyper import (
     HYPER_GATES,
     SINKHORN_ITERS,
@@ -106,6 +112,7 @@ def highway_mlp(
     streams: int | None = None,
     dynamic: bool = True,
     sinkhorn_iters: int = SINKHORN_ITERS,
+    depth_scaling: DepthScalingName = "none",
 ) -> HighwayMLP:
     """Fully connected net of `depth` hidden layers: 1 plain layer + (depth − 1) blocks.
 
@@ -130,14 +137,18 @@ def highway_mlp(
         streams: residual streams of hc/mhc/mhc_lite (default 4); the stem copies into them, the head averages them.
         dynamic: hc/mhc/mhc_lite mixings computed from the streams (true) or learned constants (false).
         sinkhorn_iters: Sinkhorn–Knopp iterations of mhc (mHC: 20).
+        depth_scaling: none | completep: every block's change × 1/L and "auto" gate biases for one block, with
+            the matching per-parameter learning rates (deepres.models.depth_scaling).
     """
     n = check_hyper(gate, streams, sinkhorn_iters, reversible=reversible, init=init, dynamic=dynamic)
     if gate in HYPER_GATES:
+        check_depth_scaling(depth_scaling, gate, reversible=reversible)
         check_drop_path(drop_path, gate)
         return _hyper_mlp(depth, width, gate, gate_bias, activation, body or "pre", in_features, num_classes,
                           drop_path, n, dynamic, sinkhorn_iters)
     check_gate(gate)
     check_init(init, gate, conv=False)
+    check_depth_scaling(depth_scaling, gate, reversible=reversible)
     check_drop_path(drop_path, gate)
     if depth < 2:
         raise ConfigError(f"highway_mlp needs depth >= 2 (1 plain layer + >= 1 block); got depth={depth}.")
@@ -149,7 +160,8 @@ def highway_mlp(
     if body not in ("post", "pre", "fixup"):
         raise ConfigError(f"highway_mlp body must be 'post' or 'pre'; got {body!r}.")
     num_blocks = depth - 1
-    tb, cb = resolve_gate_biases(gate, num_blocks, gate_bias, carry_bias)
+    init_depth = init_blocks(depth_scaling, num_blocks)  # L, or 1 where the depth multiplier takes its place
+    tb, cb = resolve_gate_biases(gate, init_depth, gate_bias, carry_bias)
     stem = DenseBody(in_features, width, activation)  # the paper's one plain layer first
     if reversible:
         check_reversible(gate, width, init, drop_path)
@@ -162,19 +174,20 @@ def highway_mlp(
         return HighwayMLP(stem, ReversibleStack(blocks), nn.Linear(width, num_classes))
     blocks = []
     for _ in range(num_blocks):
-        h = _dense_body(body, width, activation, num_blocks, zero_init=init == "default")
-        init_branch_(h, init, num_blocks)
+        h = _dense_body(body, width, activation, init_depth, zero_init=init == "default")
+        init_branch_(h, init, init_depth)
         blocks.append(
             ResidualBlock(
                 h, gate,
                 transform_gate=dense_gate(width, width, tb) if gate in ("highway", "gated") else None,
                 carry_gate=dense_gate(width, width, cb) if gate == "gated" else None,
                 post=nn.LayerNorm(width) if init == "deepnorm" else None,  # DeepNorm is Post-LN
-                **block_scales(init, num_blocks, width),
+                **block_scales(init, init_depth, width),
             )
         )
     model = HighwayMLP(stem, BlockStack(blocks), nn.Linear(width, num_classes))
     _finish(model, init, drop_path, activation)
+    apply_depth_scaling(model.blocks, depth_scaling, num_blocks)
     return model
 
 

@@ -169,6 +169,7 @@ class Classifier(DeepresModule):
         drop_path: float | None = None,
         reversible: bool | None = None,
         streams: int | None = None,
+        depth_scaling: str | None = None,
         arch_args: dict[str, Any] | None = None,
         num_classes: int = 10,
         input_shape: tuple[int, ...] = (64,),
@@ -195,6 +196,9 @@ class Classifier(DeepresModule):
             reversible: reversible blocks (inputs recomputed from outputs in backward), where the
                 architecture has them.
             streams: residual streams of the multi-stream gates (hc, mhc, mhc_lite; default 4).
+            depth_scaling: none | completep: each block's change × 1/L with per-group learning rates, weight
+                decays and Adam ε for the blocks' parameters, so that one lr holds at every depth
+                (deepres.models.depth_scaling), where the architecture has it.
             arch_args: any other argument of the architecture (e.g. {layers: [3, 24, 36, 3]}).
             num_classes: classes; linked from the data module.
             input_shape: one sample's shape; linked from the data module.
@@ -211,7 +215,8 @@ class Classifier(DeepresModule):
         """
         self_args = dict(locals())  # first: the arguments as given
         shortcuts = dict(depth=depth, width=width, gate=gate, gate_bias=gate_bias, activation=activation,
-                         init=init, norm=norm, drop_path=drop_path, reversible=reversible, streams=streams)
+                         init=init, norm=norm, drop_path=drop_path, reversible=reversible, streams=streams,
+                         depth_scaling=depth_scaling)
         arch_args = {**(arch_args or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
         super().__init__(arch=arch, arch_args=arch_args, num_classes=num_classes, input_shape=input_shape,
                          optim=optim, schedule=schedule, memory=memory)

@@ -2,7 +2,9 @@
 
 Weight decay applies to weight matrices and conv kernels only: norms, biases and gate biases are
 excluded (a decayed gate bias would drift from its depth-aware initial value toward 0, i.e. toward
-closing the carry path: docs/science.md#the-highway-transform-gate-bias).
+closing the carry path: docs/science.md#the-highway-transform-gate-bias). A model with a depth
+parameterisation gets per-group learning rates, weight decays and Adam ε for its scaled blocks
+(deepres.models.depth_scaling).
 """
 
 from __future__ import annotations
@@ -13,19 +15,34 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from deepres.models.depth_scaling import hidden_depth_ratios, hidden_rule
 from deepres.training.config import OptimizerConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, *, optimizer: str = "sgd", lr: float | None = None,
+                 eps: float = 1e-8) -> list[dict]:
+    """Decay and no-decay groups; with a depth parameterisation (deepres.models.depth_scaling) the parameters
+    of the scaled blocks get their own groups, whose lr, weight decay and Adam ε follow its rule for `optimizer`."""
+    ratios = hidden_depth_ratios(model)
+    split: dict[tuple[float, bool], list] = {}
     for _name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # 1-D tensors are biases (including gate biases) and norm scales/shifts
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        split.setdefault((ratios.get(id(p), 1.0), p.ndim > 1), []).append(p)
+    groups = [{"params": split.get((1.0, True), []), "weight_decay": weight_decay}]
+    if (1.0, False) in split:
+        groups.append({"params": split[1.0, False], "weight_decay": 0.0})
+    for (ratio, decayed), params in split.items():
+        if ratio == 1.0:
+            continue
+        if lr is None:
+            raise ValueError("param_groups needs the base lr for a model with depth-scaled blocks")
+        rule = hidden_rule(optimizer, ratio)
+        group = {"params": params, "lr": lr * rule.lr, "weight_decay": weight_decay * rule.weight_decay if decayed else 0.0}
+        if optimizer in ("adam", "adamw"):
+            group["eps"] = eps * rule.eps
+        groups.append(group)
     return groups
 
 
@@ -54,7 +71,7 @@ def fused_allowed(*, precision: str, gradient_clip_val: float | None) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, *, fused: bool = True) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, optimizer=cfg.name, lr=cfg.lr)
     impl = implementation(model, fused=fused)
     betas = tuple(cfg.betas)
     if cfg.name == "sgd":

@@ -211,7 +211,8 @@ def _strategy_name(strategy: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ model, data
-BLOCK_OPTIONS = ("depth", "width", "gate", "gate_bias", "activation", "init", "norm", "drop_path", "reversible")
+BLOCK_OPTIONS = ("depth", "width", "gate", "gate_bias", "activation", "init", "norm", "drop_path", "reversible",
+                 "depth_scaling")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ missing = []
 
 # The summary table: every script's <name>_summary.md rows, in the order of this document.
 ORDER = ["highway_sweep", "error_flow", "lstm_adding_T100", "lstm_adding_T500", "lstm_adding_T1000",
-         "lstm_temporal_order_T100", "depth_init", "depth_init_long", "bench_depth", "overhead", "model_cost", "shards", "cpu_efficiency", "bench_lstm"]
+         "lstm_temporal_order_T100", "depth_init", "depth_init_long", "depth_transfer", "bench_depth", "overhead", "model_cost", "shards", "cpu_efficiency", "bench_lstm"]
 rows = [(out_dir / f"{name}_summary.md").read_text().strip() for name in ORDER
         if (out_dir / f"{name}_summary.md").exists()]
 if rows:
@@ -87,10 +87,10 @@ fi
 declare -A ARGS=(
   [bench_overhead]="" [bench_model_cost]="" [bench_shards]="--trials 5 --images 3200 --tar-reader both"
   [bench_cpu_efficiency]="" [repro_error_flow]=""
-  [repro_highway_sweep]="--jobs 2" [repro_depth_init]="--append" [bench_depth]="" [repro_lstm_adding]="--jobs 2 --steps $LSTM_STEPS" [bench_lstm]=""
+  [repro_highway_sweep]="--jobs 2" [repro_depth_init]="--append" [sweep_depth_transfer]="" [bench_depth]="" [repro_lstm_adding]="--jobs 2 --steps $LSTM_STEPS" [bench_lstm]=""
 )
 ALL=(bench_overhead bench_model_cost bench_shards bench_cpu_efficiency bench_lstm bench_depth repro_error_flow
-     repro_highway_sweep repro_lstm_adding repro_depth_init)
+     repro_highway_sweep repro_lstm_adding repro_depth_init sweep_depth_transfer)
 selected=("$@")
 (( ${#selected[@]} )) || selected=("${ALL[@]}")
 for name in "${selected[@]}"; do

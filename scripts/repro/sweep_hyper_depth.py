@@ -1,10 +1,10 @@
 """Multi-stream residuals from 10 to 10,000 blocks on the digits job: highway, gated, hc, mhc, mhc_lite.
 
-    python scripts/sweep_hyper_depth.py                          # depths 10 100 1000 10000, 100 steps each
-    python scripts/sweep_hyper_depth.py --quick                  # depths 10 100, 20 steps: a minute
-    python scripts/sweep_hyper_depth.py --depths 10000 --steps 30
-    python scripts/sweep_hyper_depth.py --step-time              # mhc (n = 4) ÷ gated, side by side
-    python scripts/sweep_hyper_depth.py --report-only            # rewrite the .md from the stored rows
+    python scripts/repro/sweep_hyper_depth.py                          # depths 10 100 1000 10000, 100 steps each
+    python scripts/repro/sweep_hyper_depth.py --quick                  # depths 10 100, 20 steps: a minute
+    python scripts/repro/sweep_hyper_depth.py --depths 10000 --steps 30
+    python scripts/repro/sweep_hyper_depth.py --step-time              # mhc (n = 4) ÷ gated, side by side
+    python scripts/repro/sweep_hyper_depth.py --report-only            # rewrite the .md from the stored rows
 
 For every depth (blocks, smallest first) and gate: `highway_mlp` with depth = blocks + 1, width 50, the
 multi-stream gates at --streams streams (dynamic, mHC's 20 Sinkhorn iterations), trained in process with
@@ -39,7 +39,7 @@ from deepres.models.hyper import HYPER_GATES, composite_gain, hyper_blocks, resi
 from deepres.training.config import OptimizerConfig, ScheduleConfig
 from deepres.training.optim import build_optimizer, lr_lambda
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 GATES = ("highway", "gated", "hc", "mhc", "mhc_lite")
 
 
@@ -137,7 +137,7 @@ def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
     lines = [
         "# Multi-stream residuals from 10 to 10,000 blocks (digits)",
         "",
-        "Written by `scripts/sweep_hyper_depth.py`. `highway_mlp`, width 50, one plain layer then the blocks; "
+        "Written by `scripts/repro/sweep_hyper_depth.py`. `highway_mlp`, width 50, one plain layer then the blocks; "
         "the default job's optimizer (SGD + Nesterov 0.9, lr 0.05, cosine to 0 over the run's steps, batch 64), "
         "one seed, CPU, one thread. Multi-stream gates: n streams, dynamic mixings, mHC's 20 Sinkhorn iterations, "
         "H^post at init 2σ(−ln L − 1) (the depth-aware default).",
