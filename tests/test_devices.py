@@ -6,7 +6,7 @@ import pytest
 
 from deepres.devices import Devices, parse_devices
 from deepres.errors import ConfigError
-from deepres.slurm.submit import ClusterRequest, TrainerSettings, plan
+from deepres.slurm.submit import ClusterRequest, ProcessLayout, plan
 from deepres.strategies.settings import device_indices, processes
 
 
@@ -27,7 +27,7 @@ def test_parse_devices_refuses_what_is_not_a_device_spec(devices):
 
 def test_submit_and_strategies_agree_on_the_count():
     for devices, per_node in (("0,3", 2), ([0, 1, 2], 3), (4, 4), ("auto", None)):
-        checked = plan(ClusterRequest(nodes=2), TrainerSettings(devices=devices, num_nodes=2, accelerator="cpu"))
+        checked = plan(ClusterRequest(nodes=2), ProcessLayout(devices=devices, num_nodes=2, accelerator="cpu"))
         assert checked.tasks_per_node == (per_node or 1)
         assert processes({"devices": devices, "num_nodes": 2}) == 2 * (per_node or 1)
     assert device_indices("0,3") == [0, 3] and device_indices(4) is None and device_indices(None) is None

@@ -11,7 +11,7 @@ import pytest
 
 from deepres.errors import ConfigError
 from deepres.slurm.render import render
-from deepres.slurm.request import ClusterRequest, TrainerSettings, plan
+from deepres.slurm.request import ClusterRequest, ProcessLayout, plan
 from deepres.slurm.submit import main as submit_main
 from deepres.slurm.submit import split_passthrough
 from deepres.slurm.sweep import Sweep
@@ -20,7 +20,7 @@ PYTHON = sys.executable
 
 
 def _script(tmp_path: Path, request: ClusterRequest, **kwargs) -> str:
-    checked = plan(request, TrainerSettings(accelerator="auto"))
+    checked = plan(request, ProcessLayout(accelerator="auto"))
     script = render(request, checked, name="r", run_dir=tmp_path / "runs" / "r", workdir=tmp_path,
                     deepres=kwargs.pop("deepres", ["python", "-m", "deepres"]), config=None, args=[], **kwargs)
     path = tmp_path / "job.sbatch"
@@ -38,7 +38,7 @@ def test_gres_asks_for_the_gpus_instead_of_gpus_per_node(tmp_path):
     lines = _sbatch_lines(script)
     assert "#SBATCH --gres=gpu:a100:4" in lines and "#SBATCH --ntasks-per-node=4" in lines
     assert not [line for line in lines if "--gpus-per-node" in line]
-    assert plan(ClusterRequest(gres="gpu:2"), TrainerSettings()).trainer_overrides == [
+    assert plan(ClusterRequest(gres="gpu:2"), ProcessLayout()).trainer_overrides == [
         "--trainer.devices", "2", "--trainer.accelerator", "gpu"]
 
 
@@ -52,7 +52,7 @@ def test_gres_asks_for_the_gpus_instead_of_gpus_per_node(tmp_path):
 ])
 def test_contradicting_or_malformed_gpu_and_memory_requests_are_refused(request_, message):
     with pytest.raises(ConfigError, match=message):
-        plan(request_, TrainerSettings())
+        plan(request_, ProcessLayout())
 
 
 @pytest.mark.parametrize(("request_", "line"), [
