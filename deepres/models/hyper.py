@@ -350,19 +350,29 @@ def hyper_blocks(blocks: nn.Module) -> list[HyperBlock]:
     return [m for m in members if isinstance(m, HyperBlock)]
 
 
+def start_recording(blocks: nn.Module) -> list[torch.Tensor]:
+    """From now on every HyperBlock's forward appends its H^res (detached) to the returned list, in order of
+    execution, until `stop_recording(blocks)`. Activation-checkpoint recomputation runs under backward: stop
+    before it."""
+    recorded: list[torch.Tensor] = []
+    for block in hyper_blocks(blocks):
+        block.recorded = recorded
+    return recorded
+
+
+def stop_recording(blocks: nn.Module) -> None:
+    for block in hyper_blocks(blocks):
+        block.recorded = None
+
+
 @contextlib.contextmanager
 def recording_mixing(blocks: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """While on, every HyperBlock's forward appends its H^res (detached) to the yielded list, in
-    order of execution. Activation-checkpoint recomputation runs under backward: leave before it."""
-    recorded: list[torch.Tensor] = []
-    found = hyper_blocks(blocks)
-    for block in found:
-        block.recorded = recorded
+    """`start_recording` … `stop_recording` as a context."""
+    recorded = start_recording(blocks)
     try:
         yield recorded
     finally:
-        for block in found:
-            block.recorded = None
+        stop_recording(blocks)
 
 
 def residual_matrices(blocks: nn.Module, streams: torch.Tensor | None = None) -> list[torch.Tensor]:

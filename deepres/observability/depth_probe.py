@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deepres.models.blocks import Gate, GateActivation
-from deepres.models.hyper import HyperBlock, composite_gain, recording_mixing
+from deepres.models.hyper import HyperBlock, composite_gain, start_recording, stop_recording
 
 # Module attribute name -> the role of that gate in y = g(x)·x + t(x)·h(x)
 # (docs/science.md#one-family-of-blocks). A `Gate` is hooked itself rather than its `act` (σ): a
@@ -97,8 +97,9 @@ class Probe:
             self.handles.append(module.register_forward_hook(self._record_gate(key)))
         # multi-stream blocks (deepres.models.hyper) hand over their H^res: the composite gain of ∏H^res
         self.hyper_index = [i for i, block in enumerate(blocks) if isinstance(block, HyperBlock)]
-        self._mixing = recording_mixing(blocks)
-        self.mixing_matrices = self._mixing.__enter__()
+        # a list, not a context manager held open: a net copied while probed (copy.deepcopy) must stay copyable
+        self.mixing_matrices = start_recording(blocks)
+        self._recording = True
         self.composite: dict[str, float] = {}
         self.observed = hasattr(blocks, "observer")
         if self.observed:
@@ -110,9 +111,9 @@ class Probe:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        if self._mixing is not None:
-            self._mixing.__exit__(None, None, None)
-            self._mixing = None
+        if self._recording:
+            stop_recording(self.blocks)
+            self._recording = False
         if self.observed:
             self.blocks.observer = None
             self.observed = False
