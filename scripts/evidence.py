@@ -50,6 +50,15 @@ def write_csv(path: Path, rows: list[dict[str, Any]], skip: Iterable[str] = ()) 
         writer.writerows(rows)
 
 
+def write_results_csv(out_dir: Path, stem: str, rows: list[dict[str, Any]], script: str,
+                      argv: list[str] | None) -> str:
+    """Write `rows` to `out_dir/<stem>.csv` (creating the folder) and return the command line that
+    made them, for the header of the tables written beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / f"{stem}.csv", rows)
+    return command_line(script, argv)
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """How this run was started, as RESULTS.md shows it (scripts/benchmarks/bench_*.py, scripts/repro/repro_*.py,
     scripts/tools/*.py)."""

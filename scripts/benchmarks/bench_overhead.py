@@ -50,7 +50,7 @@ JOBS = {
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, quiet_lightning, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import quiet_lightning, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -278,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label}: deepres/hand = {summary[label]['ratio']:.3f} (median of {len(ratios)} trials, "
                       f"each against the hand loop of the same trial; target <= {TARGET})", flush=True)
     seconds = time.perf_counter() - start
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "overhead.csv", rows)
-    command = command_line("bench_overhead.py", argv)
+    command = write_results_csv(args.out_dir, "overhead", rows, "bench_overhead.py", argv)
     header = (f"`{command}` — {args.trials} trials per side, alternating, each {args.steps} timed steps after "
               f"{args.warmup} warm-up steps, batch {args.batch_size}, fp32; {seconds / 60:.1f} min. {env}.")
     write_table(args.out_dir / "overhead.md", rows, summary, header)

@@ -39,7 +39,7 @@ NETS: dict[str, dict] = {
 }
 WIDTH = 50
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -247,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"L={depth:5d} {net:36s} seed {seed}: fp32 {r['ratio_fp32']:.3g}  fp64 {r['ratio_fp64']:.3g}  "
                       f"blockwise {fmt_log10(r['log10_ratio'])}", flush=True)
     seconds = time.perf_counter() - start
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "error_flow.csv", rows)
-    command = command_line("repro_error_flow.py", argv)
+    command = write_results_csv(args.out_dir, "error_flow", rows, "repro_error_flow.py", argv)
     header = (f"`{command}` — {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), one net per seed and "
               f"depth, {seconds:.0f} s. {env}.")
     write_table(args.out_dir / "error_flow.md", rows, args.depths, args.seeds, header)

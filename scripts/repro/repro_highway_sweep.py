@@ -36,7 +36,7 @@ CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, run_all, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import run_all, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -205,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row['seconds']:.0f} s)", flush=True)
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: (r["net"], r["depth"], r["lr"], r["seed"]))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "highway_sweep.csv", rows)
-    command = command_line("repro_highway_sweep.py", argv)
+    command = write_results_csv(args.out_dir, "highway_sweep", rows, "repro_highway_sweep.py", argv)
     header = (f"`{command}` — {len(rows)} runs of `deepres fit --config configs/highway_sweep_digits.yaml`: "
               f"depths {args.depths}, lr grid {args.lrs} for both nets, seeds {args.seeds} "
               f"({len(args.seeds)} trials per point), {args.epochs} epochs × 22 steps of batch 64; "
