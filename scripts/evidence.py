@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +42,20 @@ def run_all(run_one: Callable[[dict], dict], jobs: list[dict], workers: int, thr
     else:
         init_worker(threads)
         yield from map(run_one, jobs)
+
+
+def fit_logged(argv: list[str], log_path: Path) -> float:
+    """Run `deepres <argv>` in this process with its output in `log_path` (a worker's output would
+    interleave with the others'); return its seconds, or raise with the log's tail if it failed."""
+    from deepres.training.cli import main as deepres_main
+
+    start = time.perf_counter()
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = deepres_main(argv)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"deepres {' '.join(argv)} exited with {code}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+    return seconds
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], skip: Iterable[str] = ()) -> None:

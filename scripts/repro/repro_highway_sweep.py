@@ -22,7 +22,6 @@ processes with one torch thread each. Writes highway_sweep.{csv,md,png} to --out
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import statistics
@@ -36,7 +35,7 @@ CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import run_all, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import fit_logged, run_all, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -49,7 +48,6 @@ def run_one(job: dict) -> dict:
     from deepres.data import DigitsDataModule
     from deepres.training import Classifier
     from deepres.training.checkpoints import load_module
-    from deepres.training.cli import main as deepres_main
 
     argv = ["fit", "--config", str(CONFIG), *NETS[job["net"]],
             "--model.depth", str(job["depth"]), "--model.optim.lr", str(job["lr"]),
@@ -57,13 +55,7 @@ def run_one(job: dict) -> dict:
             "--trainer.max_epochs", str(job["epochs"]),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--run.root", job["root"], "--run.name", job["name"]]
-    start = time.perf_counter()
-    log_path = Path(job["root"]) / f"{job['name']}.log"
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = deepres_main(argv)
-    seconds = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"deepres fit {' '.join(argv)} exited with {code}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+    seconds = fit_logged(argv, Path(job["root"]) / f"{job['name']}.log")
     model = load_module(Classifier, Path(job["root"]) / job["name"] / "checkpoints" / "last.ckpt").eval()
     data = DigitsDataModule()
     data.setup("fit")
