@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import logging
@@ -42,6 +43,15 @@ def run_all(run_one: Callable[[dict], dict], jobs: list[dict], workers: int, thr
     else:
         init_worker(threads)
         yield from map(run_one, jobs)
+
+
+def add_standard_arguments(parser: argparse.ArgumentParser, quick: str,
+                           threads: str = "torch intra-op threads") -> None:
+    """The options every evidence script takes: --threads (1), --out-dir (docs/results) and --quick,
+    whose help says what the smoke test shrinks (`quick`)."""
+    parser.add_argument("--threads", type=int, default=1, help=threads)
+    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--quick", action="store_true", help=f"smoke test: {quick}")
 
 
 def fit_logged(argv: list[str], log_path: Path) -> float:

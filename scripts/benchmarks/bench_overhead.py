@@ -50,7 +50,7 @@ JOBS = {
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import quiet_lightning, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, quiet_lightning, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -237,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each trial")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per trial")
     parser.add_argument("--trials", type=int, default=7, help="trials per side, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 trials of 3 steps, batch 8")
+    add_standard_arguments(parser, "2 trials of 3 steps, batch 8")
     parser.add_argument("--jobs", nargs="+", choices=["resnet20_cifar", "default"], default=["resnet20_cifar", "default"],
                         help="which jobs to time (default: both)")
     parser.add_argument("--profile", action="store_true",

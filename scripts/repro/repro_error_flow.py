@@ -39,7 +39,7 @@ NETS: dict[str, dict] = {
 }
 WIDTH = 50
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -226,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: depths 10 and 30, one seed")
+    add_standard_arguments(parser, "depths 10 and 30, one seed")
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.seeds = [10, 30], [0]

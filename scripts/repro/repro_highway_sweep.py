@@ -35,7 +35,7 @@ CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import fit_logged, run_all, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, fit_logged, run_all, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20, help="epochs of 22 steps (the config's 20 = 440 steps)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: depth 2, 1 epoch, 1 lr, 1 seed, 1 job")
+    add_standard_arguments(parser, "depth 2, 1 epoch, 1 lr, 1 seed, 1 job", threads="torch intra-op threads per worker")
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.lrs, args.seeds, args.epochs, args.jobs = [2], [0.05], [0], 1, 1
