@@ -92,6 +92,16 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return " ".join(["python", f"scripts/{folder}/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
+def label_trial_axes(ax, xlabel: str, ylabel: str, title: str, **title_style) -> None:
+    """Label a per-trial timing plot: its y axis from zero (a time), a light grid and the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **title_style)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def save_figure(fig, path: Path) -> None:
     """Lay out, write at the resolution every figure in docs/results has, and free the figure."""
     import matplotlib.pyplot as plt

@@ -50,7 +50,7 @@ JOBS = {
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import add_standard_arguments, quiet_lightning, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, label_trial_axes, quiet_lightning, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -222,12 +222,7 @@ def plot(path: Path, rows: list[dict]) -> None:
             ax.plot([r["trial"] for r in sel], [r["ms_per_step"] for r in sel], "o-", color=colour,
                     label={"deepres": "deepres fit", "hand": "hand-written loop"}.get(side, f"{side[:7]} fit{side[7:]}"))
         ax.set_xticks(sorted({r["trial"] for r in rows}))
-        ax.set_xlabel("trial (sides alternate within a trial)")
-        ax.set_ylabel("ms per training step")
-        ax.set_title(job, fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        label_trial_axes(ax, "trial (sides alternate within a trial)", "ms per training step", job, fontsize=10)
     save_figure(fig, path)
 
 
