@@ -6,7 +6,6 @@ import io
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -187,46 +186,6 @@ def test_bad_fields_and_lists_get_clear_messages(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- real DDP (gloo) from foreign shards
 
 
-DDP_SCRIPT = """
-import json, sys
-import lightning as L
-import torch
-from deepres.data.shards import ShardDataModule
-
-torch.set_num_threads(1)
-
-
-class Tiny(L.LightningModule):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, num_classes))
-        self.steps, self.val_keys = 0, []
-
-    def training_step(self, batch, _):
-        self.steps += 1
-        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-    def validation_step(self, batch, _):
-        self.val_keys += batch[1].tolist()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-if __name__ == "__main__":  # data-loader workers start from a fork server, which imports this file
-    kwargs, out = json.loads(sys.argv[1]), sys.argv[2]
-    dm = ShardDataModule(batch_size=8, num_workers=1, image_size=16, eval_resize=16, **kwargs)
-    model = Tiny(dm.num_classes)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, use_distributed_sampler=False)
-    trainer.fit(model, dm)
-    with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-        json.dump({"steps": model.steps, "global_step": trainer.global_step, "val": model.val_keys,
-                   "backend": torch.distributed.get_backend()}, f)
-"""
-
-
 @pytest.fixture(scope="module")
 def ddp_writer_shards(tmp_path_factory) -> tuple[Path, list[int]]:
     """90 train samples in ShardWriter shards of 40, 40, 10; 31 val samples, labels 0..30 (one per class)."""
@@ -237,10 +196,10 @@ def ddp_writer_shards(tmp_path_factory) -> tuple[Path, list[int]]:
 
 
 def _ddp(kwargs: dict, tmp_path: Path) -> list[dict]:
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    script = REPO / "tests" / "_ddp_shards_fit.py"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = procs.run([sys.executable, str(script), json.dumps(kwargs), str(tmp_path)], 300, env=env, cwd=tmp_path)
+    args = [json.dumps(kwargs), str(tmp_path), json.dumps({"use_distributed_sampler": False})]
+    proc = procs.run([sys.executable, str(script), *args], 300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
