@@ -207,34 +207,35 @@ def _ddp(kwargs: dict, tmp_path: Path) -> list[dict]:
 STEPS = 90 // (8 * 2)  # samples // (batch_size * ranks), the same on both ranks
 
 
-def _check_equal_steps_and_exact_validation(ranks: list[dict], val_labels: list[int]) -> None:
-    assert [r["backend"] for r in ranks] == ["gloo"] * 2
-    assert [r["steps"] for r in ranks] == [2 * STEPS] * 2
-    assert [r["global_step"] for r in ranks] == [2 * STEPS] * 2
-    # 31 samples over 2 ranks (16 + 15): each validation epoch sees every sample exactly once
-    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == sorted(val_labels * 2)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_two_gloo_ranks_train_from_indexed_shardwriter_shards(ddp_writer_shards, tmp_path: Path) -> None:
-    root, val = ddp_writer_shards
+def _indexed_by_deepres(root: Path, tmp_path: Path) -> dict:
+    """ShardDataModule arguments after `deepres shard --index` wrote each split's index beside its shards."""
     for split in ("train", "val"):
         assert _index(root / split, "--workers", "1", "--num-classes", "31") == 0
-    _check_equal_steps_and_exact_validation(_ddp({"root": str(root)}, tmp_path), val)
+    return {"root": str(root)}
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_two_gloo_ranks_train_from_a_wids_shard_list(ddp_writer_shards, tmp_path: Path) -> None:
-    root, val = ddp_writer_shards
+def _listed_by_wids(root: Path, tmp_path: Path) -> dict:
+    """ShardDataModule arguments naming a wids shard list (urls and sample counts) for each split."""
     for split in ("train", "val"):
         files = sorted((root / split).glob("*.tar"))
         entries = [{"url": str(f), "nsamples": sum(1 for _ in wds.WebDataset(str(f), shardshuffle=False))}
                    for f in files]
         (tmp_path / f"{split}.json").write_text(json.dumps({"wids_version": 1, "shardlist": entries}))
-    kwargs = {"train_index": str(tmp_path / "train.json"), "val_index": str(tmp_path / "val.json"),
-              "num_classes": 31}
-    _check_equal_steps_and_exact_validation(_ddp(kwargs, tmp_path), val)
+    return {"train_index": str(tmp_path / "train.json"), "val_index": str(tmp_path / "val.json"),
+            "num_classes": 31}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("shard_arguments", [_indexed_by_deepres, _listed_by_wids],
+                         ids=["indexed_shardwriter_shards", "wids_shard_list"])
+def test_two_gloo_ranks_train_equal_steps_and_validate_exactly(ddp_writer_shards, tmp_path: Path,
+                                                               shard_arguments) -> None:
+    root, val_labels = ddp_writer_shards
+    ranks = _ddp(shard_arguments(root, tmp_path), tmp_path)
+    assert [r["backend"] for r in ranks] == ["gloo"] * 2
+    assert [r["steps"] for r in ranks] == [2 * STEPS] * 2
+    assert [r["global_step"] for r in ranks] == [2 * STEPS] * 2
+    # 31 samples over 2 ranks (16 + 15): each validation epoch sees every sample exactly once
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == sorted(val_labels * 2)
