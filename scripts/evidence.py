@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -42,6 +45,29 @@ def run_all(run_one: Callable[[dict], dict], jobs: list[dict], workers: int, thr
         yield from map(run_one, jobs)
 
 
+def add_standard_arguments(parser: argparse.ArgumentParser, quick: str,
+                           threads: str = "torch intra-op threads") -> None:
+    """The options every evidence script takes: --threads (1), --out-dir (docs/results) and --quick,
+    whose help says what the smoke test shrinks (`quick`)."""
+    parser.add_argument("--threads", type=int, default=1, help=threads)
+    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--quick", action="store_true", help=f"smoke test: {quick}")
+
+
+def fit_logged(argv: list[str], log_path: Path) -> float:
+    """Run `deepres <argv>` in this process with its output in `log_path` (a worker's output would
+    interleave with the others'); return its seconds, or raise with the log's tail if it failed."""
+    from deepres.training.cli import main as deepres_main
+
+    start = time.perf_counter()
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = deepres_main(argv)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"deepres {' '.join(argv)} exited with {code}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+    return seconds
+
+
 def write_csv(path: Path, rows: list[dict[str, Any]], skip: Iterable[str] = ()) -> None:
     fields = [k for k in rows[0] if k not in set(skip)]
     with open(path, "w", newline="") as f:
@@ -50,11 +76,30 @@ def write_csv(path: Path, rows: list[dict[str, Any]], skip: Iterable[str] = ()) 
         writer.writerows(rows)
 
 
+def write_results_csv(out_dir: Path, stem: str, rows: list[dict[str, Any]], script: str,
+                      argv: list[str] | None) -> str:
+    """Write `rows` to `out_dir/<stem>.csv` (creating the folder) and return the command line that
+    made them, for the header of the tables written beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / f"{stem}.csv", rows)
+    return command_line(script, argv)
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """How this run was started, as RESULTS.md shows it (scripts/benchmarks/bench_*.py, scripts/repro/repro_*.py,
     scripts/tools/*.py)."""
     folder = {"bench": "benchmarks", "repro": "repro"}.get(script.split("_", 1)[0], "tools")
     return " ".join(["python", f"scripts/{folder}/{script}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def label_trial_axes(ax, xlabel: str, ylabel: str, title: str, **title_style) -> None:
+    """Label a per-trial timing plot: its y axis from zero (a time), a light grid and the legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **title_style)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def save_figure(fig, path: Path) -> None:

@@ -36,6 +36,7 @@ from deepres.observability.diagnostics import (
     find_gates,
     spread,
 )
+from deepres.observability.plain_classifier import PlainClassifier
 from deepres.observability.wandb_logging import (
     RUN_ID_FILE,
     WandbConfig,
@@ -45,24 +46,6 @@ from deepres.observability.wandb_logging import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ----------------------------------------------------------------------------------------------
-# A tiny LightningModule holding the net as `self.net`, as deepres's training module does
-# ----------------------------------------------------------------------------------------------
-class TinyClassifier(pl.LightningModule):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def loader(shape=(64,), n: int = 64, batch_size: int = 16) -> torch.utils.data.DataLoader:
@@ -77,7 +60,7 @@ def fit(run_dir: Path, net: nn.Module, callbacks, steps: int, loggers=None, data
         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
         enable_checkpointing=ckpt_path is not None or kw.pop("checkpoint", False), log_every_n_steps=1, **kw,
     )
-    trainer.fit(TinyClassifier(net), data or loader(), ckpt_path=ckpt_path)
+    trainer.fit(PlainClassifier(net, lr=0.05), data or loader(), ckpt_path=ckpt_path)
     return trainer
 
 

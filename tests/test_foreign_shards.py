@@ -6,7 +6,6 @@ import io
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -187,46 +186,6 @@ def test_bad_fields_and_lists_get_clear_messages(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- real DDP (gloo) from foreign shards
 
 
-DDP_SCRIPT = """
-import json, sys
-import lightning as L
-import torch
-from deepres.data.shards import ShardDataModule
-
-torch.set_num_threads(1)
-
-
-class Tiny(L.LightningModule):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, num_classes))
-        self.steps, self.val_keys = 0, []
-
-    def training_step(self, batch, _):
-        self.steps += 1
-        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-    def validation_step(self, batch, _):
-        self.val_keys += batch[1].tolist()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-if __name__ == "__main__":  # data-loader workers start from a fork server, which imports this file
-    kwargs, out = json.loads(sys.argv[1]), sys.argv[2]
-    dm = ShardDataModule(batch_size=8, num_workers=1, image_size=16, eval_resize=16, **kwargs)
-    model = Tiny(dm.num_classes)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, use_distributed_sampler=False)
-    trainer.fit(model, dm)
-    with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-        json.dump({"steps": model.steps, "global_step": trainer.global_step, "val": model.val_keys,
-                   "backend": torch.distributed.get_backend()}, f)
-"""
-
-
 @pytest.fixture(scope="module")
 def ddp_writer_shards(tmp_path_factory) -> tuple[Path, list[int]]:
     """90 train samples in ShardWriter shards of 40, 40, 10; 31 val samples, labels 0..30 (one per class)."""
@@ -237,10 +196,10 @@ def ddp_writer_shards(tmp_path_factory) -> tuple[Path, list[int]]:
 
 
 def _ddp(kwargs: dict, tmp_path: Path) -> list[dict]:
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    script = REPO / "tests" / "_ddp_shards_fit.py"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = procs.run([sys.executable, str(script), json.dumps(kwargs), str(tmp_path)], 300, env=env, cwd=tmp_path)
+    args = [json.dumps(kwargs), str(tmp_path), json.dumps({"use_distributed_sampler": False})]
+    proc = procs.run([sys.executable, str(script), *args], 300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -248,34 +207,35 @@ def _ddp(kwargs: dict, tmp_path: Path) -> list[dict]:
 STEPS = 90 // (8 * 2)  # samples // (batch_size * ranks), the same on both ranks
 
 
-def _check_equal_steps_and_exact_validation(ranks: list[dict], val_labels: list[int]) -> None:
-    assert [r["backend"] for r in ranks] == ["gloo"] * 2
-    assert [r["steps"] for r in ranks] == [2 * STEPS] * 2
-    assert [r["global_step"] for r in ranks] == [2 * STEPS] * 2
-    # 31 samples over 2 ranks (16 + 15): each validation epoch sees every sample exactly once
-    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == sorted(val_labels * 2)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_two_gloo_ranks_train_from_indexed_shardwriter_shards(ddp_writer_shards, tmp_path: Path) -> None:
-    root, val = ddp_writer_shards
+def _indexed_by_deepres(root: Path, tmp_path: Path) -> dict:
+    """ShardDataModule arguments after `deepres shard --index` wrote each split's index beside its shards."""
     for split in ("train", "val"):
         assert _index(root / split, "--workers", "1", "--num-classes", "31") == 0
-    _check_equal_steps_and_exact_validation(_ddp({"root": str(root)}, tmp_path), val)
+    return {"root": str(root)}
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.timeout(400)
-def test_two_gloo_ranks_train_from_a_wids_shard_list(ddp_writer_shards, tmp_path: Path) -> None:
-    root, val = ddp_writer_shards
+def _listed_by_wids(root: Path, tmp_path: Path) -> dict:
+    """ShardDataModule arguments naming a wids shard list (urls and sample counts) for each split."""
     for split in ("train", "val"):
         files = sorted((root / split).glob("*.tar"))
         entries = [{"url": str(f), "nsamples": sum(1 for _ in wds.WebDataset(str(f), shardshuffle=False))}
                    for f in files]
         (tmp_path / f"{split}.json").write_text(json.dumps({"wids_version": 1, "shardlist": entries}))
-    kwargs = {"train_index": str(tmp_path / "train.json"), "val_index": str(tmp_path / "val.json"),
-              "num_classes": 31}
-    _check_equal_steps_and_exact_validation(_ddp(kwargs, tmp_path), val)
+    return {"train_index": str(tmp_path / "train.json"), "val_index": str(tmp_path / "val.json"),
+            "num_classes": 31}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("shard_arguments", [_indexed_by_deepres, _listed_by_wids],
+                         ids=["indexed_shardwriter_shards", "wids_shard_list"])
+def test_two_gloo_ranks_train_equal_steps_and_validate_exactly(ddp_writer_shards, tmp_path: Path,
+                                                               shard_arguments) -> None:
+    root, val_labels = ddp_writer_shards
+    ranks = _ddp(shard_arguments(root, tmp_path), tmp_path)
+    assert [r["backend"] for r in ranks] == ["gloo"] * 2
+    assert [r["steps"] for r in ranks] == [2 * STEPS] * 2
+    assert [r["global_step"] for r in ranks] == [2 * STEPS] * 2
+    # 31 samples over 2 ranks (16 + 15): each validation epoch sees every sample exactly once
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == sorted(val_labels * 2)

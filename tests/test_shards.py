@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -482,47 +481,6 @@ def test_resume_mid_epoch_runs_only_the_remaining_steps_of_that_epoch(shards: Pa
 # ---------------------------------------------------------------- real DDP
 
 
-DDP_SCRIPT = """
-import json, sys
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-import torch
-from deepres.data.shards import ShardDataModule
-
-torch.set_num_threads(1)
-
-
-class Tiny(L.LightningModule):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, num_classes))
-        self.steps, self.val_labels = 0, []
-
-    def training_step(self, batch, _):
-        x, y = batch
-        self.steps += 1
-        return torch.nn.functional.cross_entropy(self.net(x), y)
-
-    def validation_step(self, batch, _):
-        self.val_labels += batch[1].tolist()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-if __name__ == "__main__":  # data-loader workers start from a fork server, which imports this file
-    root, out = sys.argv[1], sys.argv[2]
-    dm = ShardDataModule(root=root, batch_size=8, num_workers=1, image_size=16, eval_resize=16)
-    model = Tiny(dm.num_classes)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
-    trainer.fit(model, dm)
-    with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-        json.dump({"steps": model.steps, "global_step": trainer.global_step, "val_labels": model.val_labels}, f)
-"""
-
-
 @pytest.fixture(scope="module")
 def ddp_shards(tmp_path_factory) -> Path:
     """30 classes: 90 train images in shards of 40, 40, 10 (uneven per rank), 30 val images (one per class)."""
@@ -539,16 +497,16 @@ DDP_STEPS_PER_EPOCH = 90 // (8 * 2)  # samples // (batch_size * ranks)
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
 def test_two_process_ddp_fit_with_uneven_shards_runs_equal_steps(ddp_shards: Path, tmp_path: Path) -> None:
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    script = REPO / "tests" / "_ddp_shards_fit.py"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = procs.run([sys.executable, str(script), str(ddp_shards), str(tmp_path)], 300, env=env, cwd=tmp_path)
+    args = [json.dumps({"root": str(ddp_shards)}), str(tmp_path)]
+    proc = procs.run([sys.executable, str(script), *args], 300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["steps"] for r in ranks] == [2 * DDP_STEPS_PER_EPOCH] * 2
     assert [r["global_step"] for r in ranks] == [2 * DDP_STEPS_PER_EPOCH] * 2
     # two validation epochs, each sees every val sample exactly once across the two ranks
-    seen = sorted(ranks[0]["val_labels"] + ranks[1]["val_labels"])
+    seen = sorted(ranks[0]["val"] + ranks[1]["val"])
     assert seen == sorted(list(range(30)) * 2)
 
 

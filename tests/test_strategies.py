@@ -91,20 +91,21 @@ def test_off_cpu_the_strategy_is_lightnings_unchanged():
         strategy.setup_environment()
 
 
-def test_strategy_from_yaml_class_path_with_init_args():
+def _parse_deepspeed_yaml(init_args: str):
+    """The `strategy:` section of a config file as the CLI's parser reads it: DeepSpeedStrategy with
+    `init_args` (YAML lines indented under it); returns the parsed namespace and the parser."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser()
+    parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=str | Strategy)
-    yaml = """
-strategy:
-  class_path: deepres.strategies.DeepSpeedStrategy
-  init_args:
-    stage: 3
-    offload_optimizer: true
-    offload_parameters: true
-"""
-    strategy = parser.instantiate_classes(parser.parse_string(yaml)).strategy
+    indented = "".join(f"    {line}\n" for line in init_args.strip().splitlines())
+    yaml = f"strategy:\n  class_path: deepres.strategies.DeepSpeedStrategy\n  init_args:\n{indented}"
+    return parser.parse_string(yaml), parser
+
+
+def test_strategy_from_yaml_class_path_with_init_args():
+    config, parser = _parse_deepspeed_yaml("stage: 3\noffload_optimizer: true\noffload_parameters: true")
+    strategy = parser.instantiate_classes(config).strategy
     resolved = resolve_strategy({"accelerator": "cpu", "strategy": strategy, "precision": "bf16-mixed"})
 
     assert resolved is strategy
@@ -114,19 +115,8 @@ strategy:
 
 
 def test_ddp_options_under_deepspeed_are_refused_by_the_yaml_parser():
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--strategy", type=str | Strategy)
-    yaml = """
-strategy:
-  class_path: deepres.strategies.DeepSpeedStrategy
-  init_args:
-    stage: 2
-    find_unused_parameters: true
-"""
     with pytest.raises(Exception, match="Option 'find_unused_parameters' is not accepted"):
-        parser.parse_string(yaml)
+        _parse_deepspeed_yaml("stage: 2\nfind_unused_parameters: true")
 
 
 def test_json_config_path_is_the_base_and_trainer_keys_are_added(tmp_path):

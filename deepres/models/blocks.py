@@ -92,6 +92,15 @@ def check_gate(gate: str) -> None:
         raise ConfigError(f"unknown gate {gate!r}. Valid gates: {', '.join(GATES)}.")
 
 
+def check_gate_modules(gate: str, transform_gate: nn.Module | None, carry_gate: nn.Module | None,
+                       unit: str = "block") -> None:
+    """Refuse a highway or gated `unit` built without the gate modules its kind computes with."""
+    if gate in ("highway", "gated") and transform_gate is None:
+        raise ValueError(f"a {gate} {unit} needs a transform gate")
+    if gate == "gated" and carry_gate is None:
+        raise ValueError(f"a gated {unit} needs a carry gate")
+
+
 # ----------------------------------------------------------------------------------------------
 # Gates
 # ----------------------------------------------------------------------------------------------
@@ -188,10 +197,7 @@ class ResidualBlock(nn.Module):
     ):
         super().__init__()
         check_gate(gate)
-        if gate in ("highway", "gated") and transform_gate is None:
-            raise ValueError(f"a {gate} block needs a transform gate")
-        if gate == "gated" and carry_gate is None:
-            raise ValueError("a gated block needs a carry gate")
+        check_gate_modules(gate, transform_gate, carry_gate)
         self.gate = gate
         self.body = body
         self.shortcut = shortcut

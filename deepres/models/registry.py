@@ -95,3 +95,15 @@ def register_variant(family: Callable[..., nn.Module], **defaults) -> Callable[[
         return register_model(build)
 
     return decorate
+
+
+def register_variants(family: Callable[..., nn.Module], variants: dict[str, tuple[str, dict]]) -> None:
+    """`register_variant` as a table, for a family with many named sizes: register each
+    `name: (docstring, defaults)` as `family` with `defaults` changed."""
+    for name, (doc, defaults) in variants.items():
+        def variant(**kwargs) -> nn.Module:
+            return family(**kwargs)
+
+        variant.__name__ = variant.__qualname__ = name
+        variant.__doc__, variant.__module__ = doc, family.__module__
+        register_variant(family, **defaults)(variant)

@@ -42,7 +42,7 @@ from deepres.models.init_presets import (
     resolve_norm,
     zero_classifier_,
 )
-from deepres.models.registry import register_model, register_variant
+from deepres.models.registry import register_model, register_variants
 from deepres.models.reversible import ReversibleStack, check_reversible, reversible_block
 
 BodyKind = Literal["basic", "bottleneck", "preact_basic", "preact_bottleneck"]
@@ -245,40 +245,15 @@ def imagenet_resnet(
     return _finish(ResNet(stem, blocks, head), init)
 
 
-@register_variant(imagenet_resnet, layers=[2, 2, 2, 2], body="basic")
-def resnet18(**kwargs) -> ResNet:
-    """ImageNet ResNet-18 (He et al. 2015, Table 1)."""
-    return imagenet_resnet(**kwargs)
-
-
-@register_variant(imagenet_resnet, layers=[3, 4, 6, 3], body="basic")
-def resnet34(**kwargs) -> ResNet:
-    """ImageNet ResNet-34 (He et al. 2015, Table 1)."""
-    return imagenet_resnet(**kwargs)
-
-
-@register_variant(imagenet_resnet, layers=[3, 4, 6, 3], body="bottleneck")
-def resnet50(**kwargs) -> ResNet:
-    """ImageNet ResNet-50 (He et al. 2015, Table 1)."""
-    return imagenet_resnet(**kwargs)
-
-
-@register_variant(imagenet_resnet, layers=[3, 4, 23, 3], body="bottleneck")
-def resnet101(**kwargs) -> ResNet:
-    """ImageNet ResNet-101 (He et al. 2015, Table 1)."""
-    return imagenet_resnet(**kwargs)
-
-
-@register_variant(imagenet_resnet, layers=[3, 8, 36, 3], body="bottleneck")
-def resnet152(**kwargs) -> ResNet:
-    """ImageNet ResNet-152 (He et al. 2015, Table 1)."""
-    return imagenet_resnet(**kwargs)
-
-
-@register_variant(imagenet_resnet, layers=[3, 24, 36, 3], body="bottleneck")
-def resnet200(**kwargs) -> ResNet:
-    """ImageNet ResNet-200 (He et al. 2016, "Identity Mappings in Deep Residual Networks")."""
-    return imagenet_resnet(**kwargs)
+register_variants(imagenet_resnet, {
+    "resnet18": ("ImageNet ResNet-18 (He et al. 2015, Table 1).", {"layers": [2, 2, 2, 2], "body": "basic"}),
+    "resnet34": ("ImageNet ResNet-34 (He et al. 2015, Table 1).", {"layers": [3, 4, 6, 3], "body": "basic"}),
+    "resnet50": ("ImageNet ResNet-50 (He et al. 2015, Table 1).", {"layers": [3, 4, 6, 3], "body": "bottleneck"}),
+    "resnet101": ("ImageNet ResNet-101 (He et al. 2015, Table 1).", {"layers": [3, 4, 23, 3], "body": "bottleneck"}),
+    "resnet152": ("ImageNet ResNet-152 (He et al. 2015, Table 1).", {"layers": [3, 8, 36, 3], "body": "bottleneck"}),
+    "resnet200": ('ImageNet ResNet-200 (He et al. 2016, "Identity Mappings in Deep Residual Networks").',
+                  {"layers": [3, 24, 36, 3], "body": "bottleneck"}),
+})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,49 +338,11 @@ def preact_resnet_cifar(
     return _finish(ResNet(stem, blocks, head), init)
 
 
-@register_variant(cifar_resnet, depth=20)
-def resnet20_cifar(**kwargs) -> ResNet:
-    """CIFAR ResNet-20 (He et al. 2015, Sec. 4.2)."""
-    return cifar_resnet(**kwargs)
-
-
-@register_variant(cifar_resnet, depth=32)
-def resnet32_cifar(**kwargs) -> ResNet:
-    """CIFAR ResNet-32 (He et al. 2015, Sec. 4.2)."""
-    return cifar_resnet(**kwargs)
-
-
-@register_variant(cifar_resnet, depth=44)
-def resnet44_cifar(**kwargs) -> ResNet:
-    """CIFAR ResNet-44 (He et al. 2015, Sec. 4.2)."""
-    return cifar_resnet(**kwargs)
-
-
-@register_variant(cifar_resnet, depth=56)
-def resnet56_cifar(**kwargs) -> ResNet:
-    """CIFAR ResNet-56 (He et al. 2015, Sec. 4.2)."""
-    return cifar_resnet(**kwargs)
-
-
-@register_variant(cifar_resnet, depth=110)
-def resnet110_cifar(**kwargs) -> ResNet:
-    """CIFAR ResNet-110 (He et al. 2015, Sec. 4.2)."""
-    return cifar_resnet(**kwargs)
-
-
-@register_variant(cifar_resnet, depth=1202)
-def resnet1202_cifar(**kwargs) -> ResNet:
-    """CIFAR ResNet-1202 (He et al. 2015, Sec. 4.2)."""
-    return cifar_resnet(**kwargs)
-
-
-@register_variant(preact_resnet_cifar, depth=164)
-def preact_resnet164_cifar(**kwargs) -> ResNet:
-    """CIFAR PreAct-ResNet-164 (He et al. 2016)."""
-    return preact_resnet_cifar(**kwargs)
-
-
-@register_variant(preact_resnet_cifar, depth=1001)
-def preact_resnet1001_cifar(**kwargs) -> ResNet:
-    """CIFAR PreAct-ResNet-1001 (He et al. 2016)."""
-    return preact_resnet_cifar(**kwargs)
+register_variants(cifar_resnet, {
+    f"resnet{depth}_cifar": (f"CIFAR ResNet-{depth} (He et al. 2015, Sec. 4.2).", {"depth": depth})
+    for depth in (20, 32, 44, 56, 110, 1202)
+})
+register_variants(preact_resnet_cifar, {
+    f"preact_resnet{depth}_cifar": (f"CIFAR PreAct-ResNet-{depth} (He et al. 2016).", {"depth": depth})
+    for depth in (164, 1001)
+})

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from deepres.errors import ConfigError
-from deepres.models.blocks import BlockStack, Gate, _frozen_running_stats
+from deepres.models.blocks import BlockStack, Gate, _frozen_running_stats, check_gate_modules
 
 REVERSIBLE_GATES = ("residual", "highway", "gated")
 CARRY_FLOOR = 0.01  # the smallest carry weight of a reversible highway / gated coupling
@@ -75,10 +75,7 @@ class Coupling(nn.Module):
         super().__init__()
         if gate not in REVERSIBLE_GATES:
             raise ConfigError(f"reversible coupling gate must be one of {', '.join(REVERSIBLE_GATES)}; got {gate!r}.")
-        if gate in ("highway", "gated") and transform_gate is None:
-            raise ValueError(f"a reversible {gate} coupling needs a transform gate")
-        if gate == "gated" and carry_gate is None:
-            raise ValueError("a reversible gated coupling needs a carry gate")
+        check_gate_modules(gate, transform_gate, carry_gate, unit="reversible coupling")
         self.gate = gate
         self.body = body
         self.transform_gate = transform_gate if gate != "residual" else None

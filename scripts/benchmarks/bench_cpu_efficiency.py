@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from bench_overhead import InMemoryData, environment, make_tensors, time_deepres  # scripts/ is on sys.path
-from evidence import command_line, quiet_lightning, save_figure, write_csv
+from evidence import add_standard_arguments, quiet_lightning, save_figure, write_results_csv
 from torch.utils.flop_counter import FlopCounterMode
 
 from deepres.models import create_model
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per trial")
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--matmul-size", type=int, default=2048)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (jobs and peak alike)")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: the default job only, tiny")
+    add_standard_arguments(parser, "the default job only, tiny", threads="torch intra-op threads (jobs and peak alike)")
     args = parser.parse_args(argv)
     jobs = JOBS
     if args.quick:
@@ -159,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     for job, s in summary.items():
         print(f"{job}: {s['flops'] / s['seconds'] / statistics.median(peaks):.3f} of the matmul peak (target >= {TARGET})")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "cpu_efficiency.csv", rows)
-    command = command_line("bench_cpu_efficiency.py", argv)
+    command = write_results_csv(args.out_dir, "cpu_efficiency", rows, "bench_cpu_efficiency.py", argv)
     header = (f"`{command}` — {args.trials} trials per job, each {args.steps} timed steps after {args.warmup} "
               f"warm-up steps, fp32; {seconds / 60:.1f} min. {env}.")
     write_table(args.out_dir / "cpu_efficiency.md", summary, peaks, header)

@@ -36,29 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
 from evidence import quiet_lightning  # scripts/ is on sys.path
 from lightning.pytorch.loggers import CSVLogger
-from torch import nn
 
 from deepres.models import create_model
 from deepres.observability.diagnostics import DepthDiagnostics, PerfMonitor
+from deepres.observability.plain_classifier import PlainClassifier
 from deepres.training.run_dir import environment
 
 HOOKS = ("setup", "on_train_start", "on_train_batch_start", "on_before_backward", "on_before_optimizer_step",
          "on_train_batch_end", "on_train_end", "on_validation_start", "on_validation_end")
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self, depth: int, width: int):
-        super().__init__()
-        self.net = create_model("highway_mlp", depth=depth, width=width, in_features=784)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
 class Windows(pl.Callback):
@@ -179,7 +164,8 @@ def main() -> None:
             logger=CSVLogger(run_dir, name="", version=""), callbacks=[windows], enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50, default_root_dir=run_dir,
         )
-        trainer.fit(Classifier(args.depth, args.width), loader)
+        net = create_model("highway_mlp", depth=args.depth, width=args.width, in_features=784)
+        trainer.fit(PlainClassifier(net, lr=0.01, momentum=0.9), loader)
     summarise(windows.times, interval)
     summarise_pairs(windows.step_times, interval)
 

@@ -35,7 +35,7 @@ from deepres.models import create_model, load_torchvision_weights
 
 TARGETS = {"deepres ResNet-50 ÷ torchvision ResNet-50": 1.00, "Highway-ResNet-50 ÷ deepres ResNet-50": 1.15}
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import save_figure  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, label_trial_axes, save_figure  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -120,12 +120,8 @@ def plot(path: Path, times: dict[str, list[float]]) -> None:
     for net, ts in times.items():
         ax.plot(range(1, len(ts) + 1), ts, "o-", label=net)
     ax.set_xticks(range(1, len(next(iter(times.values()))) + 1))
-    ax.set_xlabel("trial (one step of each net per trial, alternating order)")
-    ax.set_ylabel("s per forward + backward")
-    ax.set_ylim(bottom=0)
-    ax.set_title("ResNet-50 training step cost")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    label_trial_axes(ax, "trial (one step of each net per trial, alternating order)", "s per forward + backward",
+                     "ResNet-50 training step cost")
     save_figure(fig, path)
 
 
@@ -135,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per net")
     parser.add_argument("--trials", type=int, default=8, help="timed steps per net, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: 64² images, batch 2, 2 trials")
+    add_standard_arguments(parser, "64² images, batch 2, 2 trials")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.image_size, args.warmup, args.trials = 2, 64, 1, 2

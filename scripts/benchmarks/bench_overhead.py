@@ -50,7 +50,7 @@ JOBS = {
     "default job (highway_mlp depth 100)": ([], (64,)),
 }
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, quiet_lightning, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, label_trial_axes, quiet_lightning, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -222,12 +222,7 @@ def plot(path: Path, rows: list[dict]) -> None:
             ax.plot([r["trial"] for r in sel], [r["ms_per_step"] for r in sel], "o-", color=colour,
                     label={"deepres": "deepres fit", "hand": "hand-written loop"}.get(side, f"{side[:7]} fit{side[7:]}"))
         ax.set_xticks(sorted({r["trial"] for r in rows}))
-        ax.set_xlabel("trial (sides alternate within a trial)")
-        ax.set_ylabel("ms per training step")
-        ax.set_title(job, fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        label_trial_axes(ax, "trial (sides alternate within a trial)", "ms per training step", job, fontsize=10)
     save_figure(fig, path)
 
 
@@ -237,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each trial")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per trial")
     parser.add_argument("--trials", type=int, default=7, help="trials per side, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 trials of 3 steps, batch 8")
+    add_standard_arguments(parser, "2 trials of 3 steps, batch 8")
     parser.add_argument("--jobs", nargs="+", choices=["resnet20_cifar", "default"], default=["resnet20_cifar", "default"],
                         help="which jobs to time (default: both)")
     parser.add_argument("--profile", action="store_true",
@@ -278,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label}: deepres/hand = {summary[label]['ratio']:.3f} (median of {len(ratios)} trials, "
                       f"each against the hand loop of the same trial; target <= {TARGET})", flush=True)
     seconds = time.perf_counter() - start
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "overhead.csv", rows)
-    command = command_line("bench_overhead.py", argv)
+    command = write_results_csv(args.out_dir, "overhead", rows, "bench_overhead.py", argv)
     header = (f"`{command}` — {args.trials} trials per side, alternating, each {args.steps} timed steps after "
               f"{args.warmup} warm-up steps, batch {args.batch_size}, fp32; {seconds / 60:.1f} min. {env}.")
     write_table(args.out_dir / "overhead.md", rows, summary, header)

@@ -27,7 +27,6 @@ Writes depth_init.{csv,md,png} and depth_init_summary.md to --out-dir; --append 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
@@ -38,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, run_all, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import command_line, fit_logged, run_all, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -111,7 +110,6 @@ def run_one(job: dict) -> dict:
     from deepres.data import DigitsDataModule
     from deepres.training import Classifier
     from deepres.training.checkpoints import load_module
-    from deepres.training.cli import main as deepres_main
 
     net, depth, seed = job["net"], job["depth"], job["seed"]
     start = time.perf_counter()
@@ -130,13 +128,7 @@ def run_one(job: dict) -> dict:
             "--seed_everything", str(seed), "--data.seed", str(seed), "--wandb.enabled", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--run.root", job["root"], "--run.name", job["name"], *FIT_ARGS.get(net, lambda depth: [])(depth)]
-    log_path = Path(job["root"]) / f"{job['name']}.log"
-    start = time.perf_counter()
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = deepres_main(argv)
-    fit_s = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"deepres fit {' '.join(argv)} exited with {code}:\n{log_path.read_text()[-2000:]}")
+    fit_s = fit_logged(argv, Path(job["root"]) / f"{job['name']}.log")
     model = load_module(Classifier, Path(job["root"]) / job["name"] / "checkpoints" / "last.ckpt").eval()
     data = DigitsDataModule(layout="image" if conv else "flat")
     data.setup("fit")

@@ -39,7 +39,7 @@ NETS: dict[str, dict] = {
 }
 WIDTH = 50
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -226,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[10, 30, 100, 300, 1000, 3000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: depths 10 and 30, one seed")
+    add_standard_arguments(parser, "depths 10 and 30, one seed")
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.seeds = [10, 30], [0]
@@ -247,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"L={depth:5d} {net:36s} seed {seed}: fp32 {r['ratio_fp32']:.3g}  fp64 {r['ratio_fp64']:.3g}  "
                       f"blockwise {fmt_log10(r['log10_ratio'])}", flush=True)
     seconds = time.perf_counter() - start
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "error_flow.csv", rows)
-    command = command_line("repro_error_flow.py", argv)
+    command = write_results_csv(args.out_dir, "error_flow", rows, "repro_error_flow.py", argv)
     header = (f"`{command}` — {len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), one net per seed and "
               f"depth, {seconds:.0f} s. {env}.")
     write_table(args.out_dir / "error_flow.md", rows, args.depths, args.seeds, header)

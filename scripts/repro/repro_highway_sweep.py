@@ -22,7 +22,6 @@ processes with one torch thread each. Writes highway_sweep.{csv,md,png} to --out
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import statistics
@@ -36,7 +35,7 @@ CONFIG = REPO / "configs" / "highway_sweep_digits.yaml"
 NETS = {"plain": ["--model.gate", "plain", "--model.width", "71"], "highway": ["--model.gate", "highway", "--model.width", "50"]}
 PAPER_RATIO = 100.0  # Srivastava et al. 2015, Fig. 1: > 2 orders of magnitude at depth 100
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, run_all, save_figure, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, fit_logged, run_all, save_figure, write_results_csv  # noqa: E402  (scripts/ is on sys.path)
 
 from deepres.training.run_dir import environment  # noqa: E402
 
@@ -49,7 +48,6 @@ def run_one(job: dict) -> dict:
     from deepres.data import DigitsDataModule
     from deepres.training import Classifier
     from deepres.training.checkpoints import load_module
-    from deepres.training.cli import main as deepres_main
 
     argv = ["fit", "--config", str(CONFIG), *NETS[job["net"]],
             "--model.depth", str(job["depth"]), "--model.optim.lr", str(job["lr"]),
@@ -57,13 +55,7 @@ def run_one(job: dict) -> dict:
             "--trainer.max_epochs", str(job["epochs"]),
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--run.root", job["root"], "--run.name", job["name"]]
-    start = time.perf_counter()
-    log_path = Path(job["root"]) / f"{job['name']}.log"
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = deepres_main(argv)
-    seconds = time.perf_counter() - start
-    if code != 0:
-        raise RuntimeError(f"deepres fit {' '.join(argv)} exited with {code}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+    seconds = fit_logged(argv, Path(job["root"]) / f"{job['name']}.log")
     model = load_module(Classifier, Path(job["root"]) / job["name"] / "checkpoints" / "last.ckpt").eval()
     data = DigitsDataModule()
     data.setup("fit")
@@ -177,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20, help="epochs of 22 steps (the config's 20 = 440 steps)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: depth 2, 1 epoch, 1 lr, 1 seed, 1 job")
+    add_standard_arguments(parser, "depth 2, 1 epoch, 1 lr, 1 seed, 1 job", threads="torch intra-op threads per worker")
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.lrs, args.seeds, args.epochs, args.jobs = [2], [0.05], [0], 1, 1
@@ -205,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row['seconds']:.0f} s)", flush=True)
     seconds = time.perf_counter() - start
     rows.sort(key=lambda r: (r["net"], r["depth"], r["lr"], r["seed"]))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out_dir / "highway_sweep.csv", rows)
-    command = command_line("repro_highway_sweep.py", argv)
+    command = write_results_csv(args.out_dir, "highway_sweep", rows, "repro_highway_sweep.py", argv)
     header = (f"`{command}` — {len(rows)} runs of `deepres fit --config configs/highway_sweep_digits.yaml`: "
               f"depths {args.depths}, lr grid {args.lrs} for both nets, seeds {args.seeds} "
               f"({len(args.seeds)} trials per point), {args.epochs} epochs × 22 steps of batch 64; "

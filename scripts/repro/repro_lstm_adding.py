@@ -64,7 +64,7 @@ TARGET_RATE = {("adding", 100): 0.999, ("adding", 1000): 0.99}
 STOP_WINDOW = 2000  # "the 2000 most recent sequences were processed correctly"
 STOP_MEAN_ERROR = {"adding": 0.01, "temporal_order": 0.1}
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: evidence.py, the helpers the scripts share
-from evidence import command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
+from evidence import add_standard_arguments, command_line, run_all, write_csv  # noqa: E402  (scripts/ is on sys.path)
 from lightning.pytorch import Callback  # noqa: E402
 
 from deepres.training.run_dir import environment  # noqa: E402
@@ -315,9 +315,7 @@ def main(argv: list[str] | None = None, script: str = "repro_lstm_adding.py", sh
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, choices=list(CELLS))
     parser.add_argument("--jobs", type=int, default=2, help="parallel worker processes")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
-    parser.add_argument("--out-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: T = 20, 4 steps, one seed, one job")
+    add_standard_arguments(parser, "T = 20, 4 steps, one seed, one job", threads="torch intra-op threads per worker")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                         help="train nothing: one table, summary and figure from the --out-dir of earlier runs "
                              "(same --task and --seq-len), each with its own command line")
