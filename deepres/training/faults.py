@@ -95,6 +95,12 @@ class FaultReport(Callback):
             return
         rank = trainer.global_rank
         peers = peer_states(self.run_dir, rank)
+        # A killed peer's sockets close while the kernel is still taking the process down, so the collective can
+        # fail a moment before /proc shows it as exited: look again for up to two seconds before blaming the network.
+        deadline = time.monotonic() + 2.0
+        while not peers and time.monotonic() < deadline:
+            time.sleep(0.1)
+            peers = peer_states(self.run_dir, rank)
         cause = "; ".join(peers) if peers else "no other rank on this host has exited or stopped (a network fault?)"
         where = "no complete checkpoint yet"
         if self.newest_checkpoint is not None:
