@@ -68,7 +68,7 @@ def test_a_new_checkpoint_keeps_the_previous_one_and_a_failed_write_leaves_both(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoints.os, "fsync", disk_full)
-    with pytest.raises(CheckpointWriteError, match=r"No space left on device.*last.ckpt is untouched"):
+    with pytest.raises(CheckpointWriteError, match=r"No space left on device.*last.ckpt \(step 2\) is untouched"):
         io.save_checkpoint({"global_step": 3, "w": torch.zeros(1_000_000)}, last)
     monkeypatch.undo()
     assert load_checkpoint(last)["global_step"] == 2
