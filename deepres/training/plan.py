@@ -13,15 +13,14 @@ pipeline's cut, the memory setting `auto` chose and its predicted peak), shown a
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from deepres.errors import ConfigError
 from deepres.files import atomic_write_bytes
+from deepres.training.key_suggestions import close
 
 MemoryMode = Literal["none", "every", "sqrt", "all", "selective", "auto", "reversible"]
 MEMORY_SETTINGS = ("0", "none", "K (an integer >= 1)", "sqrt", "all", "selective", "selective:K", "selective:sqrt",
@@ -29,9 +28,9 @@ MEMORY_SETTINGS = ("0", "none", "K (an integer >= 1)", "sqrt", "all", "selective
 _NAMED = ("none", "sqrt", "all", "selective", "auto")
 
 
-def did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
+def _suggestion(value: Any) -> str:
+    near = close(str(value), _NAMED, n=1)
+    return f" Did you mean {near[0]!r}?" if near else ""
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -87,7 +86,7 @@ class MemoryPlan:
                                   "sqrt or all.")
             plan = cls("selective", every=int(rest) if rest.isdigit() else (rest or 1), **extra)
         else:
-            raise ConfigError(f"{flag} {setting!r} is not a setting.{did_you_mean(setting, _NAMED)} Settings: "
+            raise ConfigError(f"{flag} {setting!r} is not a setting.{_suggestion(setting)} Settings: "
                               f"{', '.join(MEMORY_SETTINGS)}.")
         if budget is not None and plan.mode != "auto":
             raise ConfigError(f"--model.memory.memory_budget_gb {budget} is read only by {flag} auto. Set "
@@ -338,17 +337,6 @@ def build_plan(config: Any) -> RunPlan:
     data = DataPlan(module=data_class.rsplit(".", 1)[-1], batch_size=batch_size, train_size=dget("train_size"),
                     workers=dget("num_workers"))
     return RunPlan(model=model, memory=memory, trainer=trainer, data=data, seed=config.get("seed_everything"))
-
-
-def count_blocks(num_blocks: int | None, every: int | str | None) -> int | None:
-    """The segment length k a checkpointing setting gives for `num_blocks` blocks."""
-    if num_blocks is None or every is None:
-        return None
-    if every == "sqrt":
-        return max(1, round(math.sqrt(num_blocks)))
-    if every == "all":
-        return num_blocks
-    return int(every)
 
 
 # ------------------------------------------------------------------------------------------------ shown and kept
