@@ -8,9 +8,16 @@ on (``TESTED_WITH``). Anything not listed here uses Lightning's public API only.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
 import lightning
+import lightning.pytorch.strategies.launchers.subprocess_script as _pl_subprocess_launcher
 from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.fabric.loggers.logger import _DummyExperiment
 from lightning.fabric.strategies.deepspeed import _DEEPSPEED_AVAILABLE, _is_deepspeed_checkpoint
@@ -81,6 +88,59 @@ def wandb_init_arguments(logger: Any) -> dict[str, Any]:
     """The keyword arguments Lightning's WandbLogger will pass to ``wandb.init`` (deepres drops ``anonymous``,
     which wandb >= 0.19 warns about)."""
     return logger._wandb_init
+
+
+# ------------------------------------------------------------------------------------------- replacements
+#: How long rank 0 gets to write its own fault report after a rank it started has died (deepres.training.faults),
+#: before every rank is stopped from outside.
+PEER_EXIT_GRACE_S = 30.0
+
+
+class PatientProcessObserver(threading.Thread):
+    """Lightning's launcher watches the ranks it starts and, within 5 s of one dying, SIGKILLs every rank including
+    rank 0 itself (``_ChildProcessObserver``): that races rank 0's fault report (which rank died, which checkpoint to
+    resume from) and, when it wins, the job ends with -9 and no word. This observer lets rank 0 end on its own for
+    ``grace_s`` first; only a rank 0 that still has not ended (a collective that never notices the dead peer) is
+    stopped, with a line that says why."""
+
+    def __init__(self, child_processes: list[subprocess.Popen], main_pid: int, grace_s: float = PEER_EXIT_GRACE_S,
+                 poll_s: float = 1.0) -> None:
+        super().__init__(daemon=True, name="deepres-rank-observer")  # stops with the main process
+        self.child_processes, self.main_pid, self.grace_s, self.poll_s = child_processes, main_pid, grace_s, poll_s
+
+    def run(self) -> None:
+        first_failure: float | None = None
+        while True:
+            time.sleep(self.poll_s)
+            codes = [proc.poll() for proc in self.child_processes]
+            if all(code == 0 for code in codes):
+                return
+            failed = [(rank, proc, code) for rank, (proc, code) in enumerate(zip(self.child_processes, codes), 1) if code]
+            if not failed:
+                continue
+            first_failure = first_failure or time.monotonic()
+            if time.monotonic() - first_failure < self.grace_s:
+                continue
+            rank, proc, code = failed[0]
+            print(f"deepres: rank {rank} (pid {proc.pid}) exited with code {code} and rank 0 did not stop within "
+                  f"{self.grace_s:g} s: stopping every rank. Resume with the same command plus --ckpt_path last.",
+                  file=sys.stderr, flush=True)
+            for other in self.child_processes:
+                if other.poll() is None:
+                    other.send_signal(signal.SIGKILL)
+            os.kill(self.main_pid, signal.SIGKILL)
+            return
+
+
+def use_patient_process_observer(grace_s: float = PEER_EXIT_GRACE_S) -> None:
+    """Make Lightning's subprocess launcher (DDP and DeepSpeed started by ``deepres fit`` itself) watch its ranks with
+    ``PatientProcessObserver``. Lightning exposes no option for its observer; it calls the module-level
+    ``_launch_process_observer`` in ``lightning.pytorch.strategies.launchers.subprocess_script``, which this
+    replaces. Used by deepres.training.cli."""
+    def launch(child_processes: list[subprocess.Popen]) -> None:
+        PatientProcessObserver(child_processes, main_pid=os.getpid(), grace_s=grace_s).start()
+
+    _pl_subprocess_launcher._launch_process_observer = launch
 
 
 # ------------------------------------------------------------------------------------------- overrides

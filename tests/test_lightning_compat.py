@@ -113,3 +113,29 @@ def test_no_module_outside_lightning_compat_imports_a_private_lightning_name():
                 offenders += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.module}.{a.name}"
                               for a in node.names if a.name.startswith("_")]
     assert not offenders, "private Lightning names belong in deepres/lightning_compat.py:\n" + "\n".join(offenders)
+
+
+def test_the_launcher_still_calls_the_observer_deepres_replaces():
+    launcher = importlib.import_module("lightning.pytorch.strategies.launchers.subprocess_script")
+    assert callable(getattr(launcher, "_launch_process_observer", None)), f"_launch_process_observer is gone in {MOVED}"
+    assert "_launch_process_observer(self.procs)" in inspect.getsource(launcher._SubprocessScriptLauncher.launch), \
+        f"the subprocess launcher no longer starts its observer through _launch_process_observer in {MOVED}"
+
+
+def test_the_patient_observer_waits_for_rank_0_then_stops_every_rank(tmp_path):
+    """A dead rank leaves rank 0 the grace period; after it, the others and rank 0 itself are killed with a line."""
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    hanging = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    main = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for rank 0
+    observer = compat.PatientProcessObserver([dead, hanging], main_pid=main.pid, grace_s=1.5, poll_s=0.1)
+    started = time.monotonic()
+    observer.start()
+    time.sleep(1.0)
+    assert hanging.poll() is None and main.poll() is None  # still inside the grace period
+    observer.join(timeout=10)
+    assert main.wait(timeout=10) == -9 and hanging.wait(timeout=10) == -9
+    assert 1.5 <= time.monotonic() - started < 10

@@ -27,6 +27,7 @@ from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from deepres.errors import ConfigError
+from deepres.lightning_compat import use_patient_process_observer
 from deepres.observability.diagnostics import DiagnosticsConfig
 from deepres.observability.wandb_logging import WandbConfig
 from deepres.slurm.job import SlurmJob, prepare_process
@@ -278,6 +279,8 @@ class DeepresCLI(LightningCLI):
             timeout=timedelta(minutes=run.collective_timeout_minutes), model=self.model,
         )
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A rank that dies must leave rank 0 time to say which one and where to resume (deepres.training.faults).
+        use_patient_process_observer()
         resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         resolved = resolved.get(self.subcommand, resolved) if self.subcommand else resolved
         # LightningCLI builds the Trainer from {**config.trainer, **kwargs}: the parts start from what the user
