@@ -87,6 +87,16 @@ def test_bench_overhead(tmp_path):
     assert markdown.count("≤ 1.03 |") >= 2 and "no wandb" in markdown  # both ratios against the target
 
 
+def test_bench_optimizer(tmp_path):
+    # the script itself checks that deepres's builder chose the fused kernel for every group
+    run_script("bench_optimizer", tmp_path)
+    markdown = (tmp_path / "bench_optimizer.md").read_text()
+    rows = [line.split(" | ") for line in markdown.splitlines() if line.startswith(("| sgd", "| adamw", "| adam "))]
+    assert [r[0] for r in rows] == ["| sgd", "| adamw", "| adam"]
+    assert all(int(r[1]) == 400 and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)  # the default job's tensors
+    assert "torch threads 1" in markdown and "load average" in markdown
+
+
 def test_bench_model_cost(tmp_path):
     # main() itself refuses to time anything unless deepres's resnet50 with torchvision's weights
     # gives torchvision's outputs
