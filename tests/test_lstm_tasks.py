@@ -21,6 +21,13 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def repro_script():
+    scripts = Path(__file__).resolve().parent.parent / "scripts" / "repro"
+    if str(scripts) not in sys.path:
+        sys.path.insert(0, str(scripts))
+    return importlib.import_module("repro_lstm_1997")
+
+
 def test_a_hand_walked_reber_string_is_accepted_and_corruptions_are_not():
     assert lt.embedded_reber_accepts(REBER)
     assert not lt.embedded_reber_accepts("BTBTSSXXTVVEPE")  # the outer symbol is not repeated
@@ -42,6 +49,17 @@ def test_generated_reber_strings_are_in_the_grammar_with_both_outer_symbols():
     assert all(lt.embedded_reber_accepts(s) for s in strings)
     assert {s[1] for s in strings} == {"T", "P"}
     assert {s[3] for s in strings} == {"T", "P"}  # both inner branches
+
+
+def test_reber_test_strings_are_never_training_strings():
+    # The four shortest strings (each drawn with probability 1/16) and the hand-walked one are training
+    # strings; the paper tests only on strings not used in training.
+    train = ["BTBTXSETE", "BPBTXSEPE", "BTBPVVETE", "BPBPVVEPE", REBER]
+    test = lt.reber_test_strings(train, 256, gen())
+    assert len(test) == 256 and all(lt.embedded_reber_accepts(s) for s in test)
+    assert not set(test) & set(train)
+    repro_train, repro_test = repro_script().reber_sets(gen())
+    assert len(repro_train) == len(repro_test) == 256 and not set(repro_train) & set(repro_test)
 
 
 def test_reber_criterion_needs_the_possible_symbols_on_top_at_every_step():
@@ -79,7 +97,7 @@ def test_very_long_lag_trigger_structure():
         assert s[-1] == p and s.count(p) == 1  # the trigger e only at the end
         assert all(a < p for a in s[2:-1])  # only distractors in between
     extras = [lt.geometric_extra(gen(s)) for s in range(3000)]
-    assert 8.5 < sum(extras) / len(extras) < 9.5  # mean 9: the expected length q + 14 of the paper
+    assert 8.5 < sum(extras) / len(extras) < 9.5  # mean 9: sequences of mean length q + 13 (min q + 4)
 
 
 def test_max_error_criterion():
@@ -106,6 +124,18 @@ def test_two_sequence_classes_lengths_and_noise():
     assert {round(c.item(), 6) for _, _, c in targets} == {0.2, 0.8}
     noise = torch.stack([t - c for _, t, c in targets])
     assert abs(noise.var().item() - 0.1) < 0.03
+
+
+def test_repro_rows_3b_noise_the_inputs_and_3c_only_the_targets():
+    """3b: noise on the N informative inputs, targets 1 / 0; 3c: 3a's clean ±1 inputs, targets 0.2 / 0.8
+    plus noise (the paper's Task 3c is "like in Task 3a" except for the targets)."""
+    rows = repro_script().ROWS
+    x, target, clean = rows["3c-T100-N3"].draw(64, gen())
+    assert x[:, :3, 0].abs().eq(1).all()
+    assert {round(c, 6) for c in clean.flatten().tolist()} == {0.2, 0.8} and not torch.equal(target, clean)
+    x, target, clean = rows["3b-T100-N3"].draw(64, gen())
+    assert not x[:, :3, 0].abs().eq(1).all() and torch.equal(target, clean)
+    assert set(clean.flatten().tolist()) == {0.0, 1.0}
 
 
 def test_two_sequence_criteria_st1_st2():
@@ -190,10 +220,7 @@ def test_task_args_that_do_not_apply_are_refused():
 
 
 def test_repro_script_quick_writes_the_table(tmp_path):
-    scripts = Path(__file__).resolve().parent.parent / "scripts" / "repro"
-    if str(scripts) not in sys.path:
-        sys.path.insert(0, str(scripts))
-    repro = importlib.import_module("repro_lstm_1997")
+    repro = repro_script()
     assert repro.main(["--quick", "--rows", "1", "3a-T100-N3", "2c-q50-p50", "--out-dir", str(tmp_path)]) == 0
     trials = repro.read_trials(tmp_path / "lstm_1997_quick_trials.jsonl")
     assert {(t["row"], t["cell"]) for t in trials} == {(r, c) for r in ("1", "3a-T100-N3", "2c-q50-p50")

@@ -7,7 +7,8 @@ Experiments 4 (adding) and 6a (temporal order) live in deepres.data.sequence; th
 - Exp. 2a/2b/2c, noise-free sequences with long lags: (c, a1 … a_{p−1}, c), the same with random
   distractors, and (b, c, q + k distractors, e, c) where only the trigger e asks for c;
 - Exp. 3a/3b/3c, the two-sequence problem (Bengio et al. 1994): the class sits in the first N of
-  T … 1.1T real values, then Gaussian noise; 3b adds noise to those N, 3c also to the targets;
+  T … 1.1T real values, then Gaussian noise; 3b adds noise to those N; 3c keeps 3a's inputs and
+  instead puts noise on its targets 0.2 / 0.8 (Sec. 5.3: "like in Task 3a" but for the targets);
 - Exp. 5, multiplication: the adding problem's pairs with values in [0, 1] and the product as target;
 - Exp. 6b, temporal order with three relevant symbols (8 classes).
 
@@ -71,6 +72,19 @@ def reber_next_sets(s: str) -> list[str] | None:
     return nexts + [s[1], "E"]  # after the inner E: the remembered outer symbol; then the end
 
 
+def reber_test_strings(train: list[str], n: int, g: torch.Generator) -> list[str]:
+    """n embedded Reber strings none of which is in `train`: the paper's test strings are drawn at
+    random, but "sequences already used in the training set are not used for testing" (Sec. 5.1).
+    Without this about three in four test strings of 256 repeat one of 256 training strings (each of
+    the four shortest strings has probability 1/16)."""
+    seen, out = set(train), []
+    while len(out) < n:
+        s = embedded_reber_string(g)
+        if s not in seen:
+            out.append(s)
+    return out
+
+
 def embedded_reber_accepts(s: str) -> bool:
     return reber_next_sets(s) is not None
 
@@ -120,8 +134,10 @@ def no_local_regularities_sequence(p: int, g: torch.Generator) -> tuple[torch.Te
 
 def very_long_lag_sequence(q: int, p: int, g: torch.Generator, extra: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Task 2c: (b, c, q distractors, k more distractors, e, c) over p + 4 symbols: distractors a_i = i − 1,
-    e = p, b = p + 1, x = p + 2, y = p + 3. k is geometric (the sequence goes on with probability 9/10
-    after the q-long prefix, so its mean length is q + 14); `extra` fixes k. The net sees everything
+    e = p, b = p + 1, x = p + 2, y = p + 3. k is geometric (after the prefix b, c and q distractors
+    comes another distractor with probability 9/10, else e), mean 9, so the whole sequence with its
+    final c has mean length q + 13 (Sec. 5.2: the paper's sum 4 + Σ (1/10)(9/10)^k (q + k) is q + 13,
+    though it prints q + 14) and minimal length q + 4, as the paper says; `extra` fixes k. The net sees everything
     up to the trigger e and must then name c: returns (inputs (q + k + 3, p + 4), class 0 = x, 1 = y)."""
     c = int(torch.randint(0, 2, (), generator=g))
     if extra is None:
@@ -154,8 +170,8 @@ def two_sequence(T: int, n_info: int, g: torch.Generator, noisy_inputs: bool = F
                  length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class 1 (probability 1/2): the first N elements are +1, else −1; every later element is Gaussian
     noise (mean 0, variance 0.2); the length is uniform in [T, T + T/10] unless given. 3b: the same noise
-    on the first N elements. Targets: 1.0 (class 1) or 0.0; 3c (`noisy_targets`): 0.2 or 0.8 plus
-    Gaussian noise of variance 0.1. Returns (inputs (L, 1), training target (1,), noise-free target (1,))."""
+    on the first N elements. Targets: 1.0 (class 1) or 0.0; 3c (`noisy_targets`, with 3a's clean inputs):
+    0.2 or 0.8 plus Gaussian noise of variance 0.1. Returns (inputs (L, 1), training target (1,), noise-free target (1,))."""
     if length is None:
         length = int(torch.randint(T, T + T // 10 + 1, (), generator=g))
     first_class = bool(torch.randint(0, 2, (), generator=g))

@@ -9,8 +9,9 @@ N trials each, for the 1997 cell (no forget gate) and the 1999 cell (forget gate
 Each trial trains until the paper's rule for its row holds and records the training sequences seen
 then ("sequences to success"), or stops at --max-sequences / --max-minutes (not solved). The rules:
 
-- Exp. 1 (Reber): every next symbol of all 256 training and 256 test strings predicted (the units of
-  the possible next symbols are the most active), checked every --eval-every training sequences.
+- Exp. 1 (Reber): every next symbol of all 256 training and 256 test strings (none of them a training
+  string) predicted (the units of the possible next symbols are the most active), checked every
+  --eval-every training sequences.
 - Exp. 2a/2b/2c: 10,000 successive training sequences within 0.25 (2a: every output at every step;
   2b: at the sequence end) or 0.2 (2c: both outputs at the end); the count is where that run began.
 - Exp. 3: ST1 / ST2 on a fixed test set of 256 sequences, checked every --eval-every sequences.
@@ -101,6 +102,12 @@ def reber_row() -> Row:
                "multihot", per_step=True, rule="test", test_size=256, seq_len=12)  # T: about a string's length
 
 
+def reber_sets(g: torch.Generator) -> tuple[list[str], list[str]]:
+    """Exp. 1's 256 training strings and 256 test strings, the test strings all unseen in training."""
+    train = [lt.embedded_reber_string(g) for _ in range(256)]
+    return train, lt.reber_test_strings(train, 256, g)
+
+
 def reber_batch(strings: list[str]):
     """Strings padded at the end: zeros after a string's last input, targets −1 (masked) there; a
     forward-only recurrence never sees the padding before a string's own steps."""
@@ -146,13 +153,13 @@ PAPER_3 = {("3a", 100, 3): "27,380 / 39,850", ("3a", 100, 1): "58,370 / 64,330",
 
 
 def exp3_row(kind: str, T: int, n_info: int) -> Row:
-    noisy_inputs, noisy_targets = kind in ("3b", "3c"), kind == "3c"
+    noisy_inputs, noisy_targets = kind == "3b", kind == "3c"  # 3c: 3a's inputs, noisy targets (Sec. 5.3)
 
     def draw(n, g):
         length = int(torch.randint(T, T + T // 10 + 1, (), generator=g))  # one length per batch
         return _stack([lt.two_sequence(T, n_info, g, noisy_inputs, noisy_targets, length=length) for _ in range(n)])
     what = {"3a": "two-sequence problem", "3b": "two-sequence problem, noisy inputs",
-            "3c": "two-sequence problem, noisy inputs and targets"}[kind]
+            "3c": "two-sequence problem, noisy targets"}[kind]
     return Row(f"{kind}-T{T}-N{n_info}", f"Exp. {kind}: {what}, T = {T}, N = {n_info} (ST1 / ST2)",
                PAPER_3[(kind, T, n_info)], draw, 1, 1, "regression", rule="test",
                test=lt.TWO_SEQUENCE_CRITERIA[kind], test_size=256, seq_len=T)
@@ -274,8 +281,7 @@ def run_trial(row: Row, cell: str, seed: int, args) -> dict:
     g = torch.Generator().manual_seed(1_000 + seed)
     reber_train = None
     if row.name == "1":
-        reber_train = [lt.embedded_reber_string(g) for _ in range(256)]
-        reber_test = [lt.embedded_reber_string(g) for _ in range(256)]
+        reber_train, reber_test = reber_sets(g)
         test_batches = fixed_set(row, 0, 0, 256, reber_train + reber_test)
     elif row.rule == "test":
         test_batches = fixed_set(row, 10_000 + seed, row.test_size, 256)
