@@ -54,8 +54,10 @@ CELLS = {  # label: (config cell, extra deepres fit arguments)
 SHORT = {cell: name for cell, name in zip(CELLS, ("1997", "1999", "1999-auto", "rnn", "1997-ib"), strict=True)}
 DEFAULT_CELLS = list(CELLS)[:4]
 TOLERANCE = 0.04  # Hochreiter & Schmidhuber 1997, Sec. 5.4
-PAPER_SOLVED = 2559 / 2560  # "all but at most 1 of 2,560 test sequences"
-# training sequences the paper's LSTM needed until its stopping rule held (Tables 7 and 8)
+# the paper's nets got on average 1, 0, 1 of 2,560 test sequences wrong at T = 100, 500, 1000 (Table 7)
+# and 1 at temporal order (Table 9), never more than 3 in a trial; 1 wrong is the bar here
+PAPER_SOLVED = 2559 / 2560
+# training sequences the paper's LSTM needed until its stopping rule held (Tables 7 and 9)
 PAPER_SEQUENCES = {("adding", 100): 74_000, ("adding", 500): 209_000, ("adding", 1000): 853_000,
                    ("temporal_order", 100): 31_390}
 # deepres's targets where the paper's ≥ 0.9996 is out of reach of the runs' budget: the success rate a
