@@ -239,23 +239,23 @@ def test_ddp_sigkill_of_one_rank_ends_the_job_naming_the_rank_and_the_checkpoint
 def test_ddp_rank_that_stops_answering_times_out_after_the_configured_limit_with_a_message(tmp_path):
     run_dir = tmp_path / "f"
     proc = start(tmp_path, "--trainer.max_steps", "100000", "--trainer.max_epochs", "-1", *DDP,
-                 "--run.collective_timeout_minutes", "0.25")
+                 "--run.collective_timeout_minutes", "0.5")  # it also bounds the start-up rendezvous: slow under load
     rank1 = _rank_pid(run_dir, 1, proc)
     wait_for_checkpoint(run_dir, 5, proc)
     os.kill(rank1, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        rc, _, err = finish(proc, timeout=120)
+        rc, _, err = finish(proc, timeout=150)
     finally:
         os.kill(rank1, signal.SIGCONT)
         os.kill(rank1, signal.SIGKILL)
     detected_s = time.monotonic() - stopped
-    assert 14 <= detected_s < 60 and rc == 1, (detected_s, err[-3000:])
+    assert 29 <= detected_s < 90 and rc == 1, (detected_s, err[-3000:])
     report = [line for line in err.splitlines() if line.startswith("deepres: rank 0: a collective operation failed")]
     assert len(report) == 1, err[-3000:]
     assert f"rank 1 (pid {rank1} " in report[0] and "is stopped" in report[0]
     newest = find_resume_checkpoint(run_dir)[1]
-    print(f"FAULT ddp sigstop: detected in {detected_s:.1f} s (timeout 15 s), "
+    print(f"FAULT ddp sigstop: detected in {detected_s:.1f} s (timeout 30 s), "
           f"{max(train_steps(run_dir)) + 1 - newest} steps lost (interval: 5 steps)")
 
 

@@ -45,6 +45,8 @@ INLINE_MAPPING = re.compile(r"\b([a-z_]+) \{([a-z_]+): ")
 
 
 class ParseOnlyCLI(DeepresCLI):
+    user_class_paths: set[str] = set()  # the default model and data classes
+
     def before_instantiate_classes(self) -> None:
         pass
 

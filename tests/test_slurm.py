@@ -544,7 +544,7 @@ def test_submit_refuses_tasks_per_node_that_contradict_devices_and_submits_nothi
     assert "--tasks-per-node 2 disagrees with trainer.devices=1" in result.stderr
     assert "Fix: pass --trainer.devices 2, or --tasks-per-node 1" in result.stderr
     assert "Traceback" not in result.stderr
-    assert _job_ids(slurm_cluster) == before
+    assert not _job_ids(slurm_cluster) - before  # no new job (finished ones may age out of the list meanwhile)
     assert not (tmp_path / "runs" / "bad").exists()
 
 
@@ -565,7 +565,7 @@ def test_dry_run_prints_a_valid_script_and_submits_nothing(slurm_cluster, tmp_pa
                       "--name", "dry", "--dry-run", "--trainer.max_steps", "3")
     _accepted_by_bash_and_sbatch(result, tmp_path, slurm_cluster)
     assert "--trainer.num_nodes 2" in result.stdout and "--run.name dry" in result.stdout
-    assert _job_ids(slurm_cluster) == before
+    assert not _job_ids(slurm_cluster) - before  # no new job (finished ones may age out of the list meanwhile)
     assert not (tmp_path / "runs").exists()
 
 
@@ -632,4 +632,4 @@ def test_dry_run_of_a_sweep_with_memory_and_site_setup_passes_bash_and_sbatch_te
     _accepted_by_bash_and_sbatch(result, tmp_path, slurm_cluster)
     for line in ("#SBATCH --mem=100M", "#SBATCH --array=0-1%1", "export DEEPRES_SITE=1"):
         assert line in result.stdout.splitlines()
-    assert _job_ids(slurm_cluster) == before and not (tmp_path / "runs").exists()
+    assert not _job_ids(slurm_cluster) - before and not (tmp_path / "runs").exists()  # (old jobs may age out)

@@ -366,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     # Called from Python (tests, scripts) with its own argv: that is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    DeepresCLI.user_class_paths = sections_with_class_path(argv)
+    # A subclass per call: the sections this command line gives a class of its own, without changing DeepresCLI
+    # for later calls in the same process (tests and scripts call main() many times).
+    cli_class = type("DeepresCLI", (DeepresCLI,), {"user_class_paths": sections_with_class_path(argv)})
     try:
         # the help text of a config group's field is the docstring under it (deepres.training.config)
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
-        DeepresCLI(
+        cli_class(
             L.LightningModule, L.LightningDataModule,
             subclass_mode_model=True, subclass_mode_data=True,
             # the optimizer and schedule are the module's `model.optim` / `model.schedule` groups
