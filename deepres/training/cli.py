@@ -109,13 +109,25 @@ def sections_with_class_path(argv: list[str]) -> set[str]:
         if key == "--config":
             path = value or (argv[i + 1] if i + 1 < len(argv) else "")
             try:
-                loaded = yaml.safe_load(Path(path).read_text()) or {}
+                loaded = yaml.safe_load(Path(path).read_text())
             except (OSError, yaml.YAMLError):
                 continue  # jsonargparse reports unreadable configs itself
+            check_config_file(path, loaded)
             for section in ("model", "data"):
                 if isinstance(loaded.get(section), dict) and "class_path" in loaded[section]:
                     found.add(section)
     return found
+
+
+def check_config_file(path: str, loaded: object) -> None:
+    """A --config file is a YAML mapping of sections; an empty file or a list at the top level is refused in one
+    line (jsonargparse would say "Unexpected config" or fail deep inside)."""
+    fix = ("A config file is a YAML mapping of sections (model:, data:, trainer:, ...): start from "
+           "`deepres fit --print_config > FILE`, or leave out --config.")
+    if loaded is None:
+        raise ConfigError(f"--config {path}: the file is empty. {fix}")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: its top level is a {type(loaded).__name__}, not a mapping. {fix}")
 
 
 class DeepresCLI(LightningCLI):
@@ -366,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     # Called from Python (tests, scripts) with its own argv: that is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    DeepresCLI.user_class_paths = sections_with_class_path(argv)
     try:
+        DeepresCLI.user_class_paths = sections_with_class_path(argv)
         # the help text of a config group's field is the docstring under it (deepres.training.config)
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
         DeepresCLI(
