@@ -45,6 +45,7 @@ from deepres.training.checkpoints import (
 from deepres.training.key_suggestions import choice_hint, class_option_hint, suggest, where_in_config
 from deepres.training.plan import build_plan, effective_model_options, plan_report
 from deepres.training.quiet_logs import quiet_third_party
+from deepres.training.resume_check import ALLOW_OPTION, ResumeSettings, check_resume, live_settings
 from deepres.training.run_dir import (
     ENV_RESUME,
     ENV_RUN_DIR,
@@ -87,6 +88,9 @@ class RunConfig:
     one per epoch) when stdout is a file, e.g. a SLURM log; bar or lines force one."""
     progress_every_n_steps: int = 50
     """Steps between two progress lines (run.progress lines, or auto in a log file)."""
+    resume_allow_changes: str | None = None
+    """With --ckpt_path: settings that may differ from the checkpoint's although they change the result, comma-
+    separated as the refusal names them (data.batch_size,model.optim.lr), or all. Others are refused."""
     collective_timeout_minutes: float = 10.0
     """A collective (gradient all-reduce, barrier) that waits longer than this for another rank fails, naming
     the rank that does not answer, instead of hanging for torch's default 30 minutes."""
@@ -207,6 +211,7 @@ class DeepresCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         # Every value and combination checked before a directory, a process or a wandb run exists.
         self.plan = build_plan(cfg)
+        self.result_settings = live_settings(self.plan, cfg)
         run = cfg.run
         if not run.name:
             configs = cfg.get("config") or []
@@ -237,6 +242,12 @@ class DeepresCLI(LightningCLI):
             resume_from = self._newest_checkpoint(run_dir, ckpt)
         elif ckpt is not None:
             resume_from = self._explicit_checkpoint(ckpt)
+        if resume_from is not None and Path(resume_from).exists():  # before anything is written
+            for change in check_resume(resume_from, self.result_settings, allow=run.resume_allow_changes,
+                                       trusted=self.trusted):
+                print(f"deepres: resuming with {change} ({ALLOW_OPTION})", file=sys.stderr)
+            if ckpt in ("last", "auto") or ckpt is None:
+                print(f"deepres: resuming from {resume_from} (step {self.resume_step})", file=sys.stderr)
         if submitted is None and not resuming:
             run_dir = claim_new_run_dir(run.root, run.name)
         # A live run in this directory is never written by a second one; a requeued job waits a little for its
@@ -260,7 +271,6 @@ class DeepresCLI(LightningCLI):
             print(f"deepres: {item}", file=sys.stderr)
         if path is not None:
             self.resume_step = step
-            print(f"deepres: resuming from {path} (step {step})", file=sys.stderr)
             return str(path)
         if ckpt == "last":
             raise ConfigError(
@@ -299,8 +309,8 @@ class DeepresCLI(LightningCLI):
         # configured (trainer.logger / callbacks / plugins), or setting kwargs would drop it.
         parts = trainer_parts(run=run, wandb=cfg.wandb, diagnostics=cfg.diagnostics, trainer=cfg.trainer,
                               run_dir=self.run_dir, resolved_config=resolved, slurm_job=SlurmJob.current())
-        kwargs.update(logger=parts.loggers, callbacks=[plan_report(self.plan, self.run_dir), *parts.callbacks],
-                      plugins=parts.plugins)
+        callbacks = [plan_report(self.plan, self.run_dir), ResumeSettings(self.result_settings), *parts.callbacks]
+        kwargs.update(logger=parts.loggers, callbacks=callbacks, plugins=parts.plugins)
         self.run_checkpoint = parts.run_checkpoint
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.is_global_zero:
