@@ -55,6 +55,9 @@ def test_a_resume_that_would_change_the_result_is_refused_in_one_line_before_any
     assert "resuming with data.batch_size 64 → 32" in capsys.readouterr().err
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4 and checkpoint[SETTINGS_KEY]["data.batch_size"] == 32
+    # validate only reads the weights: any batch size
+    assert main(["validate", "--run.root", str(root), "--run.name", "v", *QUIET, "--data.batch_size", "16",
+                 "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]) == 0
 
 
 def _checkpoint(path: Path, **changes) -> Path:

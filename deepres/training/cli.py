@@ -242,12 +242,13 @@ class DeepresCLI(LightningCLI):
             resume_from = self._newest_checkpoint(run_dir, ckpt)
         elif ckpt is not None:
             resume_from = self._explicit_checkpoint(ckpt)
-        if resume_from is not None and Path(resume_from).exists():  # before anything is written
+        # before anything is written; validate and test only read the weights, at whatever batch size
+        if resume_from is not None and Path(resume_from).exists() and self.subcommand in (None, "fit"):
             for change in check_resume(resume_from, self.result_settings, allow=run.resume_allow_changes,
                                        trusted=self.trusted):
                 print(f"deepres: resuming with {change} ({ALLOW_OPTION})", file=sys.stderr)
-            if ckpt in ("last", "auto") or ckpt is None:
-                print(f"deepres: resuming from {resume_from} (step {self.resume_step})", file=sys.stderr)
+        if resume_from is not None and ckpt in ("last", "auto", None):
+            print(f"deepres: resuming from {resume_from} (step {self.resume_step})", file=sys.stderr)
         if submitted is None and not resuming:
             run_dir = claim_new_run_dir(run.root, run.name)
         # A live run in this directory is never written by a second one; a requeued job waits a little for its
