@@ -198,14 +198,15 @@ def test_default_job_stopped_and_resumed_trains_exactly_as_one_uninterrupted_run
 
 def test_a_resume_from_an_epochs_last_batch_then_a_stop_inside_the_next_epoch_trains_exactly_once(tmp_path):
     """Stopped after step 22 (the first epoch's last batch, saved before its validation), resumed, stopped again
-    after step 30 (inside the second epoch) and resumed: the second resume must skip the 8 batches already
-    trained, not train the epoch again from its start (it did: 52 steps instead of 44)."""
-    common = [*SMALL, "--trainer.max_epochs", "2"]
+    after step 26 (inside the second epoch) and resumed: the second resume must skip the 4 batches already
+    trained, not train the epoch again from its start (it did: 48 steps instead of 44). Logging every 10 steps,
+    the attempt from 22 to 26 logs no step: it must not write a row of its own either."""
+    common = [*SMALL, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "10"]
     whole = fit(tmp_path, *common, name="whole")
     runs = ["fit", "--run.root", str(tmp_path / "runs"), "--run.name", "split", *QUIET, *common]
     signal_at = ["--trainer.callbacks+=_signal_at_step.SignalAtStep", "--trainer.callbacks.step"]
     assert main([*runs, *signal_at, "22"]) == 128 + signal.SIGTERM
-    assert main([*runs, *signal_at, "30", "--ckpt_path", "last"]) == 128 + signal.SIGTERM
+    assert main([*runs, *signal_at, "26", "--ckpt_path", "last"]) == 128 + signal.SIGTERM
     split = fit(tmp_path, *common, "--ckpt_path", "last", name="split")
     assert _step(split) == 44
     assert_same_training(whole, split)
