@@ -71,6 +71,19 @@ def batches_done_in_epoch(trainer: Any) -> int:
     return int(loop.epoch_loop.batch_progress.current.processed)
 
 
+def start_epoch_after_a_last_batch_restore(trainer: Any) -> None:
+    """Call in ``on_train_start``. Resuming from a checkpoint saved in ``on_train_batch_end`` of an epoch's last
+    batch (a signal, ``max_steps`` or every-N-steps save landing there), Lightning (2.6) marks that epoch processed
+    and completed in its reset but keeps the stage "restarted mid-epoch", so the next epoch starts without its
+    ``ready``/``started`` counts and without ``on_train_epoch_start`` hooks. A checkpoint saved inside that next
+    epoch then reads as one from a finished epoch: resuming from it is no restart, and the epoch is trained again
+    from its first batch. Clearing the stage starts the next epoch as any other."""
+    loop = trainer.fit_loop
+    progress = loop.epoch_progress.current
+    if loop.restarted_mid_epoch and progress.ready == progress.processed == progress.completed:
+        loop.reset_restart_stage()
+
+
 def validates_after_this_batch(trainer: Any) -> bool:
     """Whether Lightning runs validation after the current training batch on its own schedule (the epoch's end,
     ``val_check_interval``), leaving out the extra validation it adds whenever the Trainer's ``should_stop`` flag is set.

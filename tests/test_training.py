@@ -196,6 +196,22 @@ def test_default_job_stopped_and_resumed_trains_exactly_as_one_uninterrupted_run
     fit(tmp_path, *common, "--ckpt_path", "last", name="split")
     assert_same_training(whole, split)
 
+def test_a_resume_from_an_epochs_last_batch_then_a_stop_inside_the_next_epoch_trains_exactly_once(tmp_path):
+    """Stopped after step 22 (the first epoch's last batch, saved before its validation), resumed, stopped again
+    after step 26 (inside the second epoch) and resumed: the second resume must skip the 4 batches already
+    trained, not train the epoch again from its start (it did: 48 steps instead of 44). Logging every 10 steps,
+    the attempt from 22 to 26 logs no step: it must not write a row of its own either."""
+    common = [*SMALL, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "10"]
+    whole = fit(tmp_path, *common, name="whole")
+    runs = ["fit", "--run.root", str(tmp_path / "runs"), "--run.name", "split", *QUIET, *common]
+    signal_at = ["--trainer.callbacks+=_signal_at_step.SignalAtStep", "--trainer.callbacks.step"]
+    assert main([*runs, *signal_at, "22"]) == 128 + signal.SIGTERM
+    assert main([*runs, *signal_at, "26", "--ckpt_path", "last"]) == 128 + signal.SIGTERM
+    split = fit(tmp_path, *common, "--ckpt_path", "last", name="split")
+    assert _step(split) == 44
+    assert_same_training(whole, split)
+
+
 TINY = ["--model.depth", "3", "--trainer.limit_val_batches", "1", "--wandb.enabled", "false"]
 
 
@@ -269,6 +285,59 @@ def test_bad_input_gives_one_clear_message(tmp_path, args, fragment):
     assert "Traceback" not in proc.stderr, proc.stderr
     # a run refused before it started leaves no run directory (the next try gets the same name)
     assert not list(tmp_path.glob("default*")), list(tmp_path.iterdir())
+
+
+class _RunsCommand:
+    """Unpickling it would run a shell command: what a crafted weights file does."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+def _bad_file(inputs: Path, kind: str) -> Path:
+    path = inputs / {"empty-yaml": "empty.yaml", "yaml-list": "list.yaml", "plain-pickle": "plain.pkl",
+                     "crafted-pickle": "crafted.pt", "saved-list": "list.pt", "not-torch": "text.pt"}[kind]
+    if kind == "empty-yaml":
+        path.write_text("")
+    elif kind == "yaml-list":
+        path.write_text("- model\n- data\n")
+    elif kind == "plain-pickle":
+        path.write_bytes(pickle.dumps({"net.weight": [1.0, 2.0]}))
+    elif kind == "crafted-pickle":
+        torch.save({"net.weight": _RunsCommand(f"touch {inputs / 'ran'}")}, path)
+    elif kind == "saved-list":
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_text("weights: none\n")
+    return path
+
+
+@pytest.mark.parametrize("option, kind, fragment", [
+    ("--config", "empty-yaml", "empty.yaml: the file is empty. A config file is a YAML mapping of sections"),
+    ("--config", "yaml-list", "list.yaml: its top level is a list, not a mapping."),
+    ("--model.init_from", "plain-pickle", "plain.pkl' is not a torch.save file of tensors."),
+    ("--model.init_from", "crafted-pickle", "crafted.pt' would call `posix.system` (loading it could run code)."),
+    ("--model.init_from", "saved-list", "list.pt' holds no state dict of tensors."),
+    ("--model.init_from", "not-torch", "text.pt' is not a torch.save file of tensors."),
+])
+def test_a_bad_config_or_weights_file_gives_one_line_and_writes_nothing(tmp_path, capsys, option, kind, fragment):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    runs = tmp_path / "runs"
+    rc = main(["fit", "--run.root", str(runs), *QUIET, "--wandb.enabled", "false", "--trainer.max_steps", "1",
+               option, str(_bad_file(inputs, kind))])
+    err = capsys.readouterr().err
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("deepres: error:")]
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert "Traceback" not in err
+    assert not (inputs / "ran").exists()  # the crafted pickle's command never ran
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
 
 
 def test_progress_bar_redraws_a_few_times_per_second_not_every_step(monkeypatch):

@@ -68,6 +68,11 @@ class ResumableSampler(Sampler[int]):
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world = rank, world
         self.epoch = 0
+        # The loader's own generator, reseeded from (seed, epoch, rank) at every epoch: the loader draws its
+        # worker seeds from it, not from torch's global generator, so creating a loader's iterator (a resumed
+        # epoch's, a validation's) leaves the training's random draws (deepres.training.rng_state) alone.
+        self.loader_generator = torch.Generator()
+        self.set_epoch(0)
         self.skip = 0  # samples of this rank to skip once, at the next __iter__ (mid-epoch resume)
         per_rank = length // world if drop_last else math.ceil(length / world)
         self.num_samples = per_rank
@@ -75,6 +80,7 @@ class ResumableSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
         self.epoch = epoch
+        self.loader_generator.manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + self.rank)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -133,6 +139,7 @@ class DeepresDataModule(L.LightningDataModule):
             sampler.skip = done * self.batch_size if done < batches_per_epoch else 0
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+            generator=sampler.loader_generator,
             drop_last=train, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
             multiprocessing_context=worker_context(self.worker_start_method) if self.num_workers > 0 else None,
         )

@@ -116,9 +116,13 @@ class ShardLoader:
         self.passes += 1
         expected = self.num_batches - self.stream.skip
         context = worker_context(self.worker_start_method) if self.num_workers > 0 else None
+        # worker seeds from (seed, epoch, rank), not from torch's global generator: creating this loader draws
+        # nothing the training's restored generators would miss (deepres.training.rng_state)
+        seed = getattr(self.stream, "seed", 0)
+        seeds = torch.Generator().manual_seed((seed * 1_000_003 + self.stream.epoch) * 1_009 + self.rank)
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                            multiprocessing_context=context)
+                            multiprocessing_context=context, generator=seeds)
         seen = 0
         for images, labels, (skipped, messages) in loader:
             if skipped:

@@ -26,6 +26,9 @@ Single-device code only, like the rest of deepres.models.
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -189,6 +192,24 @@ def export_torchvision_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 export_timm_weights = export_torchvision_weights  # timm's ResNet uses the same names
 
 
+def _load_weights_only(path: str) -> object:
+    """torch.load that builds only tensors and containers; a file it cannot read (a pickle of anything else, not
+    a torch file at all) is refused in one line naming what it asked for."""
+    try:
+        with warnings.catch_warnings():  # torch warns about a plain pickle's protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        asked = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"would call `{asked[1]}` (loading it could run code)" if asked else "is not a torch.save file of tensors"
+        raise ConfigError(f"model.init_from={path!r} {what}. Give a state dict or checkpoint written by torch.save "
+                          "(.pth, .pt, .ckpt) or a .safetensors file.") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ConfigError(f"model.init_from={path!r} cannot be read as a torch file ({str(err).splitlines()[0]}). "
+                          "Give a state dict or checkpoint written by torch.save (.pth, .pt, .ckpt) or a .safetensors "
+                          "file.") from None
+
+
 def load_weights_file(model: nn.Module, path: str, head: HeadMode = "auto") -> LoadReport:
     """Initialise `model` from a file: a deepres/Lightning checkpoint, or a torchvision/timm ResNet state dict.
 
@@ -205,7 +226,7 @@ def load_weights_file(model: nn.Module, path: str, head: HeadMode = "auto") -> L
             raise ConfigError(f"model.init_from={path!r} is a safetensors file: `pip install safetensors`.") from exc
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _load_weights_only(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

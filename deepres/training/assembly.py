@@ -4,8 +4,8 @@ What the user configured under ``trainer.logger`` / ``trainer.callbacks`` / ``tr
 adds, in this order (the order Lightning runs their hooks in, except that it runs checkpoint callbacks last):
 
 loggers    RunCSVLogger (metrics.csv, always: `deepres report` reads it), then wandb unless ``trainer.logger: false``
-callbacks  RunCheckpoint (last.ckpt on its schedule, and on signals), FaultReport (which rank failed),
-           SkippedSampleCounts (corrupt samples per reason), the depth diagnostics, the throttled progress bar
+callbacks  RunCheckpoint (last.ckpt on its schedule, and on signals), RandomGenerators (every rank's random
+           generators in each checkpoint), FaultReport (which rank failed), SkippedSampleCounts (corrupt samples per reason), the depth diagnostics, the throttled progress bar
            (unless the user has a bar or turned it off)
 plugins    the checkpoint writer (atomic, previous.ckpt kept, in a background thread unless
            ``run.async_checkpoint: false``), and inside a SLURM job Lightning's SLURM environment
@@ -26,6 +26,7 @@ from deepres.training.checkpoints import BackgroundCheckpointFiles, CheckpointFi
 from deepres.training.faults import FaultReport
 from deepres.training.progress import progress_callback
 from deepres.training.run_checkpoint import RunCheckpoint
+from deepres.training.rng_state import RandomGenerators
 from deepres.training.run_dir import RunCSVLogger, run_info
 from deepres.training.skipped_samples import SkippedSampleCounts
 
@@ -58,7 +59,7 @@ def trainer_parts(*, run: Any, wandb: Any, diagnostics: Any, trainer: Any, run_d
     # Always, beside any ModelCheckpoint of the user's (top-k by a metric): last.ckpt is what resumes.
     run_checkpoint = RunCheckpoint(run_dir / "checkpoints", every_n_steps=run.checkpoint_every_n_steps,
                                    every_minutes=run.checkpoint_every_minutes, requeue=requeue)
-    callbacks = [*as_list(trainer.get("callbacks")), run_checkpoint,
+    callbacks = [*as_list(trainer.get("callbacks")), run_checkpoint, RandomGenerators(),
                  FaultReport(run_dir, newest_checkpoint=lambda: find_resume_checkpoint(run_dir)[:2]),
                  SkippedSampleCounts(), *diagnostics_callbacks(diagnostics, run_dir)]
     if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):

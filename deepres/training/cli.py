@@ -45,6 +45,7 @@ from deepres.training.checkpoints import (
 from deepres.training.key_suggestions import choice_hint, class_option_hint, suggest, where_in_config
 from deepres.training.plan import build_plan, effective_model_options, plan_report
 from deepres.training.quiet_logs import quiet_third_party
+from deepres.training.resume_check import ALLOW_OPTION, ResumeSettings, check_resume, live_settings
 from deepres.training.run_dir import (
     ENV_RESUME,
     ENV_RUN_DIR,
@@ -87,6 +88,9 @@ class RunConfig:
     one per epoch) when stdout is a file, e.g. a SLURM log; bar or lines force one."""
     progress_every_n_steps: int = 50
     """Steps between two progress lines (run.progress lines, or auto in a log file)."""
+    resume_allow_changes: str | None = None
+    """With --ckpt_path: settings that may differ from the checkpoint's although they change the result, comma-
+    separated as the refusal names them (data.batch_size,model.optim.lr), or all. Others are refused."""
     collective_timeout_minutes: float = 10.0
     """A collective (gradient all-reduce, barrier) that waits longer than this for another rank fails, naming
     the rank that does not answer, instead of hanging for torch's default 30 minutes."""
@@ -109,13 +113,25 @@ def sections_with_class_path(argv: list[str]) -> set[str]:
         if key == "--config":
             path = value or (argv[i + 1] if i + 1 < len(argv) else "")
             try:
-                loaded = yaml.safe_load(Path(path).read_text()) or {}
+                loaded = yaml.safe_load(Path(path).read_text())
             except (OSError, yaml.YAMLError):
                 continue  # jsonargparse reports unreadable configs itself
+            check_config_file(path, loaded)
             for section in ("model", "data"):
                 if isinstance(loaded.get(section), dict) and "class_path" in loaded[section]:
                     found.add(section)
     return found
+
+
+def check_config_file(path: str, loaded: object) -> None:
+    """A --config file is a YAML mapping of sections; an empty file or a list at the top level is refused in one
+    line (jsonargparse would say "Unexpected config" or fail deep inside)."""
+    fix = ("A config file is a YAML mapping of sections (model:, data:, trainer:, ...): start from "
+           "`deepres fit --print_config > FILE`, or leave out --config.")
+    if loaded is None:
+        raise ConfigError(f"--config {path}: the file is empty. {fix}")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: its top level is a {type(loaded).__name__}, not a mapping. {fix}")
 
 
 class DeepresCLI(LightningCLI):
@@ -195,6 +211,7 @@ class DeepresCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         # Every value and combination checked before a directory, a process or a wandb run exists.
         self.plan = build_plan(cfg)
+        self.result_settings = live_settings(self.plan, cfg)
         run = cfg.run
         if not run.name:
             configs = cfg.get("config") or []
@@ -225,6 +242,13 @@ class DeepresCLI(LightningCLI):
             resume_from = self._newest_checkpoint(run_dir, ckpt)
         elif ckpt is not None:
             resume_from = self._explicit_checkpoint(ckpt)
+        # before anything is written; validate and test only read the weights, at whatever batch size
+        if resume_from is not None and Path(resume_from).exists() and self.subcommand in (None, "fit"):
+            for change in check_resume(resume_from, self.result_settings, allow=run.resume_allow_changes,
+                                       trusted=self.trusted):
+                print(f"deepres: resuming with {change} ({ALLOW_OPTION})", file=sys.stderr)
+        if resume_from is not None and ckpt in ("last", "auto", None):
+            print(f"deepres: resuming from {resume_from} (step {self.resume_step})", file=sys.stderr)
         if submitted is None and not resuming:
             run_dir = claim_new_run_dir(run.root, run.name)
         # A live run in this directory is never written by a second one; a requeued job waits a little for its
@@ -248,7 +272,6 @@ class DeepresCLI(LightningCLI):
             print(f"deepres: {item}", file=sys.stderr)
         if path is not None:
             self.resume_step = step
-            print(f"deepres: resuming from {path} (step {step})", file=sys.stderr)
             return str(path)
         if ckpt == "last":
             raise ConfigError(
@@ -287,8 +310,8 @@ class DeepresCLI(LightningCLI):
         # configured (trainer.logger / callbacks / plugins), or setting kwargs would drop it.
         parts = trainer_parts(run=run, wandb=cfg.wandb, diagnostics=cfg.diagnostics, trainer=cfg.trainer,
                               run_dir=self.run_dir, resolved_config=resolved, slurm_job=SlurmJob.current())
-        kwargs.update(logger=parts.loggers, callbacks=[plan_report(self.plan, self.run_dir), *parts.callbacks],
-                      plugins=parts.plugins)
+        callbacks = [plan_report(self.plan, self.run_dir), ResumeSettings(self.result_settings), *parts.callbacks]
+        kwargs.update(logger=parts.loggers, callbacks=callbacks, plugins=parts.plugins)
         self.run_checkpoint = parts.run_checkpoint
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.is_global_zero:
@@ -366,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     # Called from Python (tests, scripts) with its own argv: that is intended here.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # A subclass per call: the sections this command line gives a class of its own, without changing DeepresCLI
-    # for later calls in the same process (tests and scripts call main() many times).
-    cli_class = type("DeepresCLI", (DeepresCLI,), {"user_class_paths": sections_with_class_path(argv)})
     try:
+        # A subclass per call: the sections this command line gives a class of its own, without changing
+        # DeepresCLI for later calls in the same process (tests and scripts call main() many times).
+        cli_class = type("DeepresCLI", (DeepresCLI,), {"user_class_paths": sections_with_class_path(argv)})
         # the help text of a config group's field is the docstring under it (deepres.training.config)
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
         cli_class(

@@ -119,8 +119,10 @@ class DeepresModule(L.LightningModule):
     def on_train_end(self) -> None:
         # A run shorter than trainer.log_every_n_steps logs no training row: record its final loss anyway,
         # in metrics.csv and wandb (rank 0: the loggers write on rank 0 only) and in finished.json.
+        # Not when a stop signal ended it: the run resumes, and a row here would be one the run in one go lacks.
         trainer = self.trainer
-        if "train/loss" in trainer.callback_metrics or self.last_train_loss is None:
+        stopped = any(getattr(callback, "stopped_by", None) for callback in trainer.callbacks)
+        if "train/loss" in trainer.callback_metrics or self.last_train_loss is None or stopped:
             return
         trainer.callback_metrics["train/loss"] = self._last_loss.float().cpu()
         for logger in trainer.loggers:

@@ -28,7 +28,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from typing_extensions import override
 
-from deepres.lightning_compat import should_update_logs, validates_after_this_batch
+from deepres.lightning_compat import (
+    should_update_logs,
+    start_epoch_after_a_last_batch_restore,
+    validates_after_this_batch,
+)
 from deepres.training import stop_signals
 from deepres.training.checkpoints import LAST, CheckpointWriteError, install_checkpoint
 
@@ -70,6 +74,7 @@ class RunCheckpoint(ModelCheckpoint):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        start_epoch_after_a_last_batch_restore(trainer)
         # After Lightning registered its own SIGTERM handler (it does so just before the loop starts).
         stop_signals.arm()
         self._checked_step = trainer.global_step
