@@ -230,6 +230,15 @@ def test_block_gradients_match_finite_differences_in_float64(kind, dynamic):
     assert torch.autograd.gradcheck(run, (streams, *params))
 
 
+def _plain_block(block, h):
+    """H^res H + H^post ⊗ body(Σ_j H^pre_j H_j), from StreamMixing's forward, autograd through every op."""
+    batch, n = h.shape[0], h.shape[-1]
+    pre, post, res = block.mixing(h)
+    x = torch.einsum("b...j,bj->b...", h, pre.expand(batch, n))
+    mixed = torch.einsum("b...j,bij->b...i", h, res.expand(batch, n, n))
+    return mixed + block.body(x).unsqueeze(-1) * post.expand(batch, n).view(batch, *[1] * (h.ndim - 2), n)
+
+
 @pytest.mark.parametrize("spatial", [(), (3, 2)])
 def test_block_equals_the_plain_formulas_with_their_gradients(spatial):
     """A block computes its mixings, reads and writes in a few fused ops (on the streams laid out stream
@@ -243,16 +252,8 @@ def test_block_equals_the_plain_formulas_with_their_gradients(spatial):
             _perturb_(block, scale=0.3)
             streams = torch.randn(5, width, *spatial, n, dtype=torch.float64, requires_grad=True)
 
-            def plain(h):
-                pre, post, res = block.mixing(h)  # StreamMixing's forward: autograd through every op
-                pre, post = pre.expand(5, n), post.expand(5, n)
-                x = torch.einsum("b...j,bj->b...", h, pre)
-                mixed = torch.einsum("b...j,bij->b...i", h, res.expand(5, n, n))
-                post = post.view(5, *[1] * (h.ndim - 2), n)
-                return mixed + block.body(x).unsqueeze(-1) * post
-
             weights = torch.randn(streams.shape, dtype=torch.float64)
-            ours, ref = block(streams), plain(streams)
+            ours, ref = block(streams), _plain_block(block, streams)
             assert torch.allclose(ours, ref, atol=1e-12), (kind, dynamic)
             params = [streams, *block.parameters()]
             g_ours = torch.autograd.grad((ours * weights).sum(), params)
