@@ -24,6 +24,7 @@ from deepres.models.hyper import (
     sinkhorn,
 )
 from deepres.observability.diagnostics import DEPTH_FILE
+from deepres.observability.report import render
 from deepres.pipeline.split import block_ranges
 from deepres.training.cli import main
 from deepres.training.run_dir import resolve_run_dir
@@ -372,6 +373,8 @@ def test_fit_trains_a_few_steps_and_records_the_composite_gain(tmp_path, kind):
             assert abs(r["hyper/composite/max_row_sum"] - 1) < 1e-3
         # the max absolute row sum is submultiplicative: the composite's is at most the blocks' product
         assert r["hyper/composite/max_row_sum"] <= math.prod(r["hyper/max_row_sum"]) * (1 + 1e-3)
+    written, _ = render(run, tmp_path / "report")  # deepres report
+    assert tmp_path / "report" / "composite_gain.png" in written
 
 
 def test_conv_net_trains_on_streams_and_records_the_composite_gain(tmp_path):
