@@ -16,7 +16,9 @@ Static mixings are learned constants; dynamic ones add a term computed from the 
 scaled by a small learned factor (0.01 at init), through a projection that starts at zero, so every
 member starts as its static form. The stem copies its output into the n streams (`StreamExpand`) and
 the head averages them (`StreamMean`), so a model's `.blocks` stay a `BlockStack` of blocks that map
-(B, C, …, n) to (B, C, …, n): checkpointing, pipeline stages and the depth probe see one tensor.
+(B, C, …, n) to (B, C, …, n): checkpointing, pipeline stages and the depth probe see one tensor. In
+memory the blocks lay that tensor out stream by stream, (B, n, C, …), where their arithmetic takes the
+fewest operations (deepres.models.stream_mixing_ops says why).
 
 With n = 1 every member is a member of y = g(x)·x + t(x)·h(x): H^res is a 1×1 carry weight (exactly 1
 for mhc and mhc_lite, the only 1×1 doubly stochastic matrix), H^post the transform weight and H^pre a
@@ -244,18 +246,20 @@ class StreamMixing(nn.Module):
             return pre, post, sinkhorn(res, self.sinkhorn_iters)
         return pre, post, permutation_mixture(res, self.perms)
 
-
     def read(self, by_stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """mhc, dynamic: the body's input x, the mixed streams, H^post and H^res (no gradient) for the
         streams laid out (B, n, C, …), computed as `forward` and `stream_read` do, in one autograd node."""
-        summary = by_stream if by_stream.ndim == 3 else by_stream.flatten(3).mean(-1)
-        return mhc_read(by_stream.flatten(2), summary, self.proj.weight, self.pre_bias, self.post_bias,
+        return mhc_read(by_stream.flatten(2), _summary_of(by_stream), self.proj.weight, self.pre_bias, self.post_bias,
                         self.res_bias, self.scale, self.scale_index, self.sinkhorn_iters)
 
 
 def _summary(streams: torch.Tensor) -> torch.Tensor:
     """(B, C, …, n) → (B, n, C): each stream, and of images each stream's spatial mean."""
-    by_stream = streams.movedim(-1, 1)
+    return _summary_of(streams.movedim(-1, 1))
+
+
+def _summary_of(by_stream: torch.Tensor) -> torch.Tensor:
+    """`_summary` of streams laid out (B, n, C, …)."""
     return by_stream if by_stream.ndim == 3 else by_stream.flatten(3).mean(-1)
 
 
