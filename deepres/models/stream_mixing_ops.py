@@ -104,8 +104,8 @@ class _MhcRead(torch.autograd.Function):
         H^pre = σ(z_pre),  H^post = 2σ(z_post),  H^res = Sinkhorn(z_res)
         x     = Σ_j H^pre_j H_j,  mixed_i = Σ_j H^res_ij H_j                 H: the streams (B, n, D)
 
-    The backward is written out op by op: autograd's version of these few lines is some 60 nodes per
-    block, most of the time of a narrow block."""
+    The backward is written out op by op: autograd's version of these few lines is dozens of nodes per
+    block, each a fixed cost that a narrow block's arithmetic does not hide."""
 
     @staticmethod
     def forward(ctx, streams, summary, weight, pre_bias, post_bias, res_bias, scale, scale_index, iters):
