@@ -1,13 +1,13 @@
 """A small deepres run for the pipeline tests, run as a real script (one command per rank).
 
     python tests/_pipe.py --out DIR [--strategy pipeline|auto] [--devices N] [--stages S] [--schedule 1f1b]
-                          [--microbatches M] [--batch-size B] [--epochs E] [--net mlp|bn] [--resume CKPT]
+                          [--microbatches M] [--batch-size B] [--epochs E] [--net mlp|bn|mhc] [--resume CKPT]
                           [--precision bf16-mixed] [--clip C] [--checkpointing K]
     python tests/_pipe.py --out DIR --reference --replicas R --microbatches M ...   # the micro-batch reference
 
-The net is deepres's own Classifier (highway_mlp with 6 blocks, or a BatchNorm CIFAR ResNet with 3 blocks)
-on 80 fixed random rows (5 steps of 16 a epoch), trained with plain SGD with momentum at a constant
-learning rate. Rank 0 writes DIR/last.ckpt (every epoch end) and DIR/result.json (global step, the
+The net is deepres's own Classifier (highway_mlp with 6 blocks, the same on 3 mHC streams, or a BatchNorm
+CIFAR ResNet with 3 blocks) on 80 fixed random rows (5 steps of 16 a epoch), trained with plain SGD with
+momentum at a constant learning rate. Rank 0 writes DIR/last.ckpt (every epoch end) and DIR/result.json (global step, the
 logged train/loss values, the validation loss). `--reference` trains the same net in one process without
 Lightning, one micro-batch at a time, as GPipe computes it: BatchNorm statistics per micro-batch, the
 gradients averaged over the micro-batches and the replicas, the running statistics of replica 0.
@@ -38,6 +38,8 @@ ROWS, VAL_ROWS, CLASSES = 80, 24, 4
 NETS: dict[str, dict[str, Any]] = {
     "mlp": {"arch": "highway_mlp", "input_shape": (12,), "arch_args": {"depth": 7, "width": 16}},
     "bn": {"arch": "cifar_resnet", "input_shape": (3, 6, 6), "arch_args": {"depth": 8, "zero_init_last": False}},
+    "mhc": {"arch": "highway_mlp", "input_shape": (12,), "arch_args": {"depth": 7, "width": 16, "gate": "mhc",
+                                                                      "streams": 3}},
 }
 
 

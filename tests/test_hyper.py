@@ -24,6 +24,7 @@ from deepres.models.hyper import (
     sinkhorn,
 )
 from deepres.observability.diagnostics import DEPTH_FILE
+from deepres.observability.report import render
 from deepres.pipeline.split import block_ranges
 from deepres.training.cli import main
 from deepres.training.run_dir import resolve_run_dir
@@ -230,6 +231,38 @@ def test_block_gradients_match_finite_differences_in_float64(kind, dynamic):
     assert torch.autograd.gradcheck(run, (streams, *params))
 
 
+def _plain_block(block, h):
+    """H^res H + H^post ⊗ body(Σ_j H^pre_j H_j), from StreamMixing's forward, autograd through every op."""
+    batch, n = h.shape[0], h.shape[-1]
+    pre, post, res = block.mixing(h)
+    x = torch.einsum("b...j,bj->b...", h, pre.expand(batch, n))
+    mixed = torch.einsum("b...j,bij->b...i", h, res.expand(batch, n, n))
+    return mixed + block.body(x).unsqueeze(-1) * post.expand(batch, n).view(batch, *[1] * (h.ndim - 2), n)
+
+
+@pytest.mark.parametrize("spatial", [(), (3, 2)])
+def test_block_equals_the_plain_formulas_with_their_gradients(spatial):
+    """A block computes its mixings, reads and writes in a few fused ops (on the streams laid out stream
+    by stream in memory); here against the formulas as written, autograd through every step, float64."""
+    torch.manual_seed(0)
+    n, width = 3, 4
+    for kind in KINDS:
+        for dynamic in (False, True):
+            body = nn.Sequential(nn.Tanh(), nn.Linear(width, width)) if not spatial else nn.Tanh()
+            block = HyperBlock(body, StreamMixing(kind, n, width, dynamic=dynamic, sinkhorn_iters=4)).double()
+            _perturb_(block, scale=0.3)
+            streams = torch.randn(5, width, *spatial, n, dtype=torch.float64, requires_grad=True)
+
+            weights = torch.randn(streams.shape, dtype=torch.float64)
+            ours, ref = block(streams), _plain_block(block, streams)
+            assert torch.allclose(ours, ref, atol=1e-12), (kind, dynamic)
+            params = [streams, *block.parameters()]
+            g_ours = torch.autograd.grad((ours * weights).sum(), params)
+            g_ref = torch.autograd.grad((ref * weights).sum(), params)
+            for a, b in zip(g_ours, g_ref, strict=True):
+                assert torch.allclose(a, b, atol=1e-12), (kind, dynamic)
+
+
 def test_float32_gradients_equal_a_float64_reference():
     torch.manual_seed(0)
     net = create_model("highway_mlp", depth=12, width=6, in_features=5, gate="mhc", streams=4)
@@ -340,6 +373,8 @@ def test_fit_trains_a_few_steps_and_records_the_composite_gain(tmp_path, kind):
             assert abs(r["hyper/composite/max_row_sum"] - 1) < 1e-3
         # the max absolute row sum is submultiplicative: the composite's is at most the blocks' product
         assert r["hyper/composite/max_row_sum"] <= math.prod(r["hyper/max_row_sum"]) * (1 + 1e-3)
+    written, _ = render(run, tmp_path / "report")  # deepres report
+    assert tmp_path / "report" / "composite_gain.png" in written
 
 
 def test_conv_net_trains_on_streams_and_records_the_composite_gain(tmp_path):

@@ -262,6 +262,26 @@ def test_schedules_and_replicas_take_the_steps_of_one_process(tmp_path, one_proc
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_mhc_takes_the_steps_of_one_process_under_ddp_and_across_two_pipeline_stages(tmp_path):
+    """Multi-stream blocks (mHC, 3 streams, per-sample Sinkhorn mixings) after 5 SGD steps on the global
+    batch of 16: one process without Lightning, 2 DDP processes on 8 rows each, and 2 pipeline stages
+    handing the (B, C, n) streams across the boundary in 4 micro-batches. The only differences are float32
+    rounding: the gradient sums over the rows in another order (per rank, per micro-batch), as for the
+    one-stream net, and TOLERANCE holds them with room while the 5 steps move the weights by > 1e-2."""
+    (tmp_path / "one").mkdir()  # the one process is this one: no start-up to pay for
+    _pipe.reference(_pipe.parse(["--out", str(tmp_path / "one"), "--net", "mhc", "--microbatches", "1"]))
+    one = weights(tmp_path / "one" / "reference.ckpt")
+    ddp = run(tmp_path / "ddp", "--net", "mhc", "--strategy", "ddp", "--devices", "2", "--batch-size", "8")
+    pipe = run(tmp_path / "pipe", "--net", "mhc", "--devices", "2", "--schedule", "gpipe", "--microbatches", "4")
+    assert ddp["world_size"] == pipe["world_size"] == 2 and ddp["global_step"] == pipe["global_step"] == 5
+    assert pipe["ranges"] == [[0, 3], [3, 6]]
+    assert difference(weights(tmp_path / "ddp" / "last.ckpt"), one) < TOLERANCE
+    assert difference(weights(tmp_path / "pipe" / "last.ckpt"), one) < TOLERANCE
+    assert difference(one, {f"net.{k}": v for k, v in _pipe.make_model("mhc").net.state_dict().items()}) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_clipping_uses_the_norm_over_all_stages_also_with_activation_checkpointing(tmp_path):
     reference = tmp_path / "one"
     reference.mkdir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from types import SimpleNamespace
 
 from deepres.training.progress import ProgressLines, ThrottledProgressBar, progress_callback
 from tests.procs import run
@@ -56,3 +57,19 @@ def test_a_fit_logged_to_a_file_has_plain_lines_and_none_of_the_noise(tmp_path):
     assert "memory    auto within 1 GB: chose none, predicted step peak" in out  # the plan says what auto chose
     assert "wandb sync " in out  # the short wandb ending: how to upload the offline run
     print(f"LOG LINES: stdout {len(out.splitlines())}, stderr {len(err.splitlines())}")
+
+
+def test_progress_lines_show_the_composite_gain_of_multi_stream_blocks(capsys):
+    diagnostics = SimpleNamespace(latest_composite={"hyper/composite/min_col_sum": 0.41,
+                                                    "hyper/composite/max_col_sum": 2.5,
+                                                    "hyper/composite/max_row_sum": 3.0})
+    trainer = SimpleNamespace(global_step=50, current_epoch=0, max_epochs=1, estimated_stepping_batches=100,
+                              callbacks=[diagnostics], progress_bar_metrics={})
+    lines = ProgressLines(every_n_steps=50)
+    lines.get_metrics = lambda trainer, module: {"train/loss": 0.5}
+    lines.on_train_batch_end(trainer, None, None, None, 0)
+    assert "train/loss=0.5  ∏H^res col sums 0.41-2.5  " in capsys.readouterr().out
+    diagnostics.latest_composite = {}  # one-stream blocks: nothing to show
+    trainer.global_step = 100
+    lines.on_train_batch_end(trainer, None, None, None, 0)
+    assert "∏H^res" not in capsys.readouterr().out

@@ -16,7 +16,9 @@ Static mixings are learned constants; dynamic ones add a term computed from the 
 scaled by a small learned factor (0.01 at init), through a projection that starts at zero, so every
 member starts as its static form. The stem copies its output into the n streams (`StreamExpand`) and
 the head averages them (`StreamMean`), so a model's `.blocks` stay a `BlockStack` of blocks that map
-(B, C, …, n) to (B, C, …, n): checkpointing, pipeline stages and the depth probe see one tensor.
+(B, C, …, n) to (B, C, …, n): checkpointing, pipeline stages and the depth probe see one tensor. In
+memory the blocks lay that tensor out stream by stream, (B, n, C, …), where their arithmetic takes the
+fewest operations (deepres.models.stream_mixing_ops says why).
 
 With n = 1 every member is a member of y = g(x)·x + t(x)·h(x): H^res is a 1×1 carry weight (exactly 1
 for mhc and mhc_lite, the only 1×1 doubly stochastic matrix), H^post the transform weight and H^pre a
@@ -41,6 +43,14 @@ import torch
 from torch import nn
 
 from deepres.errors import ConfigError
+from deepres.models.stream_mixing_ops import (
+    full_precision,
+    mhc_read,
+    sinkhorn_backward,
+    sinkhorn_log,
+    stream_read,
+    stream_write,
+)
 
 HYPER_GATES: tuple[str, ...] = ("hc", "mhc", "mhc_lite")
 DEFAULT_STREAMS = 4  # n = 4: the expansion rate all three papers train with
@@ -100,43 +110,27 @@ def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
     # where PyTorch's CPU log_softmax runs 5 times faster on 4 × 4 matrices than over the last dimensions
     moved = logits.movedim((-2, -1), (0, 1)).contiguous()
     if not torch.is_grad_enabled() or not logits.requires_grad:
-        out = _sinkhorn_log(moved, iters).exp()
+        out = sinkhorn_log(moved, iters).exp()
     else:
         out = _Sinkhorn.apply(moved, iters)
     return out.movedim((0, 1), (-2, -1)).contiguous()
 
 
-def _sinkhorn_log(log_m: torch.Tensor, iters: int, steps: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The iterations on log-matrices laid out (n rows, n columns, …)."""
-    for _ in range(iters):
-        for dim in (1, 0):  # rows (sum over the column index), then columns
-            log_m = torch._log_softmax(log_m, dim, False)
-            if steps is not None:
-                steps.append(log_m)
-    return log_m
-
-
 class _Sinkhorn(torch.autograd.Function):
-    """The iterations run without autograd; backward recomputes them from the logits (memory: the
-    logits alone per block, which matters at 10,000 blocks) and applies each log_softmax's backward in
-    reverse. On a CPU core this takes a third of the time autograd's 80-node graph takes per block."""
+    """The iterations run without autograd and backward recomputes them (`sinkhorn_backward`): on a CPU
+    core a third of the time autograd's 80-node graph takes per block."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        return _sinkhorn_log(logits, iters).exp()
+        return sinkhorn_log(logits, iters).exp()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        steps: list[torch.Tensor] = []
-        out = _sinkhorn_log(logits, ctx.iters, steps).exp()
-        g = grad * out  # through exp
-        for k in range(len(steps) - 1, -1, -1):
-            g = torch._log_softmax_backward_data(g, steps[k], 0 if k % 2 else 1, logits.dtype)
-        return g, None
+        return sinkhorn_backward(grad, logits, ctx.iters), None
 
 
 def permutation_matrices(n: int) -> torch.Tensor:
@@ -229,20 +223,20 @@ class StreamMixing(nn.Module):
         elif streams is None:
             raise ValueError("a dynamic stream mixing needs the streams")
         elif self.kind == "hc":
-            summary = streams if streams.ndim == 3 else streams.flatten(2, -2).mean(2)  # (B, C, n)
-            d = torch.tanh(self.proj(self.norm(summary.transpose(1, 2))))  # (B, n, 2 + n), row j from stream j
+            d = torch.tanh(self.proj(self.norm(_summary(streams))))  # (B, n, 2 + n), row j from stream j
             scaled = d * self.scale[self.scale_index]
             pre = self.pre_bias + scaled[..., 0]
             post = self.post_bias + scaled[..., 1]
             res = self.res_bias + scaled[..., 2:].transpose(1, 2)
             return pre, post, res
         else:
-            summary = streams if streams.ndim == 3 else streams.flatten(2, -2).mean(2)  # (B, C, n)
-            flat = summary.flatten(1)
+            flat = _summary(streams).flatten(1)  # (B, n·C), stream by stream as the blocks lay them out
+            # the projection's columns are vec(H) of (C, n): the same order as the input's, permuted
+            weight = self.proj.weight.unflatten(1, (-1, n)).transpose(1, 2).flatten(1)
             # mHC's RMSNorm(vec(H))·φ with the norm's division applied to the 2n + n² outputs instead of
             # the n·C inputs (their Eq. 15, the same value): one fused norm instead of RMSNorm's five ops
             rms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True) * flat.shape[-1] ** -0.5
-            d = self.proj(flat) / (rms + 1e-6)
+            d = nn.functional.linear(flat, weight) / (rms + 1e-6)
             bias = torch.cat([self.pre_bias, self.post_bias, self.res_bias.flatten()])
             z = torch.addcmul(bias, d, self.scale[self.scale_index])
             gates = torch.sigmoid(z[:, : 2 * n])
@@ -251,6 +245,22 @@ class StreamMixing(nn.Module):
         if self.kind == "mhc":
             return pre, post, sinkhorn(res, self.sinkhorn_iters)
         return pre, post, permutation_mixture(res, self.perms)
+
+    def read(self, by_stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mhc, dynamic: the body's input x, the mixed streams, H^post and H^res (no gradient) for the
+        streams laid out (B, n, C, …), computed as `forward` and `stream_read` do, in one autograd node."""
+        return mhc_read(by_stream.flatten(2), _summary_of(by_stream), self.proj.weight, self.pre_bias, self.post_bias,
+                        self.res_bias, self.scale, self.scale_index, self.sinkhorn_iters)
+
+
+def _summary(streams: torch.Tensor) -> torch.Tensor:
+    """(B, C, …, n) → (B, n, C): each stream, and of images each stream's spatial mean."""
+    return _summary_of(streams.movedim(-1, 1))
+
+
+def _summary_of(by_stream: torch.Tensor) -> torch.Tensor:
+    """`_summary` of streams laid out (B, n, C, …)."""
+    return by_stream if by_stream.ndim == 3 else by_stream.flatten(3).mean(-1)
 
 
 class StreamExpand(nn.Module):
@@ -314,23 +324,23 @@ class HyperBlock(nn.Module):
         # (1 − 1e-3)^L, the very drift the doubly stochastic constraint is there to prevent.
         if streams.dtype in (torch.float16, torch.bfloat16):
             streams = streams.float()
-        with torch.autocast(streams.device.type, enabled=False):
-            pre, post, res = self.mixing(streams)
+        # (B, n, C, …): contiguous as the previous block wrote it; the stem's expanded copies and streams
+        # laid out otherwise are copied once, as batched matmuls take a slow path on any other layout
+        by_stream = streams.movedim(-1, 1).contiguous()
+        with full_precision(streams.device.type):
+            if self.mixing.kind == "mhc" and self.mixing.dynamic:
+                x, mixed, post, res = self.mixing.read(by_stream)
+            else:
+                pre, post, res = self.mixing(streams)
+                x, mixed = stream_read(pre, res, by_stream.flatten(2))
             if self.recorded is not None:
                 self.recorded.append(res.detach())
-            if pre.ndim == 1:  # static: the same mixing for every sample
-                x = torch.matmul(streams, pre)
-                mixed = nn.functional.linear(streams, res)  # Σ_j H_j·H^res_ij over the last dimension
-            else:
-                flat = streams.flatten(1, -2)  # (B, D, n)
-                x = torch.bmm(flat, pre.unsqueeze(-1)).view(streams.shape[:-1])
-                mixed = torch.bmm(flat, res.transpose(1, 2)).view(streams.shape)
-                post = post.view(post.shape[0], *([1] * (streams.ndim - 2)), -1)
-        h = self.body(x)
+        h = self.body(x.view(by_stream.shape[:1] + by_stream.shape[2:]))
         if self.drop_rate > 0.0 and self.training:
             h = h * _keep_mask(h, self.drop_rate)
-        with torch.autocast(streams.device.type, enabled=False):
-            return torch.addcmul(mixed, h.to(mixed.dtype).unsqueeze(-1), post)
+        with full_precision(streams.device.type):
+            out = stream_write(mixed, post, h.to(mixed.dtype))
+        return out.view(by_stream.shape).movedim(1, -1)
 
     def extra_repr(self) -> str:
         return f"drop_rate={self.drop_rate:.4g}" if self.drop_rate else ""

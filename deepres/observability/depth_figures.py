@@ -202,3 +202,42 @@ def error_flow_figure(history: DepthHistory) -> Figure | None:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return fig
+
+
+COMPOSITE_KEYS = {  # depth.jsonl key of the multi-stream blocks' ∏H^res (deepres.models.hyper) → its label
+    "hyper/composite/max_row_sum": "max |row sum| (forward gain)",
+    "hyper/composite/max_col_sum": "max |column sum| (backward gain)",
+    "hyper/composite/min_col_sum": "min column sum",
+}
+
+
+def composite_gain_figure(records: list[dict[str, Any]]) -> Figure | None:
+    """The composite gain of the stream mixings over training: the row and column sums of ∏H^res over all
+    blocks, 1 where the product is doubly stochastic, and max |log column sum| (attenuation and
+    amplification alike). None for a run without multi-stream blocks."""
+    rows = [r for r in records if any(r.get(k) is not None for k in COMPOSITE_KEYS)]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+
+    def series(key: str) -> np.ndarray:
+        return np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    sums, logs = fig.subplots(1, 2)
+    for key, label in COMPOSITE_KEYS.items():
+        sums.plot(steps, series(key), marker=".", label=label)
+    sums.axhline(1.0, color="0.4", linestyle="--", linewidth=1)
+    values = np.concatenate([series(k) for k in COMPOSITE_KEYS])
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size and positive.max() / positive.min() > 10:
+        sums.set_yscale("log")
+    sums.set_xlabel("training step")
+    sums.set_title("∏H^res over all blocks: row and column sums")
+    sums.legend(fontsize=8)
+    sums.grid(alpha=0.3, which="both")
+    logs.plot(steps, series("hyper/composite/max_abs_log_col_sum"), marker=".", color="tab:red")
+    logs.set_xlabel("training step")
+    logs.set_title("max |log column sum| of ∏H^res (0: no drift)")
+    logs.grid(alpha=0.3, which="both")
+    return fig

@@ -133,6 +133,7 @@ class DepthDiagnostics(Callback):
         self.grad_norms = True
         self.latest: dict[str, np.ndarray] = {}  # the last sampled step's per-block arrays
         self.latest_error_flow_ratio = math.nan
+        self.latest_composite: dict[str, float] = {}  # multi-stream blocks: the gains of ∏H^res at that step
         self._probe: Probe | None = None
         self._history = _History()
         self._warned: set[str] = set()
@@ -222,7 +223,7 @@ class DepthDiagnostics(Callback):
             if gathered is None:  # not rank 0: its blocks' values went there
                 return
             arrays, ratio = gathered
-        self.latest, self.latest_error_flow_ratio = arrays, ratio
+        self.latest, self.latest_error_flow_ratio, self.latest_composite = arrays, ratio, probe.composite
         self._write(step, trainer.current_epoch, ratio, arrays, probe.composite)
         log_metrics(trainer, {**self._metrics(ratio, arrays), **{f"depth/{k}": v for k, v in probe.composite.items()}},
                     step)

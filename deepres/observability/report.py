@@ -5,6 +5,7 @@
     gates.png                mean gate openness per block over training (transform t; carry g if any)
     act_rms.png              root-mean-square activation per block over training
     error_flow.png           ‖∂L/∂x₀‖ / ‖∂L/∂x_L‖ over training (1.0: the error reaches block 0 undiminished)
+    composite_gain.png       multi-stream blocks: row and column sums of ∏H^res over all blocks, over training
 
 The depth figures come from `depth.jsonl`, written by `deepres.observability.diagnostics.DepthDiagnostics`; their
 functions live in `deepres.observability.depth_figures`, which that callback also uses for its wandb heatmaps. A
@@ -26,6 +27,7 @@ from deepres.observability.depth_figures import (
     DEPTH_FILE,
     DepthHistory,
     act_rms_figure,
+    composite_gain_figure,
     error_flow_figure,
     gate_figure,
     grad_norm_figure,
@@ -125,6 +127,7 @@ def render(run_dir: Path, out_dir: Path) -> tuple[list[Path], list[str]]:
         figures["gates.png"] = gate_figure(history)
         figures["act_rms.png"] = act_rms_figure(history)
         figures["error_flow.png"] = error_flow_figure(history)
+        figures["composite_gain.png"] = composite_gain_figure(records)  # None without multi-stream blocks
         if figures["gates.png"] is None:
             notes.append("gates.png: this model has no gates (plain or residual blocks)")
         if figures["grad_norm.png"] is None:

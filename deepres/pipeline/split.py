@@ -192,6 +192,32 @@ def _tensors(x: Any) -> list[torch.Tensor]:
     return []
 
 
+def _contiguous(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.contiguous()
+    if isinstance(x, tuple):
+        return tuple(_contiguous(item) for item in x)
+    return x
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _with_contiguous_grad(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return _ContiguousGrad.apply(x) if x.requires_grad else x
+    if isinstance(x, tuple):
+        return tuple(_with_contiguous_grad(item) for item in x)
+    return x
+
+
 def _detached(x: Any, grad: bool = True) -> Any:
     if isinstance(x, torch.Tensor):
         y = x.detach()
@@ -289,13 +315,19 @@ class StageModule(nn.Module):
                 observe(None, None)  # the gates the metadata inference ran do not count either
 
     def _run(self, x: Any) -> Any:
+        # torch's point-to-point sends take contiguous tensors only, and blocks may hand on others and give
+        # their input others as gradient (multi-stream blocks: (B, C, n) by shape, laid out stream by stream)
         if self.first:
             x = self.net.entry(x)
             x = self._watch(x, "grad_in_sq")
+        else:
+            x = _with_contiguous_grad(x)
         x = self.blocks(x)
         if self.last:
             x = self._watch(x, "grad_out_sq")
             x = self.net.exit(x)
+        else:
+            x = _contiguous(x)
         return x
 
     def _watch(self, x: Any, key: str) -> Any:

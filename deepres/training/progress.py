@@ -46,11 +46,25 @@ def _clock(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds)))
 
 
+def _composite_gain(trainer: Any) -> str:
+    """Multi-stream blocks: the smallest and largest column sum of ∏H^res over all blocks (1 and 1 while it
+    stays doubly stochastic) at the depth diagnostics' latest measured step; empty without them."""
+    for callback in trainer.callbacks:
+        gain = getattr(callback, "latest_composite", None)
+        if gain:
+            return (f"  ∏H^res col sums {gain['hyper/composite/min_col_sum']:.4g}-"
+                    f"{gain['hyper/composite/max_col_sum']:.4g}")
+    return ""
+
+
 class ProgressLines(ProgressBar):
     """A line every ``every_n_steps`` optimizer steps and one at the end of every epoch, on rank 0:
 
         [deepres] epoch 5/15  step 100/330  train/loss=0.08185 train/acc1=1  9.72 steps/s  0:00:10 elapsed, 0:00:23 left
         [deepres] epoch 5/15 done  step 110/330  val/acc1=0.9611
+
+    With multi-stream blocks (gate hc, mhc, mhc_lite) a step's line also shows ∏H^res's column sums, as the
+    depth diagnostics last measured them (`  ∏H^res col sums 0.9987-1.002`).
 
     The metrics are the progress-bar metrics (what the bar would show); they are formatted only on the steps
     that print, so the lines cost nothing in between.
@@ -104,6 +118,7 @@ class ProgressLines(ProgressBar):
         elapsed = time.monotonic() - self._start
         rate = (step - self._start_step) / elapsed if elapsed > 0 else 0.0
         line = f"{self._epochs(trainer)}  {self._steps(trainer)}  {self._metrics(trainer, pl_module, 'train/')}"
+        line += _composite_gain(trainer)
         line += f"  {rate:.3g} steps/s  {_clock(elapsed)} elapsed"
         total = trainer.estimated_stepping_batches
         if rate > 0 and isinstance(total, (int, float)) and total != float("inf"):
