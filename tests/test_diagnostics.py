@@ -6,6 +6,7 @@ record log of protobuf `Record`s), not a mock.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -413,3 +414,40 @@ def test_wandb_failing_to_start_does_not_stop_training(tmp_path, monkeypatch):
     logger.log_hyperparams({"lr": 0.1})
     logger.log_metrics({"train/loss": 1.0}, step=1)
     logger.finalize("success")
+
+
+def test_finishing_before_a_requeue_keeps_every_step_once_and_leaves_no_service_to_kill(tmp_path, monkeypatch):
+    """Before a SLURM requeue (whose SIGTERM reaches wandb's service too) the attempt finishes its session and
+    stops the service; the next attempt continues the same run. Every logged step is then on disk once."""
+    def services() -> list[str]:  # this process's wandb-core children
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                name, rest = stat.read_text().rsplit(")", 1)
+                if rest.split()[1] == str(os.getpid()) and name.endswith("(wandb-core"):
+                    found.append(stat.parent.name)
+        return found
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+
+    def attempt(steps: range, requeued: bool) -> None:
+        logger = make_wandb_logger(WandbConfig(), tmp_path, {"attempt": steps.start})
+        for step in steps:
+            logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        if requeued:
+            assert services()
+            logger.finish_before_requeue()
+            assert not services()
+            logger.log_metrics({"train/loss": 0.0}, step=99)  # after the session ended: dropped, not an error
+        logger.finalize("success")
+
+    attempt(range(0, 3), requeued=True)
+    attempt(range(3, 5), requeued=False)
+    run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
+    sessions = sorted(tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(sessions) == 2
+    steps = [json.loads(item.value_json) for session in sessions for record in wandb_records(session)
+             if record.WhichOneof("record_type") == "history"
+             for item in record.history.item if (item.key or "/".join(item.nested_key)) == "trainer/global_step"]
+    assert steps == [0, 1, 2, 3, 4]

@@ -7,6 +7,7 @@ with the reason, only where that cannot be done.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
@@ -202,8 +203,8 @@ class _TinyRegression(LightningModule):
 
 @pytest.fixture
 def fake_slurm_job(monkeypatch, tmp_path):
-    """The environment of rank 0 of a SLURM job that cannot requeue itself (no scontrol), so training goes on;
-    restores the signal handler and the module state afterwards."""
+    """The environment of rank 0 of a SLURM job that cannot requeue itself (no scontrol); restores the signal
+    handler and the module state afterwards."""
     monkeypatch.setenv("SLURM_JOB_ID", "999999")
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.delenv("SLURM_JOB_NAME", raising=False)
@@ -228,15 +229,16 @@ def test_signal_during_training_saves_a_complete_checkpoint_at_the_next_step(tmp
                       enable_model_summary=False, accelerator="cpu", devices=1)
     trainer.fit(_TinyRegression(signal_at=3), data)
 
-    saved = tmp_path / "checkpoints" / "previous.ckpt"  # the requeue checkpoint; last.ckpt is the final one
+    saved = tmp_path / "checkpoints" / "last.ckpt"
     assert damage(saved) is None
     # Saved right after the optimizer step during which the signal came (never inside an accumulation).
     assert load_checkpoint(saved)["global_step"] == 4
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 8
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary left
-    assert trainer.global_step == 8  # the requeue failed, so training went on to the end
+    # Training stops there (the requeue comes after the loggers have finished); this requeue failed, and says so.
+    assert trainer.global_step == 4 and checkpoint.stopped_by == "SIGUSR1"
     err = capfd.readouterr()
     assert "scontrol requeue 999999" in err.err and "step 4: saved" in err.out
+    assert "the job is not requeued; training stopped at step 4" in err.out
 
 
 def test_early_signal_is_recorded_and_requeue_is_attempted_before_training(fake_slurm_job, capfd):
@@ -428,14 +430,24 @@ def submitters_wandb_service(slurm_cluster):
     subprocess.run([wandb, "beta", "core", "stop"], capture_output=True, timeout=60, env=env)
 
 
+def _wandb_history(path: Path) -> list[dict]:
+    """The history rows (one per wandb.log call) in a wandb run file, as {key: value}."""
+    import json
+
+    from test_diagnostics import wandb_records  # the diagnostics tests' reader of wandb's run files
+
+    return [{"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            for record in wandb_records(path) if record.WhichOneof("record_type") == "history"]
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_right_step(submitters_wandb_service,
                                                                                         tmp_path):
     env = submitters_wandb_service
-    max_steps = 30
+    max_steps = 16
     job_id = _submit(env, tmp_path, "--nodes", "2", "--tasks-per-node", "1", "--name", "preempt",
-                     "--trainer.max_steps", str(max_steps))
+                     "--trainer.max_steps", str(max_steps), "--trainer.log_every_n_steps", "1")
     run_dir = tmp_path / "runs" / "preempt"
     log = run_dir / f"slurm-{job_id}.out"
     preempt = ["scancel", "--signal=USR1", job_id]
@@ -445,37 +457,45 @@ def test_preempted_job_requeues_resumes_from_its_checkpoint_and_ends_at_the_righ
     subprocess.run(preempt, env=env, check=True)
     text = _wait_for_log(log, r"^\[deepres.sbatch\] job \d+ restart 1:")
     assert "before training started: nothing to save, requeueing now" in text
-    # 2. During training of the restarted job.
-    text = _wait_for_log(log, r"^\[deepres.slurm\] training from step 0", count=1)
-    assert "no complete checkpoint yet, starting from scratch" in text
-    subprocess.run(preempt, env=env, check=True)
+    # 2. Three times during training, in restarts 1, 2 and 3.
+    for restart in (1, 2, 3):
+        text = _wait_for_log(log, r"^\[deepres.slurm\] training from step \d+", count=restart)
+        assert restart > 1 or "no complete checkpoint yet, starting from scratch" in text
+        subprocess.run(preempt, env=env, check=True)
+        _wait_for_log(log, rf"^\[deepres.sbatch\] job \d+ restart {restart + 1}:")
 
     info = _wait_for_job(env, job_id)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", text[-3000:]
-    before_2, restart_2 = text.split("restart 2:", 1)
-    assert re.search(r"step (\d+): saved .*/checkpoints/last.ckpt", before_2)  # on SIGUSR1, then requeued
-    # SLURM then stops the job with SIGTERM, which saves once more at the next step boundary.
-    saved = [int(s) for s in re.findall(r"step (\d+): saved .*/checkpoints/last.ckpt", before_2)]
-    saved += [int(s) for s in re.findall(r"saved \S*/checkpoints/last.ckpt at step (\d+)", before_2)]
-    saved_at = max(saved)
-    assert 1 <= saved_at < max_steps
-    assert "resuming from" in restart_2 and "checkpoints/last.ckpt" in restart_2
-    assert f"[deepres.slurm] training from step {saved_at}\n" in restart_2  # nothing lost, nothing repeated
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "4", text[-3000:]
+    attempts = re.split(r"^\[deepres.sbatch\] job \d+ restart \d+:", text, flags=re.M)[1:]
+    assert len(attempts) == 5
+    for before, after in zip(attempts[1:4], attempts[2:5], strict=True):
+        # Saved on SIGUSR1 at the next step boundary, stopped there and requeued; the next attempt goes on from it.
+        saved_at = int(re.search(r"^\[deepres.slurm\] step (\d+): saved \S*/checkpoints/last.ckpt$", before, re.M)[1])
+        assert 1 <= saved_at < max_steps and "requeued SLURM job" in before
+        assert "collective operation failed" not in before  # the requeue's SIGTERM finds every rank done
+        assert "resuming from" in after and "checkpoints/last.ckpt" in after
+        assert f"[deepres.slurm] training from step {saved_at}\n" in after  # nothing lost, nothing repeated
     assert _global_step(run_dir / "checkpoints" / "last.ckpt") == max_steps
 
     # One wandb run across the requeues, logged by each attempt's own service, and a sync command for all of it.
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     sessions = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(sessions) >= 2 and sorted((run_dir / "wandb").glob("offline-run-*")) == sessions
-    assert "could not start run" not in text, text[-3000:]
-    # srun's SIGTERM reaches the wandb service as well: an attempt being stopped may lose it for its last
-    # flush (one warning; metrics.csv keeps everything), but never before it was told to stop
-    for attempt in text.split("[deepres.sbatch] job ")[1:]:
-        lost = attempt.find("lost its wandb service")
-        assert lost < 0 or "SIGTERM" in attempt[:lost], attempt[-3000:]
+    assert len(sessions) >= 4 and sorted((run_dir / "wandb").glob("offline-run-*")) == sessions
+    assert "could not start run" not in text and "Traceback" not in text, text[-3000:]
+    # Each attempt finished its wandb session before requeueing: the requeue's SIGTERM found no service to end.
+    assert "lost its wandb service" not in text, text[-3000:]
     sync = re.findall(r"^    wandb sync (.+)$", text, re.M)[-1].split()
     assert [(tmp_path / p).resolve() for p in sync] == [s.resolve() for s in sessions]  # all of them, in order
+    # The run's history, read back from the offline files: every training row of metrics.csv exactly once.
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    logged = [int(r["step"]) for r in rows if any(v for k, v in r.items() if k.startswith("train/"))]
+    history = [row for session in sessions for row in _wandb_history(session / f"run-{run_id}.wandb")]
+    in_wandb = [row["trainer/global_step"] for row in history if any(k.startswith("train/") for k in row)]
+    per_session = [len(_wandb_history(session / f"run-{run_id}.wandb")) for session in sessions]
+    print(f"WANDB run {run_id}: {len(sessions)} sessions with {per_session} history rows; train rows: "
+          f"{len(in_wandb)} in wandb, {len(logged)} in metrics.csv (steps {logged[0]}..{logged[-1]})")
+    assert len(logged) >= max_steps - 1 and sorted(in_wandb) == logged, (in_wandb, logged)
 
 
 @pytest.mark.slurm

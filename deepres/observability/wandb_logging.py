@@ -13,7 +13,9 @@
   - the run id lives in `run_dir/wandb_run_id`, so a resumed or requeued job continues the same run
     (`id=…, resume="allow"`), and wandb's files go to `run_dir/wandb/`;
   - the run's config holds the resolved deepres config plus git SHA and package versions;
-  - offline runs print the `wandb sync …` command when training ends.
+  - offline runs print the `wandb sync …` command when training ends;
+  - before a SLURM requeue the session is finished and wandb's service stopped (`finish_before_requeue`):
+    the requeue's SIGTERM reaches that service too, so each attempt's steps are in the run exactly once.
 """
 
 from __future__ import annotations
@@ -181,6 +183,22 @@ class DeepresWandbLogger(WandbLogger):
             return
         with contextlib.suppress(Exception):  # a dashboard call must never end the job
             run.mark_preempting()
+
+    @rank_zero_only
+    def finish_before_requeue(self) -> None:
+        """End this attempt's wandb session with everything it logged on disk, before the job is requeued.
+
+        The requeue makes SLURM signal every process of the job step (its process tracking follows descendants,
+        so wandb-core's own session does not shield it), and wandb-core exits on SIGTERM without writing what it
+        has buffered: what an attempt logs after that signal, or only buffered before it, never reaches the
+        run. So: finish the run and stop the service now; the requeued attempt resumes the same run id."""
+        self.mark_preempting()
+        self.finalize("preempted")
+        self._experiment = DummyExperiment()  # Lightning's own finalize at teardown finds nothing left to do
+        import wandb
+
+        with contextlib.suppress(Exception):  # a dashboard call must never end the job
+            wandb.teardown()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -37,12 +37,15 @@ def slurm_requeue_and_plugins() -> tuple[SlurmRequeue | None, list[SLURMEnvironm
 
 class SlurmRequeue:
     """RunCheckpoint's requeue policy in a SLURM job: due after SIGUSR1 (or ``lead`` seconds before the time
-    limit); once RunCheckpoint has saved last.ckpt, rank 0 runs ``scontrol requeue``.
+    limit); once RunCheckpoint has saved last.ckpt, stopped training and finished the loggers, rank 0 runs
+    ``scontrol requeue``.
 
     RunCheckpoint checks after every optimizer step on every rank and agrees across ranks, so all ranks save at
     the same step even if the signal reached them during different steps; saving inside the signal handler
     instead (Lightning's way) can start a collective on one rank while another is inside a gradient all-reduce.
     """
+
+    signal_name = requeue.REQUEUE_SIGNAL.name
 
     def __init__(self, lead: int | None = None) -> None:
         """``lead``: seconds before the time limit (default: the template's DEEPRES_SIGNAL_LEAD); a fallback for
@@ -70,6 +73,8 @@ class SlurmRequeue:
         requeue.clear_request()
         if trainer.is_global_zero:
             print(f"[deepres.slurm] step {trainer.global_step}: saved {path}", flush=True)
-            requeue.requeue_once()
-        # Training goes on: after a successful requeue SLURM stops the job within seconds (SIGTERM, which
-        # RunCheckpoint answers with one more save); if the requeue failed, the run may still finish in time.
+            if not requeue.requeue_once():
+                print(f"[deepres.slurm] the job is not requeued; training stopped at step {trainer.global_step}. "
+                      "Resume with --ckpt_path last.", flush=True)
+        # Training has stopped at this step (RunCheckpoint): after the requeue SLURM stops the job step within
+        # seconds, SIGTERM to every process, and starts the job again from this checkpoint.

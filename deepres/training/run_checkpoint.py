@@ -5,8 +5,8 @@ every ``run.checkpoint_every_minutes`` of training (30 by default: what a crash 
 at the step where ``max_steps`` ends training, at the end, and at the first step boundary after
 
 - SIGTERM or Ctrl-C (deepres.training.stop_signals): then it stops the Trainer;
-- the scheduler's requeue signal or a near time limit (the ``requeue`` policy, deepres.slurm): then the policy
-  requeues the job.
+- the scheduler's requeue signal or a near time limit (the ``requeue`` policy, deepres.slurm): then it stops the
+  Trainer and, once that step is logged and the loggers have finished, the policy requeues the job.
 
 Every rank checks after every optimizer step (never inside gradient accumulation, where a checkpoint would lose
 the accumulated gradients) and the ranks agree with one all-reduce of three flags, so they all save at the same
@@ -48,6 +48,9 @@ class RequeuePolicy(Protocol):
 
     def after_save(self, trainer: pl.Trainer, path: Path) -> None: ...
 
+    signal_name: str
+    """The signal that asks for a requeue: RunCheckpoint.stopped_by when training stops for one."""
+
 
 class RunCheckpoint(ModelCheckpoint):
     """Saves ``<dirpath>/last.ckpt`` on the schedule above. A ModelCheckpoint (with no top-k files of its own),
@@ -63,6 +66,7 @@ class RunCheckpoint(ModelCheckpoint):
         self.stopped_by: str | None = None  # the signal that stopped training, if one did
         self._saved_step = -1
         self._checked_step = -1
+        self._requeue_at_end = False  # training stops for a requeue that on_train_end carries out
         self._last_save = time.monotonic()
         self._write_failure: CheckpointWriteError | None = None
 
@@ -101,16 +105,18 @@ class RunCheckpoint(ModelCheckpoint):
         # advanced, batch counter not reset) would not tell a resume which batches of the epoch were seen.
         if any(flags) or every_n or at_max_steps:
             self.save(trainer)
+        # A requeue stops training here and requeues once this step is logged (on_train_end): the requeue makes
+        # the scheduler signal every process of the job, the dashboard's service too, so the loggers finish first.
         if flags[_REQUEUE] and self.requeue is not None:
-            for logger in trainer.loggers:  # an online wandb run is marked as preempted, not crashed
-                if hasattr(logger, "mark_preempting"):
-                    logger.mark_preempting()
-            self.requeue.after_save(trainer, self.last_path)
-        if flags[_STOP]:
-            self.stopped_by = stop_signals.pending() or "a stop signal on another rank"
-            if trainer.is_global_zero:
-                print(f"deepres: {self.stopped_by}: saved {self.last_path} at step {step}; stopping. "
-                      "Resume with --ckpt_path last.", flush=True)
+            self._requeue_at_end = True
+        if flags[_STOP] or self._requeue_at_end:
+            if flags[_STOP]:
+                self.stopped_by = stop_signals.pending() or "a stop signal on another rank"
+                if trainer.is_global_zero:
+                    print(f"deepres: {self.stopped_by}: saved {self.last_path} at step {step}; stopping. "
+                          "Resume with --ckpt_path last.", flush=True)
+            else:
+                self.stopped_by = self.requeue.signal_name
             # Lightning validates and writes step logs whenever should_stop is set: time the kill grace may not
             # have, and metrics rows that an uninterrupted run does not write (the step row with the values of
             # the last logged step: the module computes step metrics only on logging steps). What is due at
@@ -130,6 +136,17 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self.save(trainer)
+        if self._requeue_at_end:
+            self._requeue_at_end = False
+            # Everything this attempt trained is logged by now: write it out and end the wandb session while its
+            # service still runs (wandb-core exits on SIGTERM without writing what it buffered).
+            for logger in trainer.loggers:
+                logger.save()
+                if hasattr(logger, "finish_before_requeue"):
+                    logger.finish_before_requeue()
+            stop_signals.ignore_sigterm()  # the requeue's SIGTERM: this attempt has nothing left to save
+            self.requeue.after_save(trainer, self.last_path)
+            trainer.strategy.barrier("deepres.requeued")  # no rank ends the job step before rank 0 has requeued
         stop_signals.disarm()
 
     @override

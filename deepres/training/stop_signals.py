@@ -69,6 +69,14 @@ def disarm() -> None:
         del _previous[sig]
 
 
+def ignore_sigterm() -> None:
+    """Ignore SIGTERM (main thread only) in a process that has saved and is about to end anyway, until the
+    Trainer's teardown restores the handlers it found: after a requeue the scheduler's SIGTERM would otherwise
+    reach Lightning's handler, which broadcasts to ranks that may be gone, and read as a crash in the log."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def pending() -> str | None:
     """The name of the stop signal that arrived and is not handled yet (SIGTERM, SIGINT), else None."""
     return _pending
