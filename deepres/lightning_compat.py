@@ -128,7 +128,7 @@ class PatientProcessObserver(threading.Thread):
             codes = [proc.poll() for proc in self.child_processes]
             if all(code == 0 for code in codes):
                 return
-            failed = [(rank, proc, code) for rank, (proc, code) in enumerate(zip(self.child_processes, codes), 1) if code]
+            failed = [(rank, proc, code) for rank, (proc, code) in enumerate(zip(self.child_processes, codes, strict=True), 1) if code]
             if not failed:
                 continue
             first_failure = first_failure or time.monotonic()

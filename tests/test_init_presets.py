@@ -199,8 +199,9 @@ def test_critical_point_is_on_the_order_to_chaos_line():
     for sb2 in (1e-5, 0.05):
         sw2, got_sb2 = critical_point("tanh", sb2)
         assert got_sb2 == sb2 and sw2 > 1.0
-        def excess(q: float) -> float:  # variance map minus identity: positive below the fixed point q*
-            return sw2 * torch.tanh(math.sqrt(q) * z).pow(2).mean().item() + sb2 - q
+
+        def excess(q: float, sw2: float = sw2, sb2: float = sb2) -> float:  # positive below the fixed point q*
+            return sw2 * torch.tanh(math.sqrt(q) * z).pow(2).mean().item() + sb2 - q  # variance map minus identity
 
         low, high = 0.0, 1.0
         while excess(high) > 0:

@@ -25,8 +25,8 @@ from deepres.slurm.job import SlurmJob
 from deepres.training.checkpoints import BackgroundCheckpointFiles, CheckpointFiles, find_resume_checkpoint
 from deepres.training.faults import FaultReport
 from deepres.training.progress import progress_callback
-from deepres.training.run_checkpoint import RunCheckpoint
 from deepres.training.rng_state import RandomGenerators
+from deepres.training.run_checkpoint import RunCheckpoint
 from deepres.training.run_dir import RunCSVLogger, run_info
 from deepres.training.skipped_samples import SkippedSampleCounts
 
