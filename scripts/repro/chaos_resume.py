@@ -52,6 +52,10 @@ STEP_LINE = re.compile(r"^\[deepres\] epoch \S+\s+step (\d+)")
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Attempt:
     """One `deepres fit` process group; follows its progress lines (the step reached, and when)."""
 
@@ -60,8 +64,10 @@ class Attempt:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
         self.started = time.monotonic()
         self.log = log.open("w")
+        # SIGINT as in a terminal: a harness started in the background (`... &`) would otherwise pass on the shell's
+        # ignored SIGINT, and a Ctrl-C during start-up, before deepres installs its handler, would do nothing.
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_default_sigint)
         self.steps: list[tuple[float, int]] = []  # (time, step) of every progress line
         self.first_step: int | None = None
         self._reader = threading.Thread(target=self._read, daemon=True)
