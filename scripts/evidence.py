@@ -88,7 +88,8 @@ def write_results_csv(out_dir: Path, stem: str, rows: list[dict[str, Any]], scri
 def command_line(script: str, argv: list[str] | None) -> str:
     """How this run was started, as RESULTS.md shows it (scripts/benchmarks/bench_*.py, scripts/repro/repro_*.py,
     scripts/tools/*.py)."""
-    folder = {"bench": "benchmarks", "repro": "repro"}.get(script.split("_", 1)[0], "tools")
+    here = Path(__file__).resolve().parent
+    folder = next((kind for kind in ("benchmarks", "repro", "tools") if (here / kind / script).exists()), "tools")
     return " ".join(["python", f"scripts/{folder}/{script}", *(argv if argv is not None else sys.argv[1:])])
 
 
