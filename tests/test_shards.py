@@ -258,6 +258,25 @@ def _loader(stream, rank: int, workers: int) -> ShardLoader:
     return ShardLoader(stream, n, workers, rank)
 
 
+def test_the_workers_outlive_ctrl_c_and_sigterm_and_the_pass_ends_complete(shards: Path) -> None:
+    """Ctrl-C and a scheduler's SIGTERM reach the loader workers too; they ignore them (the main process
+    saves at the end of its step), so the pass goes on to its last batch."""
+    import psutil
+
+    train = resolve_shards("train", None, None, str(shards))
+    steps = train.num_samples // 8
+    stream = TrainShardStream(train, 8, steps, 0, 1, ImageTransform(True, 16, 18, "imagenet"), 50, 0, 16)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    iterator = iter(ShardLoader(stream, steps, 2, 0, worker_start_method="fork"))  # workers: our children
+    next(iterator)
+    workers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert len(workers) == 2
+    for worker, signum in zip(workers, (signal.SIGINT, signal.SIGTERM), strict=True):
+        worker.send_signal(signum)
+    time.sleep(1.0)
+    assert 1 + sum(1 for _ in iterator) == steps
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world,workers", [(2, 0), (2, 3), (3, 2)])
 def test_training_steps_are_equal_on_every_rank_with_uneven_shards(shards: Path, world: int, workers: int) -> None:

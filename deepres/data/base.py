@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -28,6 +29,18 @@ from deepres.lightning_compat import batches_done_in_epoch
 WORKER_START_METHODS = ("forkserver", "spawn", "fork")
 # imported once by the fork server, so that every worker forked from it starts without importing them
 FORKSERVER_PRELOAD = ["torch", "numpy", "PIL.Image", "deepres.data.shards"]
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """`worker_init_fn` of every deepres loader: a loader worker ignores SIGINT and SIGTERM.
+
+    Ctrl-C in a terminal and a scheduler's SIGTERM (SLURM signals every process of a job step) reach the
+    workers too. A worker that dies of them takes the batch in flight with it ("DataLoader worker exited
+    unexpectedly"), and the run crashes before the main process can save at the end of its step
+    (deepres.training.stop_signals). The main process stops its workers when it ends; a worker whose main
+    process was killed ends when its parent goes (torch's worker loop checks it); SIGKILL still ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def worker_context(method: str) -> BaseContext:
@@ -142,6 +155,7 @@ class DeepresDataModule(L.LightningDataModule):
             generator=sampler.loader_generator,
             drop_last=train, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
             multiprocessing_context=worker_context(self.worker_start_method) if self.num_workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
         )
 
     def _batches_already_done(self) -> int:

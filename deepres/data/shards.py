@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from deepres.data.base import DeepresDataModule, rank_and_world, worker_context
+from deepres.data.base import DeepresDataModule, ignore_stop_signals, rank_and_world, worker_context
 from deepres.data.recipes import AutoAugmentName, BatchMix
 from deepres.data.recipes import auto_augment as auto_augment_policy
 from deepres.data.shard_format import SampleFields
@@ -122,7 +122,8 @@ class ShardLoader:
         seeds = torch.Generator().manual_seed((seed * 1_000_003 + self.stream.epoch) * 1_009 + self.rank)
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                            multiprocessing_context=context, generator=seeds)
+                            multiprocessing_context=context, generator=seeds,
+                            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None)
         seen = 0
         for images, labels, (skipped, messages) in loader:
             if skipped:
