@@ -84,6 +84,12 @@ def start_epoch_after_a_last_batch_restore(trainer: Any) -> None:
         loop.reset_restart_stage()
 
 
+def at_the_epochs_last_batch(trainer: Any) -> bool:
+    """Whether the batch just trained was the last of its epoch (in ``on_train_epoch_end``: whether the epoch ran
+    to its end, or a stop cut it short). Lightning keeps the flag on its epoch loop's batch progress."""
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
 def validates_after_this_batch(trainer: Any) -> bool:
     """Whether Lightning runs validation after the current training batch on its own schedule (the epoch's end,
     ``val_check_interval``), leaving out the extra validation it adds whenever the Trainer's ``should_stop`` flag is set.

@@ -91,6 +91,34 @@ class _ValidatingProbe(_Probe):
         return self.layer(batch[0]).pow(2).mean()
 
 
+class _LastBatchProbe(_Probe):
+    """Records, after every training batch, whether it was the last of its epoch; stops inside epoch 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: list[bool] = []
+        self.epoch_ends: list[bool] = []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.last.append(compat.at_the_epochs_last_batch(self.trainer))
+        self.trainer.should_stop = self.current_epoch == 1 and batch_idx == 2
+
+    def on_train_epoch_end(self):
+        self.epoch_ends.append(compat.at_the_epochs_last_batch(self.trainer))
+
+
+def test_at_the_epochs_last_batch_follows_a_real_fit_and_a_stop(tmp_path):
+    probe = _LastBatchProbe()
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)
+    trainer = Trainer(max_epochs=2, default_root_dir=tmp_path, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      accelerator="cpu", devices=1)
+    trainer.fit(probe, data)
+    # 4 batches per epoch; epoch 1 is stopped after its batch 2, and its epoch end then comes early
+    assert probe.last == [False, False, False, True, False, False, False], f"at_the_epochs_last_batch in {MOVED}"
+    assert probe.epoch_ends == [True, False], f"at_the_epochs_last_batch in {MOVED}"
+
+
 def test_validates_after_this_batch_follows_lightnings_schedule(tmp_path):
     probe = _ValidatingProbe()
     data = DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=2)

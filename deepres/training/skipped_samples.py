@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from deepres.data.shard_stream import SKIP_REASONS
+from deepres.lightning_compat import at_the_epochs_last_batch
 
 
 class SkippedSampleCounts(Callback):
@@ -39,6 +40,11 @@ class SkippedSampleCounts(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An epoch a stop signal cut short ends here too: its row would be one the run in one go lacks (the
+        # resumed run logs the counts, the ones up to the stop included, at the epoch's real end).
+        stopped = any(getattr(callback, "stopped_by", None) for callback in trainer.callbacks)
+        if stopped and not at_the_epochs_last_batch(trainer):
+            return
         totals = self.totals(trainer)
         if totals is not None:
             pl_module.log_dict({f"data/skipped/{reason}": float(n) for reason, n in totals.items()},
