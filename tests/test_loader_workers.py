@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from deepres.data.base import ignore_stop_signals, worker_context
+from deepres.data.base import worker_context
 from deepres.data.digits import DigitsDataModule
 
 
