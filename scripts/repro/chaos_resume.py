@@ -3,12 +3,13 @@
     python scripts/repro/chaos_resume.py --kills 10                       # the default job, killed 10 times at random
     python scripts/repro/chaos_resume.py --kills 10 --ddp                 # the same on 2 CPU processes (DDP)
     python scripts/repro/chaos_resume.py --kill-at-steps 12 30 -- --model.depth 6 --trainer.max_epochs 2
+    python scripts/repro/chaos_resume.py --kill-every 60 -- --trainer.max_epochs 600   # a kill every minute
 
 First `deepres fit` runs uninterrupted (the reference). Then the same command runs under fire: each attempt is
 killed (SIGKILL, SIGTERM or SIGINT to its whole process group, every rank at once, as a preemption or Ctrl-C
 does; with --ddp also SIGKILL of rank 1 alone) at a random moment (--kills: from half the reference run's startup
 to a time, or the step reached by then at the reference's speed, that spreads the kills over the training left)
-or right after a chosen step (--kill-at-steps), and
+or right after a chosen step (--kill-at-steps), or every attempt --kill-every seconds after it starts, and
 is resumed with `--ckpt_path last` until it ends at the planned step. Both runs save `last.ckpt` every
 --every-n-steps steps.
 
@@ -19,7 +20,8 @@ What it reports (and writes to --json):
 - per kill: the signal, the step it landed after, the step resumed from, the steps lost, and the recovery time
   (from the kill until the resumed run has finished the first step the killed one had not: restart, loading,
   the lost steps again, and that step);
-- goodput: the planned steps over the steps computed in all attempts (lost steps are computed twice).
+- goodput: the planned steps over the steps computed in all attempts (lost steps are computed twice), and the
+  wall-clock ratio: the reference run's time over the time of all attempts (restarts and loading included).
 
 Exit status 0 when the parameters are bit-identical and the rows match, 1 otherwise.
 """
@@ -154,7 +156,9 @@ def markdown(result: dict, command: str, environment_line: str) -> str:
               f"({'all' if result['metrics_identical'] else 'NOT all'}; perf/* wall-clock columns left out)",
               f"- final val/acc1: {acc[0]} uninterrupted, {acc[1]} killed and resumed",
               f"- goodput: {result['planned_steps']} useful steps / {result['steps_computed']} computed = "
-              f"**{result['goodput']}**"]
+              f"**{result['goodput']}**",
+              f"- wall clock: {result['reference_s']} s uninterrupted, {result['chaos_s']} s over all attempts "
+              f"(ratio {result['time_ratio']}; every restart loads Python, torch and the checkpoint again)"]
     return "\n".join(lines) + "\n"
 
 
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("runs/chaos"), help="where both runs go (emptied first)")
     parser.add_argument("--kills", type=int, default=10, help="kills at random moments")
+    parser.add_argument("--kill-every", type=float, default=None, metavar="SECONDS",
+                        help="kill every attempt this many seconds after it starts (instead of --kills)")
     parser.add_argument("--kill-at-steps", type=int, nargs="*", default=None,
                         help="instead: one kill right after each of these steps")
     parser.add_argument("--signals", nargs="*", default=None,
@@ -201,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     kills: list[dict] = []
     computed = 0
     planned_kills = args.kill_at_steps if args.kill_at_steps is not None else [None] * args.kills
+    if args.kill_every is not None:
+        planned_kills = [None] * 1_000_000  # as many kills as the run takes attempts
+    chaos_started = time.monotonic()
     attempt_no = 0
     resume = False
     pending: dict | None = None  # the kill waiting for the next attempt to get back to its step
@@ -223,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         delay = startup_s / 2 + u * (startup_s / 2 + train_s * share / planned) if target is None else None
         if target is None:
             target = min(planned - 1, start + max(1, round(u * share)))
+        if args.kill_every is not None:  # a kill every attempt, by time alone; the last one ends before it
+            how, delay, target = rng.choice(signals), args.kill_every, planned + 1
         killed_at = None
         while attempt.proc.poll() is None:
             time.sleep(0.02)
@@ -258,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
               f"exit {code}; resuming from step {saved}", flush=True)
         resume = True
 
+    chaos_s = time.monotonic() - chaos_started
     result = {"planned_steps": planned, "reference_s": round(whole_s, 1), "startup_s": round(startup_s, 1),
               "kills": kills,
               "steps_computed": computed, "goodput": round(planned / computed, 4) if computed else None,
+              "chaos_s": round(chaos_s, 1), "time_ratio": round(whole_s / chaos_s, 4),
               **compare(root / "reference", root / "chaos")}
     for record in kills:
         record.pop("killed_at", None)
