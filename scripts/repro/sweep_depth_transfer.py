@@ -19,6 +19,9 @@ Rows are appended to depth_transfer.csv as each run ends, and runs already in it
 sweep resumes where it stopped. The best lr of a (member, switch, depth) is the one with the lowest final
 training loss; the table compares it with depth 10's best (transfer: within a factor of 2) and the validation
 accuracy at depth 10's best lr with the depth's own best accuracy (transfer: within 1 percentage point).
+
+Runtime on one CPU core: minutes for depths 10 and 100; about 28 min for one (member, switch) learning-rate
+grid at 1,000 blocks; hours for one at 10,000.
 """
 
 from __future__ import annotations
