@@ -45,7 +45,10 @@ def resolve_config(value: str) -> str:
         if value.endswith(".yaml") and stem in list_configs():
             raise ConfigError(f"--config {value}: no such file. deepres ships a config of that name: use "
                               f"`--config {stem}` (it works from any directory).")
-        return value  # a path (jsonargparse reports one that does not exist)
+        close = difflib.get_close_matches(stem, list_configs(), n=3)
+        hint = f" Configs that ship with deepres by a close name: {', '.join(close)} (`--config NAME`)." if close else ""
+        raise ConfigError(f"--config {value}: no such file (looked from {os.getcwd()}).{hint} "
+                          "Check the path, or run `deepres configs` for the configs that ship with deepres.")
     name = value[: -len(".yaml")] if value.endswith(".yaml") else value
     configs = list_configs()
     if name in configs:

@@ -54,12 +54,23 @@ def test_configs_by_name_and_by_path(tmp_path: Path) -> None:
         config_names.resolve_config("resnet110_cifr10")
 
 
+def test_a_missing_path_is_one_line_naming_the_folder_and_close_shipped_names(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"no such file \(looked from .*\)\. Configs that ship with deepres by a "
+                                          r"close name: resnet110_cifar10"):
+        config_names.resolve_config("configs/resnet110_cifar.yaml")
+    with pytest.raises(ConfigError, match=r"run `deepres configs`") as refused:
+        config_names.resolve_config("elsewhere/zzzz.yaml")
+    assert "close name" not in str(refused.value)
+
+
 def test_a_checkout_path_that_is_missing_suggests_the_packaged_name(tmp_path: Path, monkeypatch) -> None:
     # after `pip install`, outside a checkout, `configs/X.yaml` is no file: the packaged X is meant
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"use `--config resnet110_cifar10`"):
         config_names.resolve_config("configs/resnet110_cifar10.yaml")
-    assert config_names.resolve_config("configs/not_a_config.yaml") == "configs/not_a_config.yaml"
+    with pytest.raises(ConfigError, match="no such file"):  # no packaged config of that name either
+        config_names.resolve_config("configs/not_a_config.yaml")
 
 
 def test_cli_names_a_misspelt_config(capsys) -> None:
