@@ -443,6 +443,9 @@ def test_finishing_before_a_requeue_keeps_every_step_once_and_leaves_no_service_
         logger.finalize("success")
 
     attempt(range(0, 3), requeued=True)
+    # wandb names an offline session's folder by the second it started in; a requeued attempt starts many seconds
+    # later, these two could start within one second and share a folder
+    time.sleep(1.1)
     attempt(range(3, 5), requeued=False)
     run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
     sessions = sorted(tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))

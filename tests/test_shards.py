@@ -268,13 +268,13 @@ def test_the_workers_outlive_ctrl_c_and_sigterm_and_the_pass_ends_complete(shard
     stream = TrainShardStream(train, 8, steps, 0, 1, ImageTransform(True, 16, 18, "imagenet"), 50, 0, 16)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     iterator = iter(ShardLoader(stream, steps, 2, 0, worker_start_method="fork"))  # workers: our children
-    next(iterator)
+    next(iterator), next(iterator)  # a batch from each worker: both have run their worker_init_fn
     workers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert len(workers) == 2
     for worker, signum in zip(workers, (signal.SIGINT, signal.SIGTERM), strict=True):
         worker.send_signal(signum)
     time.sleep(1.0)
-    assert 1 + sum(1 for _ in iterator) == steps
+    assert 2 + sum(1 for _ in iterator) == steps
 
 
 @pytest.mark.timeout(300)
