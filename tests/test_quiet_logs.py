@@ -55,7 +55,7 @@ def test_a_fit_logged_to_a_file_has_plain_lines_and_none_of_the_noise(tmp_path):
         assert noise not in both, noise
     assert "GPU available: False, used: False" in err  # what applies stays
     assert "memory    auto within 1 GB: chose none, predicted step peak" in out  # the plan says what auto chose
-    assert "wandb sync " in out  # the short wandb ending: how to upload the offline run
+    assert "wandb sync " in out, err[-3000:]  # the short wandb ending: how to upload the offline run
     print(f"LOG LINES: stdout {len(out.splitlines())}, stderr {len(err.splitlines())}")
 
 
