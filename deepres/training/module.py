@@ -22,6 +22,7 @@ from deepres.lightning_compat import should_update_logs
 from deepres.models import create_model, model_arguments
 from deepres.models.pretrained import load_weights_file
 from deepres.parallelize import parallelize
+from deepres.training import stop_signals
 from deepres.training.config import MemoryConfig, OptimizerConfig, ScheduleConfig, as_hparams, coerce
 from deepres.training.ema import WeightEMA
 from deepres.training.optim import build_optimizer, fused_allowed, lr_lambda
@@ -121,7 +122,7 @@ class DeepresModule(L.LightningModule):
         # in metrics.csv and wandb (rank 0: the loggers write on rank 0 only) and in finished.json.
         # Not when a stop signal ended it: the run resumes, and a row here would be one the run in one go lacks.
         trainer = self.trainer
-        stopped = any(getattr(callback, "stopped_by", None) for callback in trainer.callbacks)
+        stopped = stop_signals.stopped_training(trainer)
         if "train/loss" in trainer.callback_metrics or self.last_train_loss is None or stopped:
             return
         trainer.callback_metrics["train/loss"] = self._last_loss.float().cpu()

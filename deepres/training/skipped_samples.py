@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from deepres.data.shard_stream import SKIP_REASONS
 from deepres.lightning_compat import at_the_epochs_last_batch
+from deepres.training import stop_signals
 
 
 class SkippedSampleCounts(Callback):
@@ -42,7 +43,7 @@ class SkippedSampleCounts(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # An epoch a stop signal cut short ends here too: its row would be one the run in one go lacks (the
         # resumed run logs the counts, the ones up to the stop included, at the epoch's real end).
-        stopped = any(getattr(callback, "stopped_by", None) for callback in trainer.callbacks)
+        stopped = stop_signals.stopped_training(trainer)
         if stopped and not at_the_epochs_last_batch(trainer):
             return
         totals = self.totals(trainer)

@@ -77,6 +77,12 @@ def ignore_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stopped_training(trainer: Any) -> bool:
+    """Whether a stop signal (or a requeue) ended this fit: RunCheckpoint (deepres.training.run_checkpoint) records
+    it as `stopped_by`. What an uninterrupted run would not log at that point is then left to the resumed run."""
+    return any(getattr(callback, "stopped_by", None) for callback in trainer.callbacks)
+
+
 def pending() -> str | None:
     """The name of the stop signal that arrived and is not handled yet (SIGTERM, SIGINT), else None."""
     return _pending
