@@ -10,11 +10,14 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing
+import multiprocessing.util  # noqa: F401  its exit function must be registered before ours
 import signal
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 
@@ -41,6 +44,32 @@ def ignore_stop_signals(_worker_id: int) -> None:
     process was killed ends when its parent goes (torch's worker loop checks it); SIGKILL still ends it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_live_iterators: weakref.WeakSet = weakref.WeakSet()  # iterators of WorkerLoaders with workers running
+
+
+def _stop_live_workers() -> None:
+    """At interpreter exit, before multiprocessing's own exit function: stop the workers of every live loader
+    iterator. That function SIGTERMs daemonic children and then joins them; workers ignore SIGTERM
+    (`ignore_stop_signals`), so a script that ends while an iterator lives (a persistent loader, or a
+    generator suspended mid-pass) would wait forever. torch's shutdown tells them to exit instead."""
+    for iterator in list(_live_iterators):
+        iterator._shutdown_workers()
+
+
+# multiprocessing.util (imported above) registered its exit function already: ours runs before it (last in, first out)
+atexit.register(_stop_live_workers)
+
+
+class WorkerLoader(DataLoader):
+    """torch's DataLoader whose worker processes are stopped at interpreter exit (`_stop_live_workers`)."""
+
+    def _get_iterator(self):  # type: ignore[no-untyped-def]
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _live_iterators.add(iterator)
+        return iterator
 
 
 def worker_context(method: str) -> BaseContext:
@@ -77,8 +106,12 @@ def rank_and_world(trainer: object | None = None) -> tuple[int, int]:
 class ResumableSampler(Sampler[int]):
     """Per-epoch permutation seeded by (seed, epoch), split across ranks, able to skip ahead."""
 
-    def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1, drop_last: bool = False):
+    def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1, drop_last: bool = False,
+                 draw_seeds: bool = False):
         self.length, self.shuffle, self.seed = length, shuffle, seed
+        # yield (index, seed of this sample's random augmentation) instead of the index: the seed follows the
+        # sample's place in the epoch, so a resumed epoch draws what the run in one go drew (deepres.data.cifar)
+        self.draw_seeds = draw_seeds
         self.rank, self.world = rank, world
         self.epoch = 0
         # The loader's own generator, reseeded from (seed, epoch, rank) at every epoch: the loader draws its
@@ -109,6 +142,9 @@ class ResumableSampler(Sampler[int]):
             order += order[: total - len(order)]
         mine = order[:total][self.rank :: self.world]
         skip, self.skip = self.skip, 0
+        if self.draw_seeds:
+            base = ((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank) << 32
+            return iter([(i, base + place) for place, i in enumerate(mine)][skip:])
         return iter(mine[skip:])
 
 
@@ -145,12 +181,12 @@ class DeepresDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         rank, world = rank_and_world(self.trainer)
         sampler = ResumableSampler(len(dataset), shuffle=train, seed=self.seed, rank=rank, world=world,
-                                   drop_last=False)
+                                   drop_last=False, draw_seeds=train and getattr(dataset, "draws_per_sample", False))
         if train:
             batches_per_epoch = len(sampler) // self.batch_size
             done = self._batches_already_done()
             sampler.skip = done * self.batch_size if done < batches_per_epoch else 0
-        return DataLoader(
+        return WorkerLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             generator=sampler.loader_generator,
             drop_last=train, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),

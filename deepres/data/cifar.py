@@ -64,16 +64,36 @@ class CIFARImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
-        x = self.images[i] if self.policy is None else self.policy(self.images[i])
+    @property
+    def draws_per_sample(self) -> bool:
+        """The training sampler gives (index, seed) pairs: each image's augmentation draws from a seed of its
+        own (its place in the epoch), so they are the same in a resumed epoch and with any number of workers."""
+        return self.augment
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        x = self.images[i] if self.policy is None else self._policy(self.images[i], g)
         x = (x.float() / 255 - MEAN) / STD
         if self.augment:
-            # worker RNGs are seeded by Lightning's seed_everything(workers=True)
-            dy, dx = (int(v) for v in torch.randint(0, 9, (2,)))
+            dy, dx = (int(v) for v in torch.randint(0, 9, (2,), generator=g))
             x = torch.nn.functional.pad(x, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
-            if torch.rand(()) < 0.5:
+            if torch.rand((), generator=g) < 0.5:
                 x = x.flip(2)
         return x, self.labels[i]
+
+    def _policy(self, image: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        assert self.policy is not None
+        if g is None:
+            return self.policy(image)
+        # torchvision's policies draw from torch's global generator: seed it from this image's generator and
+        # put it back afterwards (with num_workers 0 it is the training process's)
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
+            return self.policy(image)
+        finally:
+            torch.set_rng_state(state)
 
 
 class CIFARDataModule(DeepresDataModule):
