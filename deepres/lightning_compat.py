@@ -186,3 +186,16 @@ OVERRIDES: list[tuple[str, str, tuple[str, ...] | None, str]] = [
      "deepres.strategies: the process group on CPU processes, without Lightning's device-index check"),
     ("lightning.pytorch.loggers.CSVLogger", "_fs", None, "deepres.training.run_dir: create the run directory"),
 ]
+
+
+def gather_from_ranks(trainer: Any, mine: Any) -> list[Any]:
+    """Every rank's `mine`, indexed by global rank (a collective when the run has several processes: call it
+    where every rank does, as in writing a checkpoint). Lightning writes a checkpoint from rank 0 only, so
+    per-rank state (random generators, data-stream positions) reaches the file this way."""
+    import torch.distributed as dist
+
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -165,3 +166,17 @@ def test_depth_transfer_sweep_resumes_and_matches_single_runs(tmp_path):
         together = module.train_side_by_side(member, "completep", 4, [0.04, 0.32], 6, 0)[1]
         assert together["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-4)
         assert together["val_acc"] == pytest.approx(single["val_acc"], abs=1e-6)
+
+
+def test_digits_shards_are_read_by_the_shard_loader(tmp_path):
+    """The shards the shard-fed chaos run uses: 1,500 training samples in 5 shards, 297 for validation, 10 classes."""
+    from deepres.data.shards import ShardDataModule
+
+    sys.path.insert(0, str(SCRIPTS / "repro"))
+    assert importlib.import_module("digits_shards").main([str(tmp_path)]) == 0
+    data = ShardDataModule(root=str(tmp_path / "shards"), batch_size=64, num_workers=0, image_size=32,
+                           eval_resize=32, recipe="cifar")
+    data.setup("fit")
+    assert data.num_classes == 10 and len(data.train_dataloader()) == 1500 // 64
+    labels = torch.cat([y for x, y in data.val_dataloader() if x.shape[1:] == (3, 32, 32)])
+    assert len(labels) == 297 and set(labels.tolist()) == set(range(10))

@@ -12,6 +12,7 @@ deepres.data.shards counts and logs the skipped ones.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import math
@@ -36,8 +37,9 @@ MAX_LOGGED_PROBLEMS = 5  # corrupt samples described per batch; the rest are onl
 # Why a sample was skipped: the keys of the counts in metrics.csv (data/skipped/<reason>) and finished.json.
 SKIP_REASONS = ("undecodable_image", "no_image", "bad_label", "truncated_shard", "unreadable_shard", "stalled_shard")
 
-# (images uint8 (B, 3, H, W), labels (B,), ({reason: skipped samples}, a few of their descriptions))
-WorkerBatch = tuple[torch.Tensor, torch.Tensor, tuple[dict[str, int], list[str]]]
+# (images uint8 (B, 3, H, W), labels (B,), ({reason: skipped samples}, a few of their descriptions, the
+# worker's stream position after this batch (training; None in validation)))
+WorkerBatch = tuple[torch.Tensor, torch.Tensor, tuple[dict[str, int], list[str], int | None]]
 
 
 class Skip(str):
@@ -81,7 +83,8 @@ class ImageTransform:
 
     imagenet train: RandomResizedCrop(S) (bilinear, antialiased) + horizontal flip; eval:
     Resize(eval_resize) + CenterCrop(S). cifar train: 4-pixel zero pad + random crop + flip; eval:
-    CenterCrop(S). Random numbers come from Python's `random`, which DataLoader seeds per worker.
+    CenterCrop(S). Training streams give each sample a seed of its own (its place in the stream), so the
+    draws do not depend on which worker decodes it or on what that worker decoded before.
     Pixels stay in decoding order (HWC): stacking contiguous HWC images is ~5x cheaper than stacking
     the permuted CHW views that ToTensor/PILToTensor return.
     """
@@ -95,24 +98,36 @@ class ImageTransform:
             # Decode JPEGs at reduced scale only while even the smallest crop keeps >= image_size pixels.
             self.min_side = math.ceil(image_size / math.sqrt(RRC_MIN_SCALE)) if train else eval_resize
 
-    def _augment(self, img: Image.Image) -> Image.Image:
+    def _augment(self, img: Image.Image, rng: random.Random | Any) -> Image.Image:
         s = self.size
         if self.recipe == "imagenet" and self.train:
-            top, left, h, w = random_resized_crop_box(*img.size)
+            top, left, h, w = random_resized_crop_box(*img.size, rng)
             img = F.resized_crop(img, top, left, h, w, [s, s], antialias=True)
         elif self.recipe == "imagenet":
             return F.center_crop(F.resize(img, [self.eval_resize], antialias=True), [s, s])
         elif self.train:
             img = F.pad(img, [4])
-            img = F.crop(img, random.randint(0, img.height - s), random.randint(0, img.width - s), s, s)
+            img = F.crop(img, rng.randint(0, img.height - s), rng.randint(0, img.width - s), s, s)
         else:
             return F.center_crop(img, [s, s])
-        img = F.horizontal_flip(img) if random.random() < 0.5 else img
-        return img if self.policy is None else self.policy(img)
+        img = F.horizontal_flip(img) if rng.random() < 0.5 else img
+        if self.policy is None:
+            return img
+        # torchvision's policies draw from torch's global generator: seed it from the sample's generator,
+        # and put it back afterwards (with num_workers 0 this is the training process's generator)
+        state = torch.get_rng_state()
+        try:
+            torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU's only, not CUDA's
+            return self.policy(img)
+        finally:
+            torch.set_rng_state(state)
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: bytes, seed: int | None = None) -> torch.Tensor:
+        """`seed`: this sample's own augmentation draws (a resumed stream draws what the uninterrupted
+        one drew, whatever came before); None draws from Python's global `random`."""
+        rng = random if seed is None else random.Random(seed)
         # np.array copies, as torchvision's pil_to_tensor does: PIL's buffer is read-only
-        return torch.from_numpy(np.array(self._augment(decode_rgb(data, self.min_side))))
+        return torch.from_numpy(np.array(self._augment(decode_rgb(data, self.min_side), rng)))
 
 
 def _worker() -> tuple[int, int]:
@@ -158,7 +173,7 @@ class _Decoder:
         self.transform, self.num_classes, self.fields = transform, len(classes), fields
         self.class_index = {c: i for i, c in enumerate(classes)}
 
-    def __call__(self, item: dict[str, Any] | Skip) -> tuple[torch.Tensor, int] | Skip:
+    def __call__(self, item: dict[str, Any] | Skip, seed: int | None = None) -> tuple[torch.Tensor, int] | Skip:
         if isinstance(item, str):
             return item
         reason = "bad_label"
@@ -167,20 +182,20 @@ class _Decoder:
             reason = "no_image"
             data = self.fields.image_bytes(item)
             reason = "undecodable_image"
-            return self.transform(data), label
+            return self.transform(data, seed), label
         except Exception as exc:
             return Skip.of(reason, f"{item.get('__key__')} in {item.get('__url__')}: {describe_error(exc)}")
 
 
 def _collate(good: list[tuple[torch.Tensor, int]], skipped: dict[str, int], problems: list[str],
-             shape: tuple[int, ...]) -> WorkerBatch:
+             shape: tuple[int, ...], position: int | None = None) -> WorkerBatch:
     """(B, 3, H, W) uint8 as a view of (B, H, W, 3) memory (channels-last), labels, skipped samples."""
     if good:  # default_collate stacks straight into shared memory inside a worker: one copy fewer
         images = default_collate([img for img, _ in good]).permute(0, 3, 1, 2)
     else:  # every sample of this batch was corrupt
         images = torch.empty((0, *shape), dtype=torch.uint8)
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
-    return images, labels, (skipped, [str(p) for p in problems[:MAX_LOGGED_PROBLEMS]])
+    return images, labels, (skipped, [str(p) for p in problems[:MAX_LOGGED_PROBLEMS]], position)
 
 
 # ---------------------------------------------------------------- training: fixed steps per rank
@@ -199,8 +214,51 @@ def shard_order(num_shards: int, slot: int, slots: int, seed: int | str, epoch: 
         position, rounds = position - num_shards, rounds + 1
 
 
+class ShuffleBuffer:
+    """webdataset's shuffle buffer (`webdataset.filters.shuffle`, the same draws for the same generator):
+    it holds up to `size` items, starts giving once it holds `initial`, and gives a uniformly drawn one,
+    whose place the last item takes. Unlike a closure, its state is in the open: the items it holds, its
+    generator and how many source items it has taken. Run over item numbers instead of items, it replays
+    where a stream stood after any number of outputs without reading a byte (`TrainShardStream`)."""
+
+    def __init__(self, size: int, initial: int, rng: random.Random) -> None:
+        self.size, self.initial, self.rng = size, min(initial, size), rng
+        self.items: list[Any] = []
+        self.taken = 0  # source items taken so far
+
+    def _pick(self) -> Any:
+        items = self.items
+        k = self.rng.randint(0, len(items) - 1)
+        item, items[k] = items[k], items[-1]
+        items.pop()
+        return item
+
+    def __call__(self, source: Iterator[Any]) -> Iterator[Any]:
+        for item in source:
+            self.items.append(item)
+            self.taken += 1
+            if len(self.items) < self.size:
+                try:
+                    self.items.append(next(source))
+                    self.taken += 1
+                except StopIteration:
+                    pass
+            if len(self.items) >= self.initial:
+                yield self._pick()
+        while self.items:
+            yield self._pick()
+
+
 class TrainShardStream(IterableDataset):
-    """Yields exactly `steps` full batches per pass on this rank, split exactly across its workers."""
+    """Yields exactly `steps` full batches per pass on this rank, split exactly across its workers.
+
+    Each worker's stream is a pure function of (seed, epoch, rank, worker): the shards in `shard_order`,
+    their items through a `ShuffleBuffer`, and each sample augmented with a seed of its own (its number in
+    the stream). A worker reports with every batch how many items it has taken from its shuffled stream
+    (its position); given those positions, a resumed pass continues each stream exactly where it stood:
+    the shuffle is replayed over item numbers, only the items still in the buffer and the rest of the
+    current shard are read again, and nothing is decoded twice.
+    """
 
     def __init__(self, shards: ShardSet, batch_size: int, steps: int, rank: int, world_size: int,
                  transform: ImageTransform, shuffle_buffer: int, seed: int, image_size: int,
@@ -213,20 +271,33 @@ class TrainShardStream(IterableDataset):
         self.decode = _Decoder(transform, shards.classes, fields or SampleFields.of(None, None, shards.fields))
         self.tar_reader = "deepres"  # shard_format.TAR_READERS; scripts/benchmarks/bench_shards.py compares them
         self.shuffle_buffer, self.seed, self.shape = shuffle_buffer, seed, (3, image_size, image_size)
-        # set by ShardLoader before the workers start: the epoch, and the batches of it that a resumed
-        # checkpoint already trained on (the rest of that epoch reads a fresh shard order)
+        # set by ShardLoader before the workers start: the epoch, the batches of it already trained (by a
+        # resumed checkpoint), and where each worker's stream stood after them. Without positions, the rest
+        # of a resumed epoch reads a fresh shard order (a checkpoint from another worker count or world size).
         self.epoch, self.skip = 0, 0
+        self.positions: list[int] | None = None
         self.stall_timeout_s: float | None = None  # of a `pipe:` shard read (ShardDataModule sets it)
 
-    def _items(self, slot: int, slots: int) -> Iterator[dict[str, Any] | Skip]:
+    def _shards(self, slot: int, slots: int, key: str) -> Iterator[tuple[int, int]]:
+        """(shard index, number of its first item in this slot's stream), in the slot's shard order."""
+        offset = 0
+        for i in shard_order(len(self.shards.urls), slot, slots, key, self.epoch):
+            yield i, offset
+            offset += self.shards.samples[i]
+
+    def _items(self, slot: int, slots: int, key: str, start: int = 0) -> Iterator[dict[str, Any] | Skip]:
+        """The slot's items from item number `start` on: earlier shards are not opened, the shard holding
+        `start` is read from its beginning (not decoded)."""
         # Wrong URLs or credentials make every shard unreadable: stop after twice the shard list (plus
         # a margin that makes a false alarm vanishingly unlikely when only some shards are broken).
         unreadable, give_up = 0, 2 * len(self.shards.urls) + 20
-        for i in shard_order(len(self.shards.urls), slot, slots, f"{self.seed}:{self.skip}", self.epoch):
+        for i, offset in self._shards(slot, slots, key):
+            if offset + self.shards.samples[i] <= start:
+                continue
             readable = False
             with contextlib.closing(_shard_items(self.shards.urls[i], self.shards.samples[i], self.tar_reader,
                                                  self.stall_timeout_s)) as items:
-                for item in items:
+                for item in itertools.islice(items, max(start - offset, 0), None):
                     readable = readable or not isinstance(item, str)
                     yield item
             unreadable = 0 if readable else unreadable + 1
@@ -234,25 +305,64 @@ class TrainShardStream(IterableDataset):
                 raise ConfigError(f"{unreadable} shards in a row could not be read (last: {item}). Check "
                                   "the shard URLs, and the object-store client and credentials of pipe: URLs.")
 
-    def __iter__(self) -> Iterator[WorkerBatch]:
-        from webdataset.filters import shuffle
+    def _fetch(self, slot: int, slots: int, key: str, numbers: list[int]) -> dict[int, dict[str, Any] | Skip]:
+        """The items of the slot's stream with these numbers, opening only the shards that hold them."""
+        wanted, found = sorted(set(numbers)), {}
+        for i, offset in self._shards(slot, slots, key):
+            if not wanted or offset > wanted[-1]:
+                return found
+            end = offset + self.shards.samples[i]
+            first = bisect.bisect_left(wanted, offset)
+            if first == len(wanted) or wanted[first] >= end:
+                continue
+            last = bisect.bisect_left(wanted, end)
+            here = set(wanted[first:last])
+            with contextlib.closing(_shard_items(self.shards.urls[i], self.shards.samples[i], self.tar_reader,
+                                                 self.stall_timeout_s)) as items:
+                for n, item in enumerate(itertools.islice(items, wanted[last - 1] - offset + 1), offset):
+                    if n in here:
+                        found[n] = item
+        return found
 
+    def _stream(self, slot: int, slots: int, key: str, start: int) -> Iterator[dict[str, Any] | Skip]:
+        """The slot's shuffled items from output number `start` on."""
+        if self.shuffle_buffer <= 1:
+            return self._items(slot, slots, key, start)
+        rng = random.Random(f"{key}:{self.epoch}:{slot}")
+        shuffle = ShuffleBuffer(self.shuffle_buffer, 100, rng)
+        if start:
+            # the same buffer over item numbers, `start` outputs on: which items it holds, how many it took
+            replay = ShuffleBuffer(self.shuffle_buffer, 100, rng)  # moves `rng` to where the stream stood
+            for _ in zip(range(start), replay(itertools.count()), strict=False):
+                pass
+            held = self._fetch(slot, slots, key, replay.items)
+            shuffle.items = [held[n] for n in replay.items]
+            shuffle.taken = replay.taken
+        return shuffle(self._items(slot, slots, key, shuffle.taken))
+
+    def __iter__(self) -> Iterator[WorkerBatch]:
         worker, workers = _worker()
         quota = _share(self.steps - self.skip, workers, worker)
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        rng = random.Random(f"{self.seed}:{self.skip}:{self.epoch}:{slot}")
-        items = self._items(slot, slots)
-        if self.shuffle_buffer > 1:
-            items = shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(items)
+        if self.positions is None:  # a fresh shard order for the rest of the epoch
+            original, start, key = worker, 0, f"{self.seed}:{self.skip}"
+        else:
+            # DataLoader takes its workers' batches in turn, so batch b of the epoch came from worker
+            # b % workers: after `skip` batches, this pass's worker 0 continues worker skip % workers
+            original = (worker + self.skip) % workers
+            start, key = self.positions[original], f"{self.seed}:0"
+        slot, slots = self.rank * workers + original, self.world_size * workers
+        items = self._stream(slot, slots, key, start)
+        seeds = ((self.seed * 1_000_003 + self.epoch) * 1_009 + slot) << 40  # + the item's output number
         # An endless stream of nothing but corrupt samples would never fill a batch: give up after
         # twenty datasets' worth of failures in a row (a healthy stream essentially never gets there).
         give_up = 20 * self.shards.num_samples
         good: list[tuple[torch.Tensor, int]] = []
         problems: list[str] = []  # the first few descriptions; all are counted in `skipped`
         skipped: dict[str, int] = {}
-        failures = 0
+        failures, position = 0, start
         while quota > 0:
-            out = self.decode(next(items))
+            out = self.decode(next(items), seeds + position)
+            position += 1
             if isinstance(out, str):
                 skipped[out.reason] = skipped.get(out.reason, 0) + 1
                 failures += 1
@@ -265,7 +375,7 @@ class TrainShardStream(IterableDataset):
             failures = 0
             good.append(out)
             if len(good) == self.batch_size:
-                yield _collate(good, skipped, problems, self.shape)
+                yield _collate(good, skipped, problems, self.shape, position)
                 good, problems, skipped, quota = [], [], {}, quota - 1
 
 

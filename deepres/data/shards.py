@@ -44,21 +44,29 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
 
-from deepres.data.base import DeepresDataModule, ignore_stop_signals, rank_and_world, worker_context
+from deepres.data.base import (
+    DeepresDataModule,
+    WorkerLoader,
+    ignore_stop_signals,
+    rank_and_world,
+    worker_context,
+)
 from deepres.data.recipes import AutoAugmentName, BatchMix
 from deepres.data.recipes import auto_augment as auto_augment_policy
 from deepres.data.shard_format import SampleFields
 from deepres.data.shard_sets import ShardSet, no_list_message, resolve_shards
 from deepres.data.shard_stream import ImageTransform, TrainShardStream, ValShardStream
 from deepres.errors import ConfigError
+from deepres.lightning_compat import gather_from_ranks
 
 # the loader's parts, importable from here as from their own modules
 __all__ = ["NORMALIZATION", "ImageTransform", "ShardDataModule", "ShardLoader", "ShardSet", "TrainShardStream",
            "ValShardStream", "resolve_shards"]
 
 log = logging.getLogger(__name__)
+
+STREAM_STATE_KEY = "train_streams"  # in the data module's checkpoint entry: one ShardLoader.stream_state per rank
 
 # per-channel mean/std of the training images (torchvision's ImageNet numbers; CIFAR-10's)
 NORMALIZATION = {
@@ -79,6 +87,10 @@ class ShardLoader:
     of an IterableDataset, and the length here is exact by construction. Workers are started per pass
     (not persistent) so that each pass's shard order sees the current epoch. `position_fn` gives
     (epoch, batches of it already trained) from the trainer; without it, passes are counted here.
+
+    A training loader also keeps where each worker's stream stood after every batch of the pass
+    (`stream_state`), which a checkpoint saves; `resume_from` hands such a state to the next pass, which
+    then continues every stream exactly (deepres.data.shard_stream.TrainShardStream).
     """
 
     def __init__(self, stream: TrainShardStream | ValShardStream, num_batches: int, num_workers: int,
@@ -89,13 +101,50 @@ class ShardLoader:
         self.position_fn = position_fn
         self.passes = 0
         self.skipped: Counter[str] = Counter()  # skipped samples by reason (shard_stream.SKIP_REASONS)
+        self.resume_from: dict[str, Any] | None = None  # a saved `stream_state` for the next pass
+        self._start: list[int] = []  # each worker's stream position when this pass began
+        self._exact = True  # False for a pass that reads a fresh order: its positions resume nothing
+        self._after: dict[int, int] = {}  # batch number in the epoch -> its worker's position after it
 
     def __len__(self) -> int:
         return self.num_batches
 
     @property
+    def _workers(self) -> int:
+        return max(self.num_workers, 1)
+
+    @property
     def corrupt_samples(self) -> int:
         return sum(self.skipped.values())
+
+    def stream_state(self, done: int) -> dict[str, Any]:
+        """Where each worker's stream stood once `done` batches of the current epoch were trained."""
+        positions = list(self._start)
+        for batch in sorted(b for b in self._after if b < done):  # the last batch of each worker before `done`
+            positions[batch % self._workers] = self._after[batch]
+        return {"epoch": self.stream.epoch, "done": done, "workers": self._workers,
+                "world_size": getattr(self.stream, "world_size", 1), "positions": positions if self._exact else None}
+
+    def _positions(self, epoch: int, skip: int) -> list[int] | None:
+        """Each worker's stream position for a pass that starts `skip` batches into `epoch`; None when
+        nothing says where the streams stood (the rest of the epoch then reads a fresh shard order)."""
+        saved, self.resume_from = self.resume_from, None
+        if skip == 0:
+            return [0] * self._workers
+        expected = {"epoch": epoch, "done": skip, "workers": self._workers,
+                    "world_size": getattr(self.stream, "world_size", 1)}
+        if saved is not None and saved.get("positions") is not None and all(
+                saved.get(k) == v for k, v in expected.items()):
+            return list(saved["positions"])
+        if self.rank == 0:
+            why = ("the checkpoint does not say where the shard streams stood"
+                   if saved is None or saved.get("positions") is None else
+                   "the checkpoint's streams were read by "
+                   f"{saved.get('workers')} workers on each of {saved.get('world_size')} ranks, not "
+                   f"{self._workers} on each of {expected['world_size']}")
+            log.warning("resuming %d batches into epoch %d: %s, so the rest of this epoch reads a fresh shard "
+                        "order (exact from the next epoch on)", skip, epoch, why)
+        return None
 
     def _report(self, skipped: dict[str, int], messages: list[str]) -> None:
         self.skipped.update(skipped)
@@ -114,20 +163,28 @@ class ShardLoader:
         position = self.position_fn() if self.position_fn is not None else None
         self.stream.epoch, self.stream.skip = (self.passes, 0) if position is None else position
         self.passes += 1
-        expected = self.num_batches - self.stream.skip
+        skip = self.stream.skip
+        if isinstance(self.stream, TrainShardStream):
+            self.stream.positions = self._positions(self.stream.epoch, skip)
+            self._exact = self.stream.positions is not None
+            self._start = list(self.stream.positions or [0] * self._workers)
+            self._after = {}
+        expected = self.num_batches - skip
         context = worker_context(self.worker_start_method) if self.num_workers > 0 else None
         # worker seeds from (seed, epoch, rank), not from torch's global generator: creating this loader draws
         # nothing the training's restored generators would miss (deepres.training.rng_state)
         seed = getattr(self.stream, "seed", 0)
         seeds = torch.Generator().manual_seed((seed * 1_000_003 + self.stream.epoch) * 1_009 + self.rank)
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+        loader = WorkerLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
                             multiprocessing_context=context, generator=seeds,
                             worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None)
         seen = 0
-        for images, labels, (skipped, messages) in loader:
+        for images, labels, (skipped, messages, after) in loader:
             if skipped:
                 self._report(skipped, messages)
+            if after is not None:
+                self._after[skip + seen] = after
             seen += 1
             yield images, labels
         if seen != expected:  # cannot happen by construction; if it did, DDP would hang
@@ -238,6 +295,8 @@ class ShardDataModule(DeepresDataModule):
         self._steps = 0  # training steps per epoch on this rank, fixed in train_dataloader
         self._sets: dict[str, ShardSet | None] = {}
         self._loaders: list[ShardLoader] = []
+        self._train_loader: ShardLoader | None = None
+        self._saved_streams: list[dict[str, Any]] | None = None  # from a checkpoint, one entry per rank
         self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- what the CLI links into the model
@@ -339,7 +398,32 @@ class ShardDataModule(DeepresDataModule):
 
     def _track(self, loader: ShardLoader) -> ShardLoader:
         self._loaders.append(loader)
+        if isinstance(loader.stream, TrainShardStream):
+            self._train_loader = loader
+            loader.resume_from = self._resume_state()
         return loader
+
+    # -- where the training streams stood, in every checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's training-stream positions (a collective: Lightning asks every rank while writing a
+        checkpoint), so that a resume inside an epoch reads exactly the batches the run would have read."""
+        trainer, loader = self.trainer, self._train_loader
+        if trainer is None or loader is None or not trainer.training:
+            return {}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return {STREAM_STATE_KEY: gather_from_ranks(trainer, loader.stream_state(done))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_streams = state_dict.get(STREAM_STATE_KEY)
+        if self._train_loader is not None:
+            self._train_loader.resume_from = self._resume_state()
+
+    def _resume_state(self) -> dict[str, Any] | None:
+        """This rank's saved stream state, once (a later pass starts where the trainer says)."""
+        saved, self._saved_streams = self._saved_streams, None
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return saved[rank] if isinstance(saved, list) and rank < len(saved) else None
 
     # -- normalisation on the device
 

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from deepres.lightning_compat import gather_from_ranks
+
 RNG_KEY = "deepres_rng_states"  # one entry per rank
 
 
@@ -55,20 +57,11 @@ def restore(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def gather(trainer: Any, states: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's `states`, indexed by rank (a collective when the run has several processes)."""
-    if trainer.world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [states]
-    everyone: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, states)
-    return everyone
-
-
 class RandomGenerators(Callback):
     """Saves every rank's generator states in each checkpoint and restores this rank's on resume."""
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RNG_KEY] = gather(trainer, collect())
+        checkpoint[RNG_KEY] = gather_from_ranks(trainer, collect())
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get(RNG_KEY)
