@@ -199,3 +199,20 @@ def gather_from_ranks(trainer: Any, mine: Any) -> list[Any]:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return everyone
+
+
+def step_row_due(trainer: Any) -> tuple[int, dict[str, Any]] | None:
+    """The metrics row Lightning writes after this training step, as (step, values), or None when it writes
+    none. Called in ``on_train_batch_end``: Lightning writes the row after those hooks (2.6,
+    ``_TrainingEpochLoop.advance``), from the same values, with the step and epoch its logger connector adds."""
+    from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+
+    connector = trainer._logger_connector
+    if not should_update_logs(trainer):
+        return None
+    values = convert_tensors_to_scalars(dict(connector.metrics["log"]))
+    if not values:
+        return None
+    step = values.pop("step", None)
+    values.setdefault("epoch", trainer.current_epoch)
+    return (int(step) if step is not None else int(trainer.fit_loop.epoch_loop._batches_that_stepped)), values

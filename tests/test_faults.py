@@ -36,7 +36,8 @@ def _env() -> dict[str, str]:
 
 def start(root: Path, *args: str, name: str = "f", **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "deepres", "fit", "--run.root", str(root), "--run.name", name, *QUIET, *args]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **popen)
 
 
@@ -233,6 +234,23 @@ def test_ddp_sigkill_of_one_rank_ends_the_job_naming_the_rank_and_the_checkpoint
     assert rc == 0, err[-3000:]
     assert f"(step {newest})" in err and last_step(run_dir) == 150
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # one run directory for both ranks, twice
+
+
+@pytest.mark.slow
+def test_a_rank_killed_inside_a_save_loses_no_metrics_row_once_resumed(tmp_path):
+    """Rank 1 SIGKILLed in the save at step 10, after its part of the checkpoint and before the save's closing
+    barrier (tests/_die_while_saving.py): rank 0 has written the checkpoint and waits at that barrier, so it never
+    writes step 10's metrics row, which Lightning writes after the save. The checkpoint carries the row; the
+    resumed run writes it. Every step's row, once."""
+    run_dir = tmp_path / "f"
+    planned = ["--trainer.max_epochs", "1", *DDP]  # 11 steps on 2 ranks, saves at 5 and 10
+    rc, _, err = run(tmp_path, *planned, "--trainer.callbacks+=_die_while_saving.DieWhileSaving",
+                     "--trainer.callbacks.step=10", timeout=240)
+    assert rc != 0 and "rank 1" in err and "(step 10)" in err, err[-3000:]
+    assert last_step(run_dir) == 10 and train_steps(run_dir) == list(range(9))  # step 10's row (step 9) is not there
+    rc, _, err = run(tmp_path, *planned, "--ckpt_path", "last", timeout=240)
+    assert rc == 0, err[-3000:]
+    assert train_steps(run_dir) == list(range(11))
 
 
 @pytest.mark.slow

@@ -131,6 +131,43 @@ def test_validates_after_this_batch_follows_lightnings_schedule(tmp_path):
         f"validates_after_this_batch in {MOVED}"
 
 
+class _RowProbe(_Probe):
+    """Logs a loss every step; records, after every training batch, the row Lightning is about to write."""
+
+    def __init__(self):
+        super().__init__()
+        self.due: list[tuple[int, dict]] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("train/loss", loss)
+        self.log("train/twice", 2 * loss)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        row = compat.step_row_due(self.trainer)
+        if row is not None:
+            self.due.append(row)
+
+
+def test_step_row_due_is_the_row_lightning_then_writes(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    probe = _RowProbe()
+    data = DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=2)
+    trainer = Trainer(max_steps=6, log_every_n_steps=2, default_root_dir=tmp_path, logger=CSVLogger(tmp_path, "r", ""),
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      accelerator="cpu", devices=1)
+    trainer.fit(probe, data)
+    import csv
+
+    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
+        written = [(int(r["step"]), {k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v and k != "step"})
+                   for r in csv.DictReader(f)]
+    assert [step for step, _ in probe.due] == [1, 3, 5], f"step_row_due's schedule in {MOVED}"
+    assert probe.due == written, f"step_row_due's values in {MOVED}"
+
+
 def test_no_module_outside_lightning_compat_imports_a_private_lightning_name():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):

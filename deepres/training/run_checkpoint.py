@@ -31,12 +31,14 @@ from typing_extensions import override
 from deepres.lightning_compat import (
     should_update_logs,
     start_epoch_after_a_last_batch_restore,
+    step_row_due,
     validates_after_this_batch,
 )
 from deepres.training import stop_signals
 from deepres.training.checkpoints import LAST, CheckpointWriteError, install_checkpoint
 
 _TIME, _REQUEUE, _STOP, _WRITE_FAILED = range(4)
+STEP_ROW_KEY = "deepres_step_row"  # the metrics row of the step a checkpoint was saved at (see _write_missing_row)
 
 
 class RequeuePolicy(Protocol):
@@ -69,6 +71,8 @@ class RunCheckpoint(ModelCheckpoint):
         self._requeue_at_end = False  # training stops for a requeue that on_train_end carries out
         self._last_save = time.monotonic()
         self._write_failure: CheckpointWriteError | None = None
+        self._row_due: tuple[int, dict[str, Any]] | None = None  # this step's metrics row, while saving at it
+        self._restored_row: dict[str, Any] | None = None
 
     @property
     def last_path(self) -> Path:
@@ -84,6 +88,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._checked_step = trainer.global_step
         self._saved_step = trainer.global_step if trainer.global_step > 0 else -1  # resumed from that step
         self._last_save = time.monotonic()
+        self._write_missing_row(trainer)
         if self.requeue is not None:
             self.requeue.start(trainer)
 
@@ -104,7 +109,11 @@ class RunCheckpoint(ModelCheckpoint):
         # At max_steps, save here: in on_train_epoch_end of the cut-short epoch the loops' state (epoch counter
         # advanced, batch counter not reset) would not tell a resume which batches of the epoch were seen.
         if any(flags) or every_n or at_max_steps:
-            self.save(trainer)
+            self._row_due = step_row_due(trainer)  # Lightning writes it after this hook, so after the save
+            try:
+                self.save(trainer)
+            finally:
+                self._row_due = None
         # A requeue stops training here and requeues once this step is logged (on_train_end): the requeue makes
         # the scheduler signal every process of the job, the dashboard's service too, so the loggers finish first.
         if flags[_REQUEUE] and self.requeue is not None:
@@ -153,6 +162,37 @@ class RunCheckpoint(ModelCheckpoint):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         stop_signals.disarm()
 
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._row_due is not None:
+            step, values = self._row_due
+            checkpoint[STEP_ROW_KEY] = {"global_step": trainer.global_step, "step": step, "values": values}
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._restored_row = checkpoint.get(STEP_ROW_KEY)
+
+    def _write_missing_row(self, trainer: pl.Trainer) -> None:
+        """Lightning writes a step's metrics row after the hook that saved the checkpoint at that step. A run
+        that ended in between never wrote it, and its resume starts at the next step: a rank killed during a
+        DDP save leaves rank 0 waiting at the save's closing barrier, checkpoint written, row not. A checkpoint
+        saved at a logging step therefore carries its row, and the resumed run writes it if metrics.csv lacks
+        it (rank 0; every logger, so the dashboard gets the step too)."""
+        row, self._restored_row = self._restored_row, None
+        if not row or not trainer.is_global_zero or row.get("global_step") != trainer.global_step:
+            return
+        step, values = int(row["step"]), dict(row["values"])
+        metrics = Path(trainer.loggers[0].log_dir) / "metrics.csv" if trainer.loggers else None
+        if metrics is None or _has_row(metrics, step, [k for k in values if k != "epoch"]):
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(values), step=step)
+            logger.save()
+
     # ------------------------------------------------------------------------------------------------ save
     def _agreed_flags(self, trainer: pl.Trainer) -> list[bool]:
         failure = getattr(trainer.strategy.checkpoint_io, "failure", None)  # a background write's error
@@ -194,3 +234,14 @@ class RunCheckpoint(ModelCheckpoint):
         self._saved_step = trainer.global_step
         self._last_save = time.monotonic()
         return path
+
+
+def _has_row(path: Path, step: int, keys: list[str]) -> bool:
+    """Whether metrics.csv has a row at `step` with any of these values."""
+    import csv
+
+    if not path.is_file():
+        return False
+    with open(path, newline="") as f:
+        return any(row.get("step") and int(float(row["step"])) == step and any(row.get(k) for k in keys)
+                   for row in csv.DictReader(f))
