@@ -216,3 +216,17 @@ def step_row_due(trainer: Any) -> tuple[int, dict[str, Any]] | None:
     step = values.pop("step", None)
     values.setdefault("epoch", trainer.current_epoch)
     return (int(step) if step is not None else int(trainer.fit_loop.epoch_loop._batches_that_stepped)), values
+
+
+def epoch_row_due(trainer: Any) -> tuple[int, dict[str, Any]] | None:
+    """The epoch-level metrics row Lightning writes after ``on_train_epoch_end`` (2.6, ``_FitLoop.on_advance_end``:
+    the values logged with ``on_epoch=True``, at the epoch's last step), as (step, values); None when it writes
+    none. Called in ``on_train_epoch_end`` of a checkpoint callback, which Lightning runs after the module's."""
+    from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
+
+    values = convert_tensors_to_scalars(dict(trainer._results.metrics(False)["log"]))
+    if not values:
+        return None
+    step = values.pop("step", None)
+    values.setdefault("epoch", trainer.current_epoch)
+    return (int(step) if step is not None else int(trainer.fit_loop.epoch_loop._batches_that_stepped) - 1), values

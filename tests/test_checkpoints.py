@@ -222,3 +222,50 @@ def test_a_run_directory_in_use_by_a_live_run_is_refused(tmp_path):
 
     lock_run_dir(run)  # free once that process is gone
     release_run_dir_locks()
+
+
+def test_a_row_lost_between_a_save_and_its_logging_is_written_by_the_resume_once(tmp_path):
+    """Lightning writes an epoch's row (and a step's) after the hook that saves the checkpoint; a process that dies
+    in between (a DDP rank killed inside the save leaves rank 0 waiting at its barrier) never writes it. The
+    checkpoint carries the row and the resume writes it when metrics.csv lacks it, and only then."""
+    import csv
+
+    from lightning.pytorch import LightningModule, Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deepres.training.run_checkpoint import RunCheckpoint
+    from deepres.training.run_dir import RunCSVLogger
+
+    class EpochMean(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch[0]).pow(2).mean()
+            self.log("train/epoch_mean", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    run_dir = tmp_path / "run"
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)  # 4 steps an epoch
+
+    def fit(epochs: int, resume: bool) -> list[dict]:
+        trainer = Trainer(max_epochs=epochs, logger=RunCSVLogger(run_dir), enable_progress_bar=False,
+                          enable_model_summary=False, accelerator="cpu", devices=1, log_every_n_steps=100,
+                          callbacks=[RunCheckpoint(run_dir / "checkpoints", every_minutes=None)])
+        trainer.fit(EpochMean(), data, ckpt_path=str(run_dir / "checkpoints" / "last.ckpt") if resume else None)
+        with open(run_dir / "metrics.csv", newline="") as f:
+            return [r for r in csv.DictReader(f) if r.get("train/epoch_mean")]
+
+    first = fit(1, resume=False)
+    assert [r["step"] for r in first] == ["3"]
+    with open(run_dir / "metrics.csv", "w") as f:  # the row the dying process never wrote
+        f.write("epoch,step,train/epoch_mean\n")
+    rows = fit(2, resume=True)
+    assert [(r["epoch"], r["step"], r["train/epoch_mean"]) for r in rows][0] == \
+        (first[0]["epoch"], first[0]["step"], first[0]["train/epoch_mean"])
+    assert [r["step"] for r in rows] == ["3", "7"]
+    assert [r["step"] for r in fit(3, resume=True)] == ["3", "7", "11"]  # present rows are not written again

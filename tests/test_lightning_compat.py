@@ -168,6 +168,40 @@ def test_step_row_due_is_the_row_lightning_then_writes(tmp_path):
     assert probe.due == written, f"step_row_due's values in {MOVED}"
 
 
+class _EpochRowProbe(_Probe):
+    """Logs a per-epoch mean; records, at every epoch end, the epoch row Lightning is about to write."""
+
+    def __init__(self):
+        super().__init__()
+        self.due: list[tuple[int, dict]] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("train/epoch_mean", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self):
+        self.due.append(compat.epoch_row_due(self.trainer))
+
+
+def test_epoch_row_due_is_the_row_lightning_then_writes(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    probe = _EpochRowProbe()
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)
+    trainer = Trainer(max_epochs=3, default_root_dir=tmp_path, logger=CSVLogger(tmp_path, "r", ""),
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      accelerator="cpu", devices=1)
+    trainer.fit(probe, data)
+    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
+        written = [(int(r["step"]), {k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v and k != "step"})
+                   for r in csv.DictReader(f)]
+    assert [step for step, _ in probe.due] == [3, 7, 11], f"epoch_row_due's step in {MOVED}"
+    assert probe.due == written, f"epoch_row_due's values in {MOVED}"
+
+
 def test_no_module_outside_lightning_compat_imports_a_private_lightning_name():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):

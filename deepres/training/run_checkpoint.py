@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from typing_extensions import override
 
 from deepres.lightning_compat import (
+    epoch_row_due,
     should_update_logs,
     start_epoch_after_a_last_batch_restore,
     step_row_due,
@@ -139,7 +140,12 @@ class RunCheckpoint(ModelCheckpoint):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        self.save(trainer)
+        if trainer.global_step != self._saved_step and not trainer.sanity_checking:
+            self._row_due = epoch_row_due(trainer)  # written after this hook too (the skipped-sample counts)
+        try:
+            self.save(trainer)
+        finally:
+            self._row_due = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,11 +183,11 @@ class RunCheckpoint(ModelCheckpoint):
         self._restored_row = checkpoint.get(STEP_ROW_KEY)
 
     def _write_missing_row(self, trainer: pl.Trainer) -> None:
-        """Lightning writes a step's metrics row after the hook that saved the checkpoint at that step. A run
-        that ended in between never wrote it, and its resume starts at the next step: a rank killed during a
-        DDP save leaves rank 0 waiting at the save's closing barrier, checkpoint written, row not. A checkpoint
-        saved at a logging step therefore carries its row, and the resumed run writes it if metrics.csv lacks
-        it (rank 0; every logger, so the dashboard gets the step too)."""
+        """Lightning writes a step's metrics row (and an epoch's, e.g. the skipped-sample counts) after the hook
+        that saved the checkpoint at that step. A run that ended in between never wrote it, and its resume starts
+        at the next step: a rank killed during a DDP save leaves rank 0 waiting at the save's closing barrier,
+        checkpoint written, row not. A checkpoint saved where a row is due therefore carries the row, and the
+        resumed run writes it if metrics.csv lacks it (rank 0; every logger, so the dashboard gets it too)."""
         row, self._restored_row = self._restored_row, None
         if not row or not trainer.is_global_zero or row.get("global_step") != trainer.global_step:
             return
