@@ -201,32 +201,30 @@ def gather_from_ranks(trainer: Any, mine: Any) -> list[Any]:
     return everyone
 
 
-def step_row_due(trainer: Any) -> tuple[int, dict[str, Any]] | None:
-    """The metrics row Lightning writes after this training step, as (step, values), or None when it writes
-    none. Called in ``on_train_batch_end``: Lightning writes the row after those hooks (2.6,
-    ``_TrainingEpochLoop.advance``), from the same values, with the step and epoch its logger connector adds."""
+def _row(trainer: Any, logged: dict[str, Any], default_step: int) -> tuple[int, dict[str, Any]] | None:
+    """(step, values) as Lightning's logger connector writes `logged` (``log_metrics``): scalars, the step a
+    logged `step` value gives or `default_step`, and the epoch added."""
     from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 
-    connector = trainer._logger_connector
-    if not should_update_logs(trainer):
-        return None
-    values = convert_tensors_to_scalars(dict(connector.metrics["log"]))
+    values = convert_tensors_to_scalars(dict(logged))
     if not values:
         return None
     step = values.pop("step", None)
     values.setdefault("epoch", trainer.current_epoch)
-    return (int(step) if step is not None else int(trainer.fit_loop.epoch_loop._batches_that_stepped)), values
+    return (int(step) if step is not None else default_step), values
+
+
+def step_row_due(trainer: Any) -> tuple[int, dict[str, Any]] | None:
+    """The metrics row Lightning writes after this training step, as (step, values), or None when it writes
+    none. Called in ``on_train_batch_end``: Lightning writes the row after those hooks (2.6,
+    ``_TrainingEpochLoop.advance``), from the same values."""
+    if not should_update_logs(trainer):
+        return None
+    return _row(trainer, trainer._logger_connector.metrics["log"], int(trainer.fit_loop.epoch_loop._batches_that_stepped))
 
 
 def epoch_row_due(trainer: Any) -> tuple[int, dict[str, Any]] | None:
     """The epoch-level metrics row Lightning writes after ``on_train_epoch_end`` (2.6, ``_FitLoop.on_advance_end``:
     the values logged with ``on_epoch=True``, at the epoch's last step), as (step, values); None when it writes
     none. Called in ``on_train_epoch_end`` of a checkpoint callback, which Lightning runs after the module's."""
-    from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
-
-    values = convert_tensors_to_scalars(dict(trainer._results.metrics(False)["log"]))
-    if not values:
-        return None
-    step = values.pop("step", None)
-    values.setdefault("epoch", trainer.current_epoch)
-    return (int(step) if step is not None else int(trainer.fit_loop.epoch_loop._batches_that_stepped) - 1), values
+    return _row(trainer, trainer._results.metrics(False)["log"], int(trainer.fit_loop.epoch_loop._batches_that_stepped) - 1)

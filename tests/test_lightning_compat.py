@@ -131,8 +131,18 @@ def test_validates_after_this_batch_follows_lightnings_schedule(tmp_path):
         f"validates_after_this_batch in {MOVED}"
 
 
+def _written_rows(path: Path) -> list[tuple[int, dict]]:
+    """A CSVLogger's rows as (step, {key: value}), the values typed as the loggers were given them."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [(int(r["step"]), {k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v and k != "step"})
+                for r in csv.DictReader(f)]
+
+
 class _RowProbe(_Probe):
-    """Logs a loss every step; records, after every training batch, the row Lightning is about to write."""
+    """Logs per step and per epoch; records, after every training batch and every epoch, the row Lightning is
+    about to write."""
 
     def __init__(self):
         super().__init__()
@@ -141,7 +151,7 @@ class _RowProbe(_Probe):
     def training_step(self, batch, batch_idx):
         loss = self.layer(batch[0]).pow(2).mean()
         self.log("train/loss", loss)
-        self.log("train/twice", 2 * loss)
+        self.log("train/epoch_mean", loss, on_step=False, on_epoch=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -149,57 +159,24 @@ class _RowProbe(_Probe):
         if row is not None:
             self.due.append(row)
 
-
-def test_step_row_due_is_the_row_lightning_then_writes(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
-
-    probe = _RowProbe()
-    data = DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=2)
-    trainer = Trainer(max_steps=6, log_every_n_steps=2, default_root_dir=tmp_path, logger=CSVLogger(tmp_path, "r", ""),
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      accelerator="cpu", devices=1)
-    trainer.fit(probe, data)
-    import csv
-
-    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
-        written = [(int(r["step"]), {k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v and k != "step"})
-                   for r in csv.DictReader(f)]
-    assert [step for step, _ in probe.due] == [1, 3, 5], f"step_row_due's schedule in {MOVED}"
-    assert probe.due == written, f"step_row_due's values in {MOVED}"
-
-
-class _EpochRowProbe(_Probe):
-    """Logs a per-epoch mean; records, at every epoch end, the epoch row Lightning is about to write."""
-
-    def __init__(self):
-        super().__init__()
-        self.due: list[tuple[int, dict]] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = self.layer(batch[0]).pow(2).mean()
-        self.log("train/epoch_mean", loss, on_step=False, on_epoch=True)
-        return loss
-
     def on_train_epoch_end(self):
         self.due.append(compat.epoch_row_due(self.trainer))
 
 
-def test_epoch_row_due_is_the_row_lightning_then_writes(tmp_path):
-    import csv
-
+def test_the_rows_due_are_the_rows_lightning_then_writes(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    probe = _EpochRowProbe()
-    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=2)
-    trainer = Trainer(max_epochs=3, default_root_dir=tmp_path, logger=CSVLogger(tmp_path, "r", ""),
+    probe = _RowProbe()
+    data = DataLoader(TensorDataset(torch.randn(12, 2)), batch_size=2)  # 6 steps an epoch
+    trainer = Trainer(max_epochs=2, log_every_n_steps=2, default_root_dir=tmp_path, logger=CSVLogger(tmp_path, "r", ""),
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                       accelerator="cpu", devices=1)
     trainer.fit(probe, data)
-    with open(tmp_path / "r" / "metrics.csv", newline="") as f:
-        written = [(int(r["step"]), {k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v and k != "step"})
-                   for r in csv.DictReader(f)]
-    assert [step for step, _ in probe.due] == [3, 7, 11], f"epoch_row_due's step in {MOVED}"
-    assert probe.due == written, f"epoch_row_due's values in {MOVED}"
+    # step rows after steps 2, 4, 6, ... (step 1, 3, 5, ...), an epoch row at each epoch's last step
+    assert [(step, "train/loss" in row) for step, row in probe.due] == \
+        [(1, True), (3, True), (5, True), (5, False), (7, True), (9, True), (11, True), (11, False)], \
+        f"step_row_due's or epoch_row_due's schedule in {MOVED}"
+    assert probe.due == _written_rows(tmp_path / "r" / "metrics.csv"), f"the rows' values in {MOVED}"
 
 
 def test_no_module_outside_lightning_compat_imports_a_private_lightning_name():
