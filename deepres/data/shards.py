@@ -133,7 +133,7 @@ class ShardLoader:
             return [0] * self._workers
         expected = {"epoch": epoch, "done": skip, "workers": self._workers,
                     "world_size": getattr(self.stream, "world_size", 1)}
-        if saved is not None and saved.get("positions") is not None and all(
+        if saved is not None and len(saved.get("positions") or ()) == self._workers and all(
                 saved.get(k) == v for k, v in expected.items()):
             return list(saved["positions"])
         if self.rank == 0:
@@ -409,7 +409,7 @@ class ShardDataModule(DeepresDataModule):
         """Every rank's training-stream positions (a collective: Lightning asks every rank while writing a
         checkpoint), so that a resume inside an epoch reads exactly the batches the run would have read."""
         trainer, loader = self.trainer, self._train_loader
-        if trainer is None or loader is None or not trainer.training:
+        if trainer is None or loader is None:  # (a checkpoint written after validation inside an epoch too)
             return {}
         done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         return {STREAM_STATE_KEY: gather_from_ranks(trainer, loader.stream_state(done))}
