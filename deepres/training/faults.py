@@ -102,6 +102,13 @@ class FaultReport(Callback):
             time.sleep(0.1)
             peers = peer_states(self.run_dir, rank)
         cause = "; ".join(peers) if peers else "no other rank on this host has exited or stopped (a network fault?)"
+        # A background write in flight holds a checkpoint whose every part was gathered before the collective
+        # failed (a rank killed inside a save dies at the save's closing barrier): finish it, so that the resume
+        # starts there and the report names it.
+        wait = getattr(trainer.strategy.checkpoint_io, "wait", None)
+        if wait is not None:
+            with contextlib.suppress(Exception):
+                wait()
         where = "no complete checkpoint yet"
         if self.newest_checkpoint is not None:
             with contextlib.suppress(Exception):
