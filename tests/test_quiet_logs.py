@@ -55,7 +55,12 @@ def test_a_fit_logged_to_a_file_has_plain_lines_and_none_of_the_noise(tmp_path):
         assert noise not in both, noise
     assert "GPU available: False, used: False" in err  # what applies stays
     assert "memory    auto within 1 GB: chose none, predicted step peak" in out  # the plan says what auto chose
-    assert "wandb sync " in out, err[-3000:]  # the short wandb ending: how to upload the offline run
+    if "wandb: could not start run" in err:
+        # wandb's own service can fail to start on a loaded machine ("Failed to connect to service on socket"):
+        # then the run goes on without it, says so once, and promises no upload
+        assert err.count("Training goes on without wandb;") == 1 and "wandb sync " not in out, err[-3000:]
+    else:
+        assert "wandb sync " in out, err[-3000:]  # the short wandb ending: how to upload the offline run
     print(f"LOG LINES: stdout {len(out.splitlines())}, stderr {len(err.splitlines())}")
 
 
