@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from deepres.data.base import DeepresDataModule
-from deepres.data.recipes import AutoAugmentName, BatchMix
+from deepres.data.recipes import AutoAugmentName, BatchMix, apply_seeded
 from deepres.data.recipes import auto_augment as auto_augment_policy
 from deepres.errors import ConfigError
 
@@ -86,14 +86,7 @@ class CIFARImages(Dataset):
         assert self.policy is not None
         if g is None:
             return self.policy(image)
-        # torchvision's policies draw from torch's global generator: seed it from this image's generator and
-        # put it back afterwards (with num_workers 0 it is the training process's)
-        state = torch.get_rng_state()
-        try:
-            torch.default_generator.manual_seed(int(torch.randint(0, 2**62, (), generator=g)))
-            return self.policy(image)
-        finally:
-            torch.set_rng_state(state)
+        return apply_seeded(self.policy, image, int(torch.randint(0, 2**62, (), generator=g)))
 
 
 class CIFARDataModule(DeepresDataModule):

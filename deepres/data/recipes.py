@@ -23,6 +23,19 @@ from deepres.errors import ConfigError
 AutoAugmentName = Literal["none", "randaugment", "trivialaugment"]
 
 
+def apply_seeded(policy: Callable, image, seed: int):
+    """`policy(image)` with torch's CPU generator seeded by `seed`, and put back afterwards: torchvision's
+    policies draw from that generator only, and a sample's own seed makes its draws the same in a resumed epoch
+    and with any number of workers (with num_workers 0 the generator is the training process's, hence put back).
+    CUDA's generators are not touched."""
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        return policy(image)
+    finally:
+        torch.set_rng_state(state)
+
+
 def auto_augment(name: str, num_ops: int = 2, magnitude: int = 9) -> Callable | None:
     """The per-image policy for `name` (PIL images or uint8 tensors in, the same type out); None for none."""
     if name == "none":

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, default_collate
 from torchvision.transforms.v2 import functional as F
 
+from deepres.data.recipes import apply_seeded
 from deepres.data.shard_format import SampleFields, ShardStalled, decode_rgb, describe_error, read_shard
 from deepres.data.shard_sets import ShardSet
 from deepres.errors import ConfigError
@@ -113,14 +114,7 @@ class ImageTransform:
         img = F.horizontal_flip(img) if rng.random() < 0.5 else img
         if self.policy is None:
             return img
-        # torchvision's policies draw from torch's global generator: seed it from the sample's generator,
-        # and put it back afterwards (with num_workers 0 this is the training process's generator)
-        state = torch.get_rng_state()
-        try:
-            torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU's only, not CUDA's
-            return self.policy(img)
-        finally:
-            torch.set_rng_state(state)
+        return apply_seeded(self.policy, img, rng.getrandbits(63))
 
     def __call__(self, data: bytes, seed: int | None = None) -> torch.Tensor:
         """`seed`: this sample's own augmentation draws (a resumed stream draws what the uninterrupted
