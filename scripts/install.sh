@@ -46,4 +46,10 @@ if [[ "${1:-}" == "--dev" ]]; then
   # (~/.cache/deepres/torch_extensions) so the tests do not pay for it, once per machine.
   "$VENV/bin/python" scripts/tools/build_deepspeed_ops.py
 fi
+# deepres's CPU kernels (mHC's Sinkhorn iterations) compile on first use (20-60 s); build them now into
+# the same cache, so that no run waits for the compiler. Without a C++ compiler this says so, and deepres
+# runs the same arithmetic as PyTorch ops.
+"$VENV/bin/python" -c 'import logging; logging.basicConfig(format="%(message)s")
+from deepres.models import cpu_kernels
+print("[install] deepres CPU kernels:", "built" if cpu_kernels.available() else "not built (PyTorch ops instead)")'
 echo "[install] done: $("$VENV/bin/python" -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)')"

@@ -46,8 +46,8 @@ from deepres.errors import ConfigError
 from deepres.models.stream_mixing_ops import (
     full_precision,
     mhc_read,
-    sinkhorn_backward,
-    sinkhorn_log,
+    sinkhorn_exp,
+    sinkhorn_exp_backward,
     stream_read,
     stream_write,
 )
@@ -110,7 +110,7 @@ def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
     # where PyTorch's CPU log_softmax runs 5 times faster on 4 × 4 matrices than over the last dimensions
     moved = logits.movedim((-2, -1), (0, 1)).contiguous()
     if not torch.is_grad_enabled() or not logits.requires_grad:
-        out = sinkhorn_log(moved, iters).exp()
+        out = sinkhorn_exp(moved, iters)
     else:
         out = _Sinkhorn.apply(moved, iters)
     return out.movedim((0, 1), (-2, -1)).contiguous()
@@ -124,13 +124,13 @@ class _Sinkhorn(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
         ctx.save_for_backward(logits)
         ctx.iters = iters
-        return sinkhorn_log(logits, iters).exp()
+        return sinkhorn_exp(logits, iters)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        return sinkhorn_backward(grad, logits, ctx.iters), None
+        return sinkhorn_exp_backward(grad, logits, ctx.iters), None
 
 
 def permutation_matrices(n: int) -> torch.Tensor:

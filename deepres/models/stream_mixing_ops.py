@@ -21,6 +21,8 @@ import contextlib
 
 import torch
 
+from deepres.models import cpu_kernels
+
 
 class _StreamRead(torch.autograd.Function):
     """(pre (…, n), res (…, n, n), streams (B, n, D)) → (x (B, D), mixed (B, n, D)); static mixings
@@ -94,6 +96,25 @@ def sinkhorn_backward(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> t
     return g
 
 
+def _kernel_for(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and cpu_kernels.available()
+
+
+def sinkhorn_exp(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """exp(sinkhorn_log(logits, iters)) for logits (n, n, …): on a CPU one call of deepres's compiled
+    kernel (deepres.models.cpu_kernels) instead of 2·iters ops, where it is built."""
+    if _kernel_for(logits):
+        return torch.ops.deepres.sinkhorn_forward(logits, iters)
+    return sinkhorn_log(logits, iters).exp()
+
+
+def sinkhorn_exp_backward(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """`sinkhorn_backward`, on a CPU one call of the compiled kernel where it is built."""
+    if _kernel_for(logits):
+        return torch.ops.deepres.sinkhorn_backward(grad.contiguous(), logits, iters)
+    return sinkhorn_backward(grad, logits, iters)
+
+
 # ----------------------------------------------------------------------------------------------
 # mHC's dynamic mixing and the read of the streams, fused
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +142,7 @@ class _MhcRead(torch.autograd.Function):
         z = torch.addcmul(torch.cat([pre_bias, post_bias, res_bias.flatten()]), projected * inv, per_column)
         gates = torch.sigmoid(z[:, : 2 * n])
         logits = z[:, 2 * n:].t().reshape(n, n, batch).contiguous()  # (n, n, B)
-        res = sinkhorn_log(logits, iters).exp()
+        res = sinkhorn_exp(logits, iters)
         # (B, n + 1, n), contiguous: MKL's batched matmul takes a slow path, 15 times slower, on any other layout
         read = torch.cat([gates[:, :n].t().unsqueeze(0), res], 0).permute(2, 0, 1).contiguous()
         out = torch.bmm(read, streams)
@@ -141,7 +162,7 @@ class _MhcRead(torch.autograd.Function):
         grad_streams = torch.bmm(read.transpose(1, 2), grad_out)
         grad_read = torch.bmm(grad_out, streams.transpose(1, 2))  # (B, n + 1, n)
         grad_res = grad_read[:, 1:].permute(1, 2, 0).contiguous()  # (n, n, B)
-        grad_logits = sinkhorn_backward(grad_res, logits, ctx.iters)
+        grad_logits = sinkhorn_exp_backward(grad_res, logits, ctx.iters)
         grad_gates = torch.ops.aten.sigmoid_backward(torch.cat([grad_read[:, 0], 2.0 * grad_post], 1), gates)
         grad_z = torch.cat([grad_gates, grad_logits.reshape(n * n, batch).t()], 1)  # (B, 2n + n²)
         grad_bias = grad_z.sum(0)

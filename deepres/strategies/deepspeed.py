@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +31,8 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.strategies import DeepSpeedStrategy as _LightningDeepSpeedStrategy
 from typing_extensions import override
+
+from deepres.models.cpu_kernels import extension_cache_dir, use_persistent_extension_cache  # noqa: F401 (re-exported)
 
 # The DeepSpeed op every CPU run JIT-compiles: the shared-memory all-reduce, built when DeepSpeed starts
 # its process group (≈35 s on 2 cores). deepres's generated configs need no other.
@@ -134,23 +133,6 @@ def use_deepspeed_cpu_accelerator() -> None:
     use_persistent_extension_cache()
     if get_accelerator().device_name() != "cpu":
         set_accelerator(CPU_Accelerator())
-
-
-def extension_cache_dir() -> Path:
-    """Where DeepSpeed's JIT-compiled ops live: one folder per Python and torch version, reused across runs."""
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepres" / "torch_extensions"
-    torch_version = torch.__version__.replace("+", "_")
-    return root / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch_version}"
-
-
-def use_persistent_extension_cache() -> str:
-    """Point TORCH_EXTENSIONS_DIR at the deepres cache unless the user chose a folder; returns the folder.
-
-    Set in the launching process, it is inherited by every rank, so the ≈30-90 s build happens once.
-    """
-    if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(extension_cache_dir())
-    return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
 def build_deepspeed_ops(ops: tuple[str, ...] = CPU_OPS) -> list[str]:
