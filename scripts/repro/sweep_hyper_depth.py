@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from deepres.data import DigitsDataModule
-from deepres.models import create_model
+from deepres.models import cpu_kernels, create_model
 from deepres.models.hyper import HYPER_GATES, composite_gain, hyper_blocks, residual_matrices
 from deepres.training.config import OptimizerConfig, ScheduleConfig
 from deepres.training.optim import build_optimizer, lr_lambda
@@ -43,9 +43,10 @@ RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 GATES = ("highway", "gated", "hc", "mhc", "mhc_lite")
 
 
-def build(gate: str, blocks: int, streams: int) -> torch.nn.Module:
-    extra = {"streams": streams} if gate in HYPER_GATES else {}
-    return create_model("highway_mlp", depth=blocks + 1, width=50, in_features=64, num_classes=10, gate=gate, **extra)
+def build(gate: str, blocks: int, streams: int, width: int = 50, **options) -> torch.nn.Module:
+    extra = {"streams": streams, **options} if gate in HYPER_GATES else {}
+    return create_model("highway_mlp", depth=blocks + 1, width=width, in_features=64, num_classes=10, gate=gate,
+                        **extra)
 
 
 def gain(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float] | None:
@@ -159,16 +160,63 @@ def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
     if step_time:
         lines += ["", "## Step time, side by side", "",
                   "`--step-time`: n = 4, one process, the nets' steps interleaved, median of the timed steps; "
+                  "Sinkhorn: deepres's compiled CPU kernel or PyTorch ops (rows from before the kernel existed); "
                   "load = the machine's 1-minute load average at the end (2 cores).", "",
-                  "| blocks | batch | gated (s) | mhc (s) | **mhc ÷ gated** | mhc, 1 Sinkhorn iteration ÷ gated "
-                  "| mhc_lite ÷ gated | load |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {s['blocks']:,} | {s['batch']} | {s['gated_s']:.4f} | {s['mhc_s']:.4f} | {s['ratio']:.2f} | "
-                  f"{s['mhc_1_iter_s'] / s['gated_s']:.2f} | {s['mhc_lite_s'] / s['gated_s']:.2f} | {s['load']:.1f} |"
-                  for s in step_time]
+                  "| blocks | width | batch | Sinkhorn | gated (s) | mhc (s) | **mhc ÷ gated** "
+                  "| mhc, 1 Sinkhorn iteration ÷ gated | mhc_lite ÷ gated | load |",
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {s['blocks']:,} | {s.get('width', 50)} | {s['batch']} | "
+                  f"{'kernel' if s.get('kernels') else 'PyTorch ops'} | {s['gated_s']:.4f} | {s['mhc_s']:.4f} | "
+                  f"{s['ratio']:.2f} | {s['mhc_1_iter_s'] / s['gated_s']:.2f} | {s['mhc_lite_s'] / s['gated_s']:.2f} | "
+                  f"{s['load']:.1f} |" for s in step_time]
     figure = path.with_suffix(".png")
     write_figure(rows, figure)
+    write_summary(rows, step_time, path.with_name(path.stem + "_summary.md"))
     lines[2:2] = [f"![training loss by depth]({figure.name})", ""]
     path.write_text("\n".join(lines) + "\n")
+
+
+def write_summary(rows: list[dict], step_time: list[dict], path: Path) -> None:
+    """The rows of docs/RESULTS.md's summary table: the targets of the multi-stream members."""
+    by = {(r["blocks"], r["gate"]): r for r in rows}
+    out = []
+    mhc = by.get((1000, "mhc"))
+    if mhc and mhc["gain_trained"]:
+        g = mhc["gain_trained"]
+        ok = g["composite/max_col_sum"] <= 2 and g["composite/min_col_sum"] >= 0.5
+        out.append(f"| mhc (n = 4), 1,000 blocks, trained: composite max / min column sum of ∏H^res | "
+                   f"{g['composite/max_col_sum']:.6g} / {g['composite/min_col_sum']:.6g} | ≤ 2 and ≥ 0.5 | "
+                   f"≈ 1.6 max gain (Xie et al., 30 layers) | {'met' if ok else '**not met**'} |")
+    lite = [r for r in rows if r["gate"] == "mhc_lite" and r["gain_trained"]]
+    if lite:
+        dev = max(max(abs(r[k]["composite/max_row_sum"] - 1), abs(r[k]["composite/max_col_sum"] - 1),
+                      abs(r[k]["composite/min_col_sum"] - 1)) for r in lite for k in ("gain_init", "gain_trained"))
+        depths = ", ".join(f"{b:,}" for b in sorted({r["blocks"] for r in lite}))
+        out.append(f"| mhc_lite: composite row and column sums − 1, at init and trained ({depths} blocks) | "
+                   f"{dev:.1e} | within 1e-5 | exactly doubly stochastic | {'met' if dev <= 1e-5 else '**not met**'} |")
+    hc = sorted((r for r in rows if r["gate"] == "hc" and r["gain_trained"]), key=lambda r: r["blocks"])
+    if hc:
+        gains = " / ".join(f"{r['gain_trained']['composite/max_row_sum']:.3g}" for r in hc)
+        depths = " / ".join(f"{r['blocks']:,}" for r in hc)
+        out.append(f"| hc (n = 4): composite max row sum after training, {depths} blocks | {gains} | reported | "
+                   "≈ 3000 (Xie et al., 27B model) | – |")
+    high = by.get((1000, "highway"))
+    if mhc and high:
+        ok = mhc["val_acc"] >= high["val_acc"]
+        out.append(f"| mhc (n = 4) val accuracy at 1,000 blocks vs the highway default, {mhc['steps']} steps, lr 0.05 | "
+                   f"{100 * mhc['val_acc']:.1f} % vs {100 * high['val_acc']:.1f} % | ≥ highway | – | "
+                   f"{'met' if ok else '**not met**'} |")
+    deep = sorted((r for r in rows if r["blocks"] == 10000), key=lambda r: GATES.index(r["gate"]))
+    if deep:
+        accs = ", ".join(f"{r['gate']} {100 * r['val_acc']:.1f} %" for r in deep)
+        out.append(f"| every member at 10,000 blocks, {deep[0]['steps']} steps: val accuracy | {accs} | reported | – | – |")
+    for width in sorted({s.get("width", 50) for s in step_time if s.get("kernels")}):
+        latest = [s for s in step_time if s.get("kernels") and s.get("width", 50) == width][-1]
+        ok = latest["ratio"] <= 1.5
+        out.append(f"| Step time mhc (n = 4) ÷ gated, {latest['blocks']} blocks, batch {latest['batch']}, width {width}, "
+                   f"one CPU thread | {latest['ratio']:.2f} | ≤ 1.5 | mHC: +6.7 % with fused GPU kernels | "
+                   f"{'met' if ok else '**not met**'} |")
+    path.write_text("\n".join(out) + "\n")
 
 
 def write_figure(rows: list[dict], path: Path) -> None:
@@ -197,15 +245,14 @@ def write_figure(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def step_time(blocks: int, streams: int, batch: int, repeats: int) -> dict:
+def step_time(blocks: int, streams: int, batch: int, repeats: int, width: int = 50) -> dict:
     """Median step times of gated and mhc, and, to show where mhc's time goes, of mhc with one Sinkhorn
     iteration and of mhc_lite (no iterations), all interleaved in one process."""
     torch.manual_seed(0)
     x, y = torch.randn(batch, 64), torch.randint(0, 10, (batch,))
-    nets = {"gated": build("gated", blocks, streams), "mhc": build("mhc", blocks, streams),
-            "mhc_1_iter": create_model("highway_mlp", depth=blocks + 1, width=50, in_features=64, gate="mhc",
-                                       streams=streams, sinkhorn_iters=1),
-            "mhc_lite": build("mhc_lite", blocks, streams)}
+    nets = {"gated": build("gated", blocks, streams, width), "mhc": build("mhc", blocks, streams, width),
+            "mhc_1_iter": build("mhc", blocks, streams, width, sinkhorn_iters=1),
+            "mhc_lite": build("mhc_lite", blocks, streams, width)}
     opts = {k: build_optimizer(n, OptimizerConfig()) for k, n in nets.items()}
     times: dict[str, list[float]] = {k: [] for k in nets}
     for i in range(repeats + 2):  # interleaved, so that a change in the machine's load hits both
@@ -218,7 +265,8 @@ def step_time(blocks: int, streams: int, batch: int, repeats: int) -> dict:
             if i >= 2:  # the first two steps warm up allocator and caches
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"blocks": blocks, "batch": batch, "gated_s": med["gated"], "mhc_s": med["mhc"],
+    return {"blocks": blocks, "batch": batch, "width": width, "kernels": cpu_kernels.available(),
+            "gated_s": med["gated"], "mhc_s": med["mhc"],
             "ratio": med["mhc"] / med["gated"], "mhc_1_iter_s": med["mhc_1_iter"], "mhc_lite_s": med["mhc_lite"],
             "load": os.getloadavg()[0]}
 
@@ -237,6 +285,7 @@ def main() -> None:
     p.add_argument("--step-depth", type=int, default=100, help="blocks for --step-time")
     p.add_argument("--batch", type=int, default=64, help="batch for --step-time")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per net for --step-time")
+    p.add_argument("--width", type=int, default=50, help="layer width for --step-time (the sweep's nets: 50)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -248,7 +297,7 @@ def main() -> None:
         return
     print(f"# torch {torch.__version__}, threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
     if args.step_time:
-        result = step_time(args.step_depth, args.streams, args.batch, args.repeats)
+        result = step_time(args.step_depth, args.streams, args.batch, args.repeats, args.width)
         print(f"step time at {result['blocks']} blocks, batch {result['batch']}: gated {result['gated_s']:.4f} s, "
               f"mhc (n = {args.streams}) {result['mhc_s']:.4f} s; mhc ÷ gated = {result['ratio']:.2f} (target <= 1.5); "
               f"mhc with 1 Sinkhorn iteration ÷ gated = {result['mhc_1_iter_s'] / result['gated_s']:.2f}, "
