@@ -14,7 +14,7 @@ of its step time ÷ the baseline's in the same round (the speed target: mhc ÷ g
 thread), with the spread (25th-75th percentile) of that ratio.
 
 Runtime: about a minute with the defaults on one CPU thread (33 rounds; at 100 blocks a step of gated takes
-about 0.3 s and one of mhc about 1 s, docs/results/hyper_depth.md).
+about 0.1 s and one of mhc about 0.17 s at width 50; docs/RESULTS.md, "Step time, side by side").
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def read_timings(path: Path) -> list[dict]:
 
 def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
     lines = [
-        "# Multi-stream residuals from 10 to 10,000 blocks (digits)",
+        "### Multi-stream residuals: hc, mhc and mhc_lite from 10 to 10,000 blocks (digits)",
         "",
         "Written by `scripts/repro/sweep_hyper_depth.py`. `highway_mlp`, width 50, one plain layer then the blocks; "
         "the default job's optimizer (SGD + Nesterov 0.9, lr 0.05, cosine to 0 over the run's steps, batch 64), "
@@ -158,7 +158,7 @@ def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
             f"{r['final_loss']:.3g} | {r['step_s']:.3f} | {_fmt_gain(r['gain_init'])} | "
             f"{_fmt_gain(r['gain_trained'])} | {_fmt_spread(r.get('stream_spread'))} | {_curve(r['losses'])} |")
     if step_time:
-        lines += ["", "## Step time, side by side", "",
+        lines += ["", "#### Step time, side by side", "",
                   "`--step-time`: n = 4, one process, the nets' steps interleaved, median of the timed steps; "
                   "Sinkhorn: deepres's compiled CPU kernel or PyTorch ops (rows from before the kernel existed); "
                   "load = the machine's 1-minute load average at the end (2 cores).", "",
@@ -172,7 +172,8 @@ def write_markdown(rows: list[dict], path: Path, step_time: list[dict]) -> None:
     figure = path.with_suffix(".png")
     write_figure(rows, figure)
     write_summary(rows, step_time, path.with_name(path.stem + "_summary.md"))
-    lines[2:2] = [f"![training loss by depth]({figure.name})", ""]
+    # pasted into docs/RESULTS.md (scripts/tools/make_results.sh --assemble): the figure relative to docs/
+    lines[2:2] = [f"![training loss by depth](results/{figure.name})", ""]
     path.write_text("\n".join(lines) + "\n")
 
 

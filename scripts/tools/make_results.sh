@@ -52,7 +52,7 @@ missing = []
 
 # The summary table: every script's <name>_summary.md rows, in the order of this document.
 ORDER = ["highway_sweep", "error_flow", "lstm_adding_T100", "lstm_adding_T500", "lstm_adding_T1000",
-         "lstm_temporal_order_T100", "depth_init", "depth_init_long", "depth_transfer", "bench_depth", "overhead", "model_cost", "shards", "cpu_efficiency", "bench_lstm"]
+         "lstm_temporal_order_T100", "depth_init", "depth_init_long", "depth_transfer", "hyper_depth", "bench_depth", "overhead", "model_cost", "shards", "cpu_efficiency", "bench_lstm"]
 rows = [(out_dir / f"{name}_summary.md").read_text().strip() for name in ORDER
         if (out_dir / f"{name}_summary.md").exists()]
 if rows:
