@@ -175,3 +175,83 @@ def test_fit_with_the_switch_trains(tmp_path):
     with torch.no_grad():
         loss = F.cross_entropy(module(x), y).item()
     assert math.isfinite(loss) and loss < 0.8 * math.log(10)
+
+
+# ---------------------------------------------------------------- the multi-stream members
+HYPER = [{"gate": "hc"}, {"gate": "mhc"}, {"gate": "mhc", "dynamic": False}, {"gate": "mhc_lite"}]
+
+
+@pytest.mark.parametrize("member", HYPER, ids=lambda m: "+".join(str(v) for v in m.values()))
+@pytest.mark.parametrize("depth", [2, 11, 101])
+def test_a_multi_stream_block_changes_its_streams_by_one_over_L_of_its_unscaled_change(member, depth):
+    torch.manual_seed(0)
+    model = mlp(depth, depth_scaling="completep", streams=4, **member)
+    num_blocks = depth - 1
+    streams = torch.randn(3, 6, 4)  # (B, C, n)
+    for block in list(model.blocks)[:3]:
+        assert block.depth_multiplier == pytest.approx(1 / num_blocks)
+        with torch.no_grad():  # off the init, so that the block changes its streams
+            for p in block.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+        y = block(streams)
+        block.depth_multiplier = 1.0
+        full = block(streams)
+        block.depth_multiplier = 1 / num_blocks
+        assert not torch.allclose(full, streams)
+        torch.testing.assert_close(y, streams + (full - streams) / num_blocks)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_the_composite_diagnostic_sees_the_scaled_mixing_still_doubly_stochastic(dynamic):
+    from deepres.models.hyper import composite_gain, residual_matrices
+
+    torch.manual_seed(0)
+    model = mlp(21, depth_scaling="completep", gate="mhc", streams=4, dynamic=dynamic)
+    with torch.no_grad():
+        for p in model.blocks.parameters():
+            p.add_(torch.randn_like(p))
+        streams = model.stem(torch.randn(5, 5))
+    scaled = residual_matrices(model.blocks, streams)
+    for block in model.blocks:
+        block.depth_multiplier = 1.0
+    plain = residual_matrices(model.blocks, streams)
+    eye = torch.eye(4)
+    # dynamic mixings depend on the streams a block receives, which the multiplier changes after block 0
+    compared = zip(scaled, plain, strict=True) if not dynamic else [(scaled[0], plain[0])]
+    for s, p in compared:
+        torch.testing.assert_close(s, eye + (p - eye) / 20)  # (1 − 1/L)·I + H^res/L
+    gain = composite_gain(scaled)
+    assert abs(gain.composite_max_col_sum - 1) < 1e-5 and abs(gain.composite_min_col_sum - 1) < 1e-5
+
+
+def test_multi_stream_blocks_get_the_hidden_rule_and_the_post_gate_of_one_block():
+    from deepres.models.hyper import HyperBlock
+
+    depth, lr = 101, 0.05
+    model = mlp(depth, depth_scaling="completep", gate="mhc", streams=4)
+    hidden = {id(p) for p in model.blocks.parameters()}
+    assert hidden and set(hidden_depth_ratios(model)) == hidden
+    for g in build_optimizer(model, OptimizerConfig(name="sgd", lr=lr)).param_groups:
+        ids = {id(p) for p in g["params"]}
+        assert g["lr"] == pytest.approx(lr * (depth - 1) if ids <= hidden else lr)
+    block = model.blocks[0]
+    assert isinstance(block, HyperBlock)
+    # H^post = 2σ(−ln 1 − 1) for one block (the multiplier does what −ln(L) − 1 does without the switch)
+    torch.testing.assert_close(block.mixing.post_bias, torch.full((4,), -1.0))
+    assert mlp(depth, gate="mhc", streams=4).blocks[0].mixing.post_bias[0].item() == pytest.approx(-math.log(100) - 1)
+
+
+def test_multi_stream_switch_off_is_bit_identical_to_the_argument_absent():
+    outs = []
+    for kwargs in ({}, {"depth_scaling": "none"}):
+        torch.manual_seed(0)
+        model = mlp(8, gate="mhc", streams=4, **kwargs)
+        opt = build_optimizer(model, OptimizerConfig(name="sgd", lr=0.05))
+        torch.manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        outs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))

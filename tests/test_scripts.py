@@ -160,8 +160,12 @@ def test_depth_transfer_sweep_resumes_and_matches_single_runs(tmp_path):
     assert module.main(["--quick", "--out-dir", str(tmp_path)]) == 0
     again = csv_path.read_text().splitlines()
     assert len(again) == len(lines) and again[-1].split(",")[:6] == lines[-1].split(",")[:6]
+    # the multi-stream member runs one lr at a time, through the same resumable loop and table
+    assert module.main(["--quick", "--members", "mhc", "--out-dir", str(tmp_path)]) == 0
+    rows, markdown = read_outputs(tmp_path, "depth_transfer")
+    assert len([r for r in rows if r["member"] == "mhc"]) == 8 and "| mhc | completep | 6 | 2 | " in markdown
     # the side-by-side runs are the single runs of the default job's optimizer, copy for copy
-    for member in module.MEMBERS:
+    for member in (m for m in module.MEMBERS if m not in module.MULTI_STREAM):
         single = module.train_one(member, "completep", 4, 0.32, 6, 0)
         together = module.train_side_by_side(member, "completep", 4, [0.04, 0.32], 6, 0)[1]
         assert together["final_train_loss"] == pytest.approx(single["final_train_loss"], rel=1e-4)

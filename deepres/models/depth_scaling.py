@@ -9,7 +9,9 @@ With L blocks of which each merges its input s and its output y_merge, the block
     y = s + (1/L)·(y_merge − s)
 
 a fixed, non-learned multiplier on the change the block makes: residual y = s + h(x)/L; highway
-y = s + (t(x)/L)·(h(x) − s), i.e. the transform gate scaled by 1/L; gated y = s + (g(x)·s + t(x)·h(x) − s)/L.
+y = s + (t(x)/L)·(h(x) − s), i.e. the transform gate scaled by 1/L; gated y = s + (g(x)·s + t(x)·h(x) − s)/L;
+the multi-stream members (deepres.models.hyper) H' = H + (H^res H + H^post ⊗ h − H)/L, i.e. the stream mixing
+((1 − 1/L)·I + H^res/L, doubly stochastic again where H^res is) and H^post both scaled towards the identity.
 Depth-dependent initial values are then resolved for one block (`init_blocks`): the `auto` gate biases
 (−1 for a highway transform gate, +1 for a carry gate) and the presets' scales (LayerScale's ε = 0.1): the
 1/L multiplier already does what the depth-aware bias −ln(L) − 1 or ε(L) do without the switch.
@@ -49,10 +51,6 @@ def check_depth_scaling(name: str, gate: str, *, reversible: bool = False) -> No
         raise ConfigError(f"depth_scaling={name!r} scales the change each block makes to its carried input, and "
                           "plain blocks (y = h(x)) carry nothing. Fix: gate='residual', 'highway' or 'gated', "
                           "or depth_scaling='none'.")
-    if gate in ("hc", "mhc", "mhc_lite"):
-        raise ConfigError(f"depth_scaling={name!r} is not implemented for the multi-stream gates (hc, mhc, mhc_lite), "
-                          "whose mixings already bound the composite gain. Fix: depth_scaling='none', or a "
-                          "one-stream gate (residual, highway, gated).")
     if reversible:
         raise ConfigError(f"depth_scaling={name!r} is not implemented for reversible blocks. "
                           "Fix: reversible=false, or depth_scaling='none'.")
@@ -75,10 +73,11 @@ def apply_depth_scaling(blocks: Iterable[nn.Module], name: str, num_blocks: int)
     if name == "none":
         return
     from deepres.models.blocks import ResidualBlock
+    from deepres.models.hyper import HyperBlock
 
     multiplier = branch_multiplier(num_blocks)
     for block in blocks:
-        if isinstance(block, ResidualBlock) and block.gate != "plain":
+        if (isinstance(block, ResidualBlock) and block.gate != "plain") or isinstance(block, HyperBlock):
             block.depth_multiplier = multiplier
 
 

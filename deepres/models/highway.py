@@ -145,7 +145,7 @@ def highway_mlp(
         check_depth_scaling(depth_scaling, gate, reversible=reversible)
         check_drop_path(drop_path, gate)
         return _hyper_mlp(depth, width, gate, gate_bias, activation, body or "pre", in_features, num_classes,
-                          drop_path, n, dynamic, sinkhorn_iters)
+                          drop_path, n, dynamic, sinkhorn_iters, depth_scaling)
     check_gate(gate)
     check_init(init, gate, conv=False)
     check_depth_scaling(depth_scaling, gate, reversible=reversible)
@@ -192,25 +192,30 @@ def highway_mlp(
 
 
 def _hyper_mlp(depth: int, width: int, gate: str, gate_bias: GateBias, activation: str, body: str, in_features: int,
-               num_classes: int, drop_path: float, streams: int, dynamic: bool, sinkhorn_iters: int) -> HighwayMLP:
+               num_classes: int, drop_path: float, streams: int, dynamic: bool, sinkhorn_iters: int,
+               depth_scaling: str = "none") -> HighwayMLP:
     """highway_mlp on `streams` residual streams: the plain layer, copied into the streams, then
     depth − 1 multi-stream blocks, the mean of the streams, the classifier. `gate_bias` is the logit of
-    H^post = 2σ(b) at init ("auto": −ln(L) − 1; 0: the papers' H^post = 1)."""
+    H^post = 2σ(b) at init ("auto": −ln(L) − 1; 0: the papers' H^post = 1; under depth_scaling completep
+    the 1/L multiplier takes the place of that depth dependence, and "auto" is resolved for one block)."""
     if depth < 2 or width < 1:
         raise ConfigError(f"highway_mlp needs depth >= 2 and width >= 1; got depth={depth}, width={width}.")
     if body not in ("post", "pre"):
         raise ConfigError(f"highway_mlp body must be 'post' or 'pre'; got {body!r}.")
     num_blocks = depth - 1
-    post_logit = depth_aware_transform_bias(num_blocks) if gate_bias == "auto" else float(gate_bias)
+    init_depth = init_blocks(depth_scaling, num_blocks)  # L, or 1 where the depth multiplier takes its place
+    post_logit = depth_aware_transform_bias(init_depth) if gate_bias == "auto" else float(gate_bias)
     blocks = [
-        HyperBlock(_dense_body(body, width, activation, num_blocks, zero_init=True),
+        HyperBlock(_dense_body(body, width, activation, init_depth, zero_init=True),
                    StreamMixing(gate, streams, width, k, dynamic=dynamic, sinkhorn_iters=sinkhorn_iters,
                                 post_logit=post_logit),
                    drop_rate=drop_path * (k + 1) / num_blocks)  # the linear rule of BlockStack.set_drop_path
         for k in range(num_blocks)
     ]
     stem = nn.Sequential(DenseBody(in_features, width, activation), StreamExpand(streams))
-    return HighwayMLP(stem, BlockStack(blocks), nn.Sequential(StreamMean(), nn.Linear(width, num_classes)))
+    model = HighwayMLP(stem, BlockStack(blocks), nn.Sequential(StreamMean(), nn.Linear(width, num_classes)))
+    apply_depth_scaling(model.blocks, depth_scaling, num_blocks)
+    return model
 
 
 def _finish(model: nn.Module, init: str, drop_path: float, activation: str = "relu") -> None:

@@ -310,6 +310,10 @@ class HyperBlock(nn.Module):
     The streams are (B, C, …, n). With `drop_rate` (stochastic depth) a dropped sample takes the stream
     mixing alone, H' = H^res H."""
 
+    # fixed multiplier m on the block's change, H' = H + m·(H^res H + H^post h − H) (deepres.models.depth_scaling):
+    # the mixing the streams go through is then (1 − m)·I + m·H^res; 1: off
+    depth_multiplier = 1.0
+
     def __init__(self, body: nn.Module, mixing: StreamMixing, drop_rate: float = 0.0):
         super().__init__()
         self.body = body
@@ -334,16 +338,29 @@ class HyperBlock(nn.Module):
                 pre, post, res = self.mixing(streams)
                 x, mixed = stream_read(pre, res, by_stream.flatten(2))
             if self.recorded is not None:
-                self.recorded.append(res.detach())
+                self.recorded.append(self.effective_mixing(res.detach()))
         h = self.body(x.view(by_stream.shape[:1] + by_stream.shape[2:]))
         if self.drop_rate > 0.0 and self.training:
             h = h * _keep_mask(h, self.drop_rate)
         with full_precision(streams.device.type):
             out = stream_write(mixed, post, h.to(mixed.dtype))
+            if self.depth_multiplier != 1.0:
+                out = torch.lerp(by_stream.flatten(2), out, self.depth_multiplier)
         return out.view(by_stream.shape).movedim(1, -1)
 
+    def effective_mixing(self, res: torch.Tensor) -> torch.Tensor:
+        """The matrix the streams go through, (1 − m)·I + m·H^res, for H^res (…, n, n): H^res itself without a
+        depth multiplier."""
+        if self.depth_multiplier == 1.0:
+            return res
+        eye = torch.eye(res.shape[-1], dtype=res.dtype, device=res.device)
+        return torch.lerp(eye, res, self.depth_multiplier)
+
     def extra_repr(self) -> str:
-        return f"drop_rate={self.drop_rate:.4g}" if self.drop_rate else ""
+        parts = [f"drop_rate={self.drop_rate:.4g}"] if self.drop_rate else []
+        if self.depth_multiplier != 1.0:
+            parts.append(f"depth_multiplier={self.depth_multiplier:.4g}")
+        return ", ".join(parts)
 
 
 def _keep_mask(h: torch.Tensor, rate: float) -> torch.Tensor:
@@ -391,7 +408,7 @@ def residual_matrices(blocks: nn.Module, streams: torch.Tensor | None = None) ->
     found = hyper_blocks(blocks)
     if all(not b.mixing.dynamic for b in found):
         with torch.no_grad():
-            return [b.mixing()[2] for b in found]
+            return [b.effective_mixing(b.mixing()[2]) for b in found]
     if streams is None:
         raise ValueError("dynamic stream mixings depend on the input: pass the streams entering the blocks")
     with torch.no_grad(), recording_mixing(blocks) as recorded:

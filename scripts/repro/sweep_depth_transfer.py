@@ -6,7 +6,7 @@
     python scripts/repro/sweep_depth_transfer.py --quick                                      # smoke test
 
 For each member of the residual family (`highway_mlp`, width 50, ReLU: highway with its `auto` gate bias,
-residual + ReZero, residual + LayerScale), each `--model.depth_scaling` (none, completep), each depth L
+residual + ReZero, residual + LayerScale, and mhc on 4 streams), each `--model.depth_scaling` (none, completep), each depth L
 (hidden layers: 1 plain layer + L − 1 blocks) and each learning rate of a log grid (factor 2 apart), one
 training run on the digits with the default job's optimizer and schedule (SGD, Nesterov momentum 0.9, cosine
 to 0, batch 64, no weight decay) for a fixed budget of --steps optimizer steps, one seed. The run is the
@@ -40,7 +40,9 @@ MEMBERS: dict[str, dict] = {
     "highway": {"gate": "highway"},
     "residual + rezero": {"gate": "residual", "init": "rezero"},
     "residual + layerscale": {"gate": "residual", "init": "layerscale"},
+    "mhc": {"gate": "mhc", "streams": 4},  # n = 4 streams, dynamic mixings (deepres.models.hyper)
 }
+MULTI_STREAM = ("mhc",)  # trained one lr at a time (train_one): stacked_forward writes out the one-stream blocks only
 SCALINGS = ("none", "completep")
 LRS = tuple(0.0025 * 2 ** k for k in range(10))  # 0.0025 … 1.28, factor 2 apart
 FIELDS = ("member", "depth_scaling", "depth", "lr", "steps", "seed", "final_train_loss", "val_acc", "diverged_at",
@@ -377,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         render(args.out_dir, old[2] if len(old) > 2 else f"`{command_line('sweep_depth_transfer.py', argv)}`")
         return 0
     if args.quick:
-        args.depths, args.lrs, args.steps, args.members = [3, 6], [0.01, 0.1], 4, ["highway", "residual + rezero"]
+        args.depths, args.lrs, args.steps = [3, 6], [0.01, 0.1], 4
+        if args.members == list(MEMBERS):  # not chosen on the command line
+            args.members = ["highway", "residual + rezero"]
     env = environment(1)
     print(env, flush=True)
     csv_path = args.out_dir / "depth_transfer.csv"
@@ -390,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
                                                       "lr": lr, "steps": args.steps, "seed": args.seed}) not in done]
                 if not todo:
                     continue
-                for row in train_side_by_side(member, scaling, depth, todo, args.steps, args.seed):
+                if member in MULTI_STREAM:
+                    rows = (train_one(member, scaling, depth, lr, args.steps, args.seed) for lr in todo)
+                else:
+                    rows = train_side_by_side(member, scaling, depth, todo, args.steps, args.seed)
+                for row in rows:
                     append_row(csv_path, row)
                     print(row, flush=True)
     header = (f"`{command_line('sweep_depth_transfer.py', argv)}` (last invocation; runs accumulate in the CSV) — "
