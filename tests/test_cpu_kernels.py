@@ -90,3 +90,35 @@ def test_a_failed_build_says_so_once_and_runs_the_pytorch_ops(monkeypatch, caplo
     lines = [r.getMessage() for r in caplog.records if "CPU kernels" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "command not found" in lines[0] and "Fix:" in lines[0] and cpu_kernels.ENV_SWITCH in lines[0]
+
+
+@needs_kernels
+def test_the_kernels_have_shapes_for_the_compiler():
+    assert cpu_kernels.available()
+    logits, grad = torch.randn(4, 4, 8), torch.randn(4, 4, 8)
+    checks = ("test_schema", "test_faketensor")
+    for op, args in ((torch.ops.deepres.sinkhorn_forward.default, (logits, 20)),
+                     (torch.ops.deepres.sinkhorn_backward.default, (grad, logits, 20))):
+        assert all(v == "SUCCESS" for v in torch.library.opcheck(op, args, test_utils=checks).values())
+
+
+@needs_kernels
+def test_compiled_mhc_blocks_match_eager_with_the_kernels_on():
+    """`--model.memory.compile true` compiles each block; an mhc block then calls the kernel as one opaque op."""
+    def net():
+        torch.manual_seed(0)
+        return create_model("highway_mlp", depth=3, width=12, in_features=8, num_classes=3, gate="mhc", streams=4)
+
+    assert cpu_kernels.available()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    eager, compiled = net(), net()
+    for block in compiled.blocks:
+        block.compile()
+    losses = []
+    for model in (eager, compiled):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)

@@ -84,6 +84,7 @@ def _load() -> bool:
         use_persistent_extension_cache()
         cpp_extension.load(name="deepres_cpu_kernels", sources=[str(s) for s in SOURCES],
                            extra_cflags=["-O3"], is_python_module=False, verbose=False)
+        _register_fakes()
         return hasattr(torch.ops.deepres, "sinkhorn_forward")
     except Exception as err:  # noqa: BLE001 -- any failure to build means: run the PyTorch ops instead
         if int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -92,6 +93,13 @@ def _load() -> bool:
                         "PyTorch ops instead (same numbers, slower on CPU). Fix: install a C++ compiler (g++ or "
                         "clang) and ninja, or set %s=0 to stop trying.", type(err).__name__, first, ENV_SWITCH)
         return False
+
+
+def _register_fakes() -> None:
+    """The kernels' output shapes, for torch.compile (`--model.memory.compile true`) and meta tensors: without
+    them the compiler runs the C++ kernel on tensors that have no data. Each output has its logits' shape."""
+    torch.library.register_fake("deepres::sinkhorn_forward")(lambda logits, iters: torch.empty_like(logits))
+    torch.library.register_fake("deepres::sinkhorn_backward")(lambda grad, logits, iters: torch.empty_like(logits))
 
 
 def _put_ninja_on_path() -> None:

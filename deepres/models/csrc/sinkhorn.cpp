@@ -229,7 +229,14 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits, i
 
 }  // namespace
 
+// The schemas, and the CPU kernels behind them (deepres.models.cpu_kernels registers their shapes for
+// torch.compile and meta tensors).
 TORCH_LIBRARY(deepres, m) {
-  m.def("sinkhorn_forward(Tensor logits, int iters) -> Tensor", &sinkhorn_forward);
-  m.def("sinkhorn_backward(Tensor grad, Tensor logits, int iters) -> Tensor", &sinkhorn_backward);
+  m.def("sinkhorn_forward(Tensor logits, int iters) -> Tensor");
+  m.def("sinkhorn_backward(Tensor grad, Tensor logits, int iters) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(deepres, CPU, m) {
+  m.impl("sinkhorn_forward", &sinkhorn_forward);
+  m.impl("sinkhorn_backward", &sinkhorn_backward);
 }
