@@ -255,3 +255,21 @@ def test_multi_stream_switch_off_is_bit_identical_to_the_argument_absent():
             opt.step()
         outs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+def test_fit_with_the_switch_on_mhc_trains_with_scaled_blocks(tmp_path):
+    """The command a user runs: `deepres fit --model.gate mhc --model.depth_scaling completep`."""
+    from deepres.training.checkpoints import load_module
+    from deepres.training.cli import main
+    from deepres.training.module import Classifier
+
+    rc = main(["fit", "--model.gate", "mhc", "--model.depth", "8", "--model.depth_scaling", "completep",
+               "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+               "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+               "--wandb.enabled", "false", "--run.root", str(tmp_path), "--run.name", "mhc"])
+    assert rc == 0
+    plan = (tmp_path / "mhc" / "plan.json").read_text()
+    assert '"depth_scaling": "completep"' in plan and '"gate": "mhc"' in plan
+    module = load_module(Classifier, tmp_path / "mhc" / "checkpoints" / "last.ckpt")
+    assert all(b.depth_multiplier == pytest.approx(1 / 7) for b in module.net.blocks)
+    assert all(torch.isfinite(p).all() for p in module.net.parameters())
